@@ -1,0 +1,272 @@
+"""`prep.py distill` end to end against a real OpenAI-style HTTP server on 127.0.0.1.
+
+The server is scripted per row (normal answers, 429s, 500s, a reply slower than the timeout, an
+empty answer, a refusal, a stall) and counts the requests it gets for every row, so the tests can
+prove what was retried and that a resumed run never asks again for a finished row.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import prep  # noqa: E402
+
+TOPIC = re.compile(r"위 (topic-\d+) 주제")
+
+
+class TeacherServer:
+    """Chat completions on 127.0.0.1:<free port>. `plans[key]` lists what to do on the 1st, 2nd, ...
+    request for a row (the last entry repeats); the row key is its topic keyword in the prompt."""
+
+    def __init__(self, slow_seconds: float = 2.0):
+        self.plans: dict[str, list[str]] = {}
+        self.default_plan = ["ok"]
+        self.requests: collections.Counter = collections.Counter()
+        self.authorization: set[str] = set()
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.slow_seconds = slow_seconds
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _behaviour(self, key: str) -> str:
+        with self.lock:
+            attempt = self.requests[key]
+            self.requests[key] += 1
+            plan = self.plans.get(key, self.default_plan)
+            return plan[min(attempt, len(plan) - 1)]
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
+                data = json.dumps(body, ensure_ascii=False).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout or killed): exactly what some tests provoke
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.authorization.add(self.headers.get("Authorization", ""))
+                if self.path != "/v1/chat/completions":
+                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
+                key = TOPIC.search(body["messages"][-1]["content"]).group(1)
+                behaviour = server._behaviour(key)
+                if behaviour == "429":
+                    return self._send(429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"})
+                if behaviour == "500":
+                    return self._send(500, {"error": {"message": "boom"}})
+                if behaviour == "401":
+                    return self._send(401, {"error": {"message": "invalid api key"}})
+                if behaviour == "slow":
+                    time.sleep(server.slow_seconds)
+                if behaviour == "stall":
+                    server.release.wait(60)
+                message = {"role": "assistant", "content": answer_for(key)}
+                if behaviour == "empty":
+                    message["content"] = "  \n"
+                if behaviour == "refuse":
+                    message = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+                choice = {"index": 0, "message": message, "finish_reason": "stop"}
+                self._send(200, {"id": f"chatcmpl-{key}", "object": "chat.completion", "created": 0, "model": body["model"], "choices": [choice]})
+
+        return Handler
+
+
+def answer_for(key: str) -> str:
+    return f"두 화자는 이 대화에서 {key}에 대해 말했습니다."
+
+
+@pytest.fixture
+def server():
+    teacher = TeacherServer()
+    yield teacher
+    teacher.close()
+
+
+def make_input(path: Path, n: int) -> list[dict]:
+    """n competition records (sample conversations) with ids row-NN and one keyword topic-NN each."""
+    sample = json.loads((REPO / "data/sample/train.json").read_text(encoding="utf-8"))
+    records = []
+    for i in range(n):
+        record = json.loads(json.dumps(sample[i % len(sample)]))
+        record["id"] = f"row-{i:02d}"
+        record["input"]["subject_keyword"] = [f"topic-{i:02d}"]
+        records.append(record)
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=4), encoding="utf-8")
+    return records
+
+
+def local_env(**extra: str) -> dict:
+    """The test's environment without proxies, so requests to 127.0.0.1 never leave the machine."""
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(NO_PROXY="127.0.0.1,localhost", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", **extra)
+    return env
+
+
+def distill_command(input_path: Path, out: Path, url: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(REPO / "prep.py"), "distill", "--input", str(input_path), "--output", str(out),
+        "--teacher_url", url, "--teacher_model", "test-teacher", "--backoff_base", "0.05", "--backoff_max", "0.2", *extra,
+    ]
+
+
+def run(command: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, env=local_env(**env), capture_output=True, text=True, timeout=180)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+def test_retries_rejects_and_exact_output(tmp_path, server):
+    records = make_input(tmp_path / "in.json", 8)
+    server.plans = {
+        "topic-01": ["429", "429", "ok"],
+        "topic-02": ["500", "ok"],
+        "topic-03": ["slow", "ok"],
+        "topic-04": ["empty"],
+        "topic-05": ["refuse"],
+    }
+    out = tmp_path / "teacher.jsonl"
+    result = run(distill_command(tmp_path / "in.json", out, server.url, "--concurrency", "4", "--request_timeout", "0.5"))
+    assert result.returncode == 0, result.stderr
+
+    rows = read_jsonl(out)
+    good = {f"row-{i:02d}" for i in (0, 1, 2, 3, 6, 7)}
+    assert sorted(row["id"] for row in rows) == sorted(good)
+    by_id = {record["id"]: record for record in records}
+    for row in rows:
+        key = by_id[row["id"]]["input"]["subject_keyword"][0]
+        assert row == {
+            "instruction": prep.build_user_text(by_id[row["id"]]), "input": "", "output": answer_for(key),
+            "id": row["id"], "teacher": "test-teacher", "source": str(tmp_path / "in.json"),
+        }
+    rejects = {row["id"]: row["reason"] for row in read_jsonl(tmp_path / "teacher.rejects.jsonl")}
+    assert rejects.keys() == {"row-04", "row-05"}
+    assert rejects["row-04"] == "empty answer"
+    assert rejects["row-05"].startswith("refused")
+    assert server.requests["topic-01"] == 3 and server.requests["topic-02"] == 2 and server.requests["topic-03"] == 2
+    assert all(server.requests[f"topic-{i:02d}"] == 1 for i in (0, 4, 5, 6, 7))
+
+    requests_before = sum(server.requests.values())
+    again = run(distill_command(tmp_path / "in.json", out, server.url))
+    assert again.returncode == 0, again.stderr
+    assert sum(server.requests.values()) == requests_before, "a finished or rejected row was requested again"
+    assert len(read_jsonl(out)) == 6
+
+
+def test_api_key_is_sent_from_the_named_variable(tmp_path, server):
+    make_input(tmp_path / "in.json", 1)
+    result = run(distill_command(tmp_path / "in.json", tmp_path / "o.jsonl", server.url, "--api_key_env", "TEST_TEACHER_KEY"), TEST_TEACHER_KEY="sekret")
+    assert result.returncode == 0, result.stderr
+    assert server.authorization == {"Bearer sekret"}
+
+
+def test_kill_mid_run_then_resume_never_rerequests_finished_rows(tmp_path, server):
+    make_input(tmp_path / "in.json", 8)
+    server.plans = {f"topic-{i:02d}": ["stall", "ok"] for i in range(4, 8)}
+    out = tmp_path / "teacher.jsonl"
+    process = subprocess.Popen(distill_command(tmp_path / "in.json", out, server.url, "--concurrency", "2"), cwd=REPO, env=local_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(read_jsonl(out)) < 4:
+            assert process.poll() is None and time.monotonic() < deadline, "distill never wrote the first 4 rows"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert [row["id"] for row in read_jsonl(out)] == [f"row-{i:02d}" for i in range(4)]
+    in_flight = {key for key, count in server.requests.items() if key >= "topic-04"}
+    server.release.set()
+
+    result = run(distill_command(tmp_path / "in.json", out, server.url, "--concurrency", "2"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(row["id"] for row in read_jsonl(out)) == [f"row-{i:02d}" for i in range(8)]
+    assert all(server.requests[f"topic-{i:02d}"] == 1 for i in range(4)), "a finished row was requested again"
+    assert in_flight, "the kill should have caught rows in flight"
+    assert all(server.requests[key] == 2 for key in in_flight)
+
+
+def test_stops_after_a_run_of_failures_keeping_finished_rows(tmp_path, server):
+    make_input(tmp_path / "in.json", 10)
+    server.default_plan = ["500"]
+    server.plans = {"topic-00": ["ok"], "topic-01": ["ok"]}
+    out = tmp_path / "teacher.jsonl"
+    result = run(distill_command(tmp_path / "in.json", out, server.url, "--concurrency", "1", "--max_retries", "2", "--max_consecutive_failures", "3"))
+    assert result.returncode == 2
+    assert "stopped after 3 rows in a row failed" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert [row["id"] for row in read_jsonl(out)] == ["row-00", "row-01"]
+    assert not (tmp_path / "teacher.rejects.jsonl").exists()
+    assert [server.requests[f"topic-{i:02d}"] for i in range(2, 6)] == [3, 3, 3, 0]
+
+
+def test_wrong_api_key_is_one_line_error(tmp_path, server):
+    make_input(tmp_path / "in.json", 2)
+    server.default_plan = ["401"]
+    result = run(distill_command(tmp_path / "in.json", tmp_path / "o.jsonl", server.url))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "HTTP 401" in result.stderr and "OPENAI_API_KEY" in result.stderr
+
+
+def test_truncated_last_line_from_a_crash_is_dropped(tmp_path):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"id": "a", "output": "x"}\n{"id": "b", "outp', encoding="utf-8")
+    assert prep.read_done_ids(out) == {"a"}
+    assert out.read_text(encoding="utf-8") == '{"id": "a", "output": "x"}\n'
+
+
+def test_backoff_and_retry_after():
+    import random
+
+    rng = random.Random(0)
+    delays = [prep.backoff_delay(attempt, 1.0, 60.0, None, rng) for attempt in (1, 2, 3, 8)]
+    assert 0.5 <= delays[0] <= 1.0 and 1.0 <= delays[1] <= 2.0 and 2.0 <= delays[2] <= 4.0 and 30.0 <= delays[3] <= 60.0
+    assert prep.backoff_delay(3, 1.0, 60.0, 7.0, rng) == 7.0
+    assert prep.parse_retry_after("3") == 3.0 and prep.parse_retry_after(None) is None and prep.parse_retry_after("soon") is None
+
+
+def test_answer_judging():
+    ok = {"choices": [{"message": {"role": "assistant", "content": " 요약 \n"}, "finish_reason": "stop"}]}
+    assert prep.answer_from_completion(ok) == "요약"
+    cut = {"choices": [{"message": {"content": "요약"}, "finish_reason": "length"}]}
+    for bad, reason in ((cut, "truncated"), ({"choices": []}, "no choices"), ({"choices": [{"message": {"content": "죄송하지만 도와드릴 수 없습니다."}}]}, "refused")):
+        with pytest.raises(prep.RowRejected, match=reason):
+            prep.answer_from_completion(bad)
