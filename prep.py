@@ -3,6 +3,9 @@
 Terminal:
     python prep.py                                   # data/일상대화요약_{train,dev}.json -> data/prepared/
     python prep.py --train data/sample/train.json --dev data/sample/dev.json --out /tmp/p
+    python prep.py --extra data/sample/extra_alpaca.json nayohan/Magpie-Gemma2-Pro-200K-Filtered-ko \
+        --test data/일상대화요약_test.json --tokenizer google/gemma-2-9b-it   # augmentation, leak-checked
+    python prep.py --train_on_dev --clean_inputs     # the final run: dev folded into train
 
 Colab:
     !python prep.py --train data/일상대화요약_train.json --dev data/일상대화요약_dev.json
@@ -15,21 +18,39 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
+import math
 import os
+import random
+import re
+import shutil
 import sys
 import tempfile
+import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 @dataclass
 class PrepSettings:
     train: list[str] = field(default_factory=lambda: ["data/일상대화요약_train.json"], metadata={"help": "competition train file(s)"})
-    dev: str | None = field(default="data/일상대화요약_dev.json", metadata={"help": "competition dev file"})
-    out: str = field(default="data/prepared", metadata={"help": "output directory"})
+    dev: str = field(default="data/일상대화요약_dev.json", metadata={"help": "competition dev file: dev.jsonl, and kept out of the augmentation rows"})
+    test: str | None = field(default=None, metadata={"help": "competition test file: only used to keep its dialogues out of the augmentation rows"})
+    extra: list[str] = field(default_factory=list, metadata={"help": "augmentation sources: Hub dataset ids (owner/name[:split]) or .json/.jsonl/.parquet files"})
+    out: str = field(default="data/prepared", metadata={"help": "output directory (train.jsonl, dev.jsonl, stats.json, lengths.png)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer name or path for exact lengths (default: the model's, if in the local HF cache, else an estimate)"})
+    max_seq_length: int = field(default=8192, metadata={"help": "longest row in tokens: longer competition rows lose middle utterances, longer augmentation rows go"})
+    dedup_distance: int = field(default=3, metadata={"help": "SimHash near-duplicate threshold, in bits of 64"})
+    train_on_dev: bool = field(default=False, metadata={"help": "also train on dev (the final run)"})
+    system_prompt: bool = field(default=False, metadata={"help": "put the baseline's system text at the top of the user turn"})
+    clean_inputs: bool = field(default=False, metadata={"help": "remove fillers (어~, 음~), xx masks and immediate word repeats from utterances"})
+    limit: int | None = field(default=None, metadata={"help": "keep a random N rows of each training source (quick tries)"})
+    seed: int = field(default=42, metadata={"help": "seed for --limit sampling"})
 
 
 # The official baseline's system prompt (teddysum/Korean_DCS_2024). Gemma 2 rejects a system role,
@@ -221,6 +242,720 @@ def build_user_text(record: dict, system_prompt: bool = False) -> str:
 def build_messages(record: dict, system_prompt: bool = False) -> list[dict]:
     """Chat messages for one competition record; used for training rows AND for inference prompts."""
     return [{"role": "user", "content": build_user_text(record, system_prompt)}]
+
+
+def clean_utterance(text: str) -> str:
+    """`--clean_inputs`: drop fillers ("어~", "음~"), `xx` masks and immediate word repeats ("그 그 사람")."""
+    text = _FILLER.sub(" ", text)
+    text = _MASK.sub(" ", text)
+    text = _WORD_REPEAT.sub(r"\1", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+def clean_record(record: dict) -> tuple[dict, int, int]:
+    """Clean every utterance; returns (record, characters saved, utterances left empty and dropped)."""
+    turns, saved = [], 0
+    for turn in record["input"]["conversation"]:
+        cleaned = clean_utterance(turn["utterance"])
+        saved += len(turn["utterance"]) - len(cleaned)
+        if cleaned:
+            turns.append({**turn, "utterance": cleaned})
+    dropped = len(record["input"]["conversation"]) - len(turns)
+    if not turns:  # a conversation of nothing but fillers keeps its original text rather than vanish
+        return record, 0, 0
+    return {**record, "input": {**record["input"], "conversation": turns}}, saved, dropped
+
+
+def drop_middle_utterances(record: dict, count: int) -> dict:
+    """Remove `count` utterances from the middle of the conversation: its opening and its end stay."""
+    turns = record["input"]["conversation"]
+    start = (len(turns) - count) // 2
+    kept = turns[:start] + turns[start + count:]
+    return {**record, "input": {**record["input"], "conversation": kept}}
+
+
+# Fillers are a filler syllable run ending in "~" standing as its own word; "좋죠~" is left alone.
+_FILLER = re.compile(r"(?<!\S)(?:어|음|아|으|흠|에|그|저|뭐|응|오)+~+[.,]?(?!\S)")
+_MASK = re.compile(r"(?<![A-Za-z])[xX]{2,}(?![A-Za-z])")
+_WORD_REPEAT = re.compile(r"(?<!\S)(\S+)(?:\s+\1)+(?!\S)")
+_SPACES = re.compile(r"\s+")
+
+
+# =============================================================================================
+# prep.py proper: competition files + augmentation sources -> data/prepared/
+# =============================================================================================
+
+# Without a tokenizer, lengths are estimated at one token per character (spaces included) plus
+# the chat template's tokens per message. Gemma 2's 256K vocabulary spends fewer tokens than
+# characters on Korean text, so the estimate errs long: a row it lets through fits for real.
+# Pass --tokenizer (or keep the model in the local Hugging Face cache) for exact counts.
+CHARS_PER_TOKEN = 1.0
+TEMPLATE_TOKENS_PER_MESSAGE = 6  # <start_of_turn>role\n ... <end_of_turn>\n, rounded up
+LOCAL_TOKENIZER_CANDIDATES = ("unsloth/gemma-2-9b-it-bnb-4bit", "google/gemma-2-9b-it")
+MISSING_DATA_HINT = (
+    "get the NIKL 2024 일상대화요약 files from 국립국어원 인공지능 말평 (https://kli.korean.go.kr/) "
+    "and put them in data/ under their official names, or try the bundled sample: "
+    "python prep.py --train data/sample/train.json --dev data/sample/dev.json --out /tmp/p"
+)
+EXTRA_SHAPES = (
+    "competition records (input.conversation + output)",
+    "messages [{role, content}]",
+    "conversations [{from, value}] (ShareGPT)",
+    "instruction/input/output (alpaca)",
+    "instruction/response",
+    "prompt/response or prompt/completion",
+    "question/answer",
+    "questions/references (LogicKor)",
+)
+STAGES = ("loaded", "sampled", "unusable", "leak", "duplicate", "too_long", "cut", "kept")
+STAGE_HELP = {
+    "loaded": "rows read",
+    "sampled": "rows left after --limit",
+    "unusable": "rows without a usable user/assistant exchange (empty text, roles out of order)",
+    "leak": "rows that nearly match a dev/test conversation (SimHash), removed",
+    "duplicate": "near-duplicates (SimHash) of an earlier augmentation row, removed",
+    "too_long": "rows over --max_seq_length, removed",
+    "cut": "competition rows shortened by dropping middle utterances",
+    "kept": "rows written",
+}
+
+
+@dataclass
+class Row:
+    """One training row in TRL's conversational prompt/completion form, plus where it came from."""
+
+    id: str
+    source: str
+    prompt: list[dict]
+    completion: list[dict]
+    tokens: int = 0
+
+    def to_json(self) -> str:
+        row = {"id": self.id, "source": self.source, "prompt": self.prompt, "completion": self.completion}
+        return json.dumps(row, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# SimHash near-duplicate search, vectorised with numpy
+# ---------------------------------------------------------------------------------------------
+# Features are character 3-grams of the lowercased text with everything but word characters
+# removed (so spacing and punctuation edits are invisible), weighted by count, as the `simhash`
+# package does with 4-grams; 3-grams move fewer features per typo, so planted near-duplicates
+# land closer. Each 3-gram is hashed to 64 bits with a multiply-xorshift mixer, and the per-bit
+# votes are counted byte by byte with one bincount per chunk instead of one Python loop per row.
+
+SHINGLE = 3
+_NON_WORD = re.compile(r"\W+")
+_POLY = np.uint64(0x100000001B3)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_BIT_TABLE = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.float64)  # byte value -> its 8 bits
+
+
+def simhash_text(text: str) -> str:
+    return _NON_WORD.sub("", text.lower())
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    h ^= h >> np.uint64(30)
+    h *= _MIX1
+    h ^= h >> np.uint64(27)
+    h *= _MIX2
+    h ^= h >> np.uint64(31)
+    return h
+
+
+def _fingerprint_chunk(texts: list[str]) -> np.ndarray:
+    padded = [t if len(t) >= SHINGLE else t.ljust(SHINGLE, "\0") for t in texts]
+    lengths = np.fromiter(map(len, padded), dtype=np.int64, count=len(padded))
+    codes = np.frombuffer("".join(padded).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    n_starts = codes.size - SHINGLE + 1
+    h = codes[:n_starts].copy()
+    for offset in range(1, SHINGLE):
+        h *= _POLY
+        h += codes[offset:offset + n_starts]
+    # A shingle starting in the last SHINGLE-1 characters of a row would straddle two rows.
+    straddling = (np.cumsum(lengths)[:-1, None] - np.arange(1, SHINGLE)).ravel()
+    valid = np.ones(n_starts, dtype=bool)
+    valid[straddling] = False
+    h = _mix64(h[valid])
+    shingles_per_row = lengths - SHINGLE + 1
+    row_of = np.repeat(np.arange(len(padded), dtype=np.int64), shingles_per_row)
+    keys = (row_of[:, None] * 8 + np.arange(8)) * 256 + h.view(np.uint8).reshape(-1, 8)
+    byte_counts = np.bincount(keys.ravel(), minlength=len(padded) * 2048).reshape(-1, 256)
+    bit_counts = (byte_counts @ _BIT_TABLE).reshape(len(padded), 64)
+    bits = bit_counts * 2 > shingles_per_row[:, None]
+    return np.packbits(bits, axis=1, bitorder="little").view("<u8").ravel()
+
+
+def simhash_fingerprints(texts: list[str], on_chunk=None, chunk_chars: int = 2_000_000) -> np.ndarray:
+    """64-bit SimHash of every text (normalised with `simhash_text` first)."""
+    out = np.empty(len(texts), dtype=np.uint64)
+    start = 0
+    while start < len(texts):
+        stop, size = start, 0
+        while stop < len(texts) and (size < chunk_chars or stop == start):
+            size += len(texts[stop])
+            stop += 1
+        out[start:stop] = _fingerprint_chunk([simhash_text(t) for t in texts[start:stop]])
+        if on_chunk:
+            on_chunk(stop - start)
+        start = stop
+    return out
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(np.bitwise_xor(a, b))
+
+
+def near_pairs(fingerprints: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """All index pairs (i < j) whose fingerprints differ in at most `max_distance` bits. Exact.
+
+    Pigeonhole: cut the 64 bits into max_distance + 2 blocks; two fingerprints within the distance
+    agree on at least two whole blocks, so they meet in one of the C(k+2, 2) tables keyed on a pair
+    of blocks. Each table is one argsort; equal keys are neighbours.
+    """
+    n_blocks = max_distance + 2
+    edges = np.linspace(0, 64, n_blocks + 1).round().astype(int)
+    block_masks = [((1 << int(hi - lo)) - 1) << int(lo) for lo, hi in zip(edges[:-1], edges[1:])]
+    firsts, seconds = [], []
+    for blocks in itertools.combinations(range(n_blocks), n_blocks - max_distance):
+        key = fingerprints & np.uint64(sum(block_masks[b] for b in blocks))
+        order = np.argsort(key, kind="stable")
+        sorted_key = key[order]
+        gap = 1
+        while gap < len(order):
+            same = sorted_key[:-gap] == sorted_key[gap:]
+            if not same.any():
+                break
+            a, b = order[:-gap][same], order[gap:][same]
+            firsts.append(np.minimum(a, b))
+            seconds.append(np.maximum(a, b))
+            gap += 1
+    if not firsts:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    packed = np.unique(np.concatenate(firsts).astype(np.int64) * len(fingerprints) + np.concatenate(seconds))
+    i, j = np.divmod(packed, len(fingerprints))
+    close = hamming(fingerprints[i], fingerprints[j]) <= max_distance
+    return i[close], j[close]
+
+
+def keep_first_of_near_duplicates(fingerprints: np.ndarray, max_distance: int) -> np.ndarray:
+    """Boolean keep-mask: a row goes when an earlier KEPT row is within `max_distance` bits.
+
+    Same result as feeding the rows one by one to a SimhashIndex and adding only the survivors.
+    """
+    unique, first_row, inverse = np.unique(fingerprints, return_index=True, return_inverse=True)
+    keep = first_row[inverse.ravel()] == np.arange(len(fingerprints))  # repeats of a fingerprint go
+    i, j = near_pairs(unique, max_distance)
+    earlier, later = np.minimum(first_row[i], first_row[j]), np.maximum(first_row[i], first_row[j])
+    for a, b in zip(*(x[np.lexsort((earlier, later))] for x in (earlier, later))):
+        if keep[a]:
+            keep[b] = False
+    return keep
+
+
+def near_any(fingerprints: np.ndarray, references: np.ndarray, max_distance: int) -> np.ndarray:
+    """Boolean mask: which fingerprints lie within `max_distance` bits of any reference fingerprint."""
+    unique, inverse = np.unique(np.concatenate([fingerprints, references]), return_inverse=True)
+    inverse = inverse.ravel()
+    is_reference = np.zeros(len(unique), dtype=bool)
+    is_reference[inverse[len(fingerprints):]] = True
+    hit = is_reference.copy()
+    i, j = near_pairs(unique, max_distance)
+    hit[i[is_reference[j]]] = True
+    hit[j[is_reference[i]]] = True
+    return hit[inverse[:len(fingerprints)]]
+
+
+# The wrapper the competition prompt puts around a dialogue; stripped before the leakage check so
+# an augmentation row that embeds a dev/test dialogue in any prompt layout still matches it.
+_PROMPT_WRAPPER = re.compile(
+    r"^\[(?:Conversation|Question)\]$|^위 .* 주제에 대한 대화를 요약해주세요\.$|^화자[^:\n]{1,40}: ?|"
+    + re.escape(BASELINE_SYSTEM_PROMPT),
+    re.MULTILINE,
+)
+
+
+def dialogue_text(text: str) -> str:
+    return _PROMPT_WRAPPER.sub("", text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation sources: Hub ids and local files of several row shapes -> chat messages
+# ---------------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(?::[\w.\[\]%:-]+)?")
+_ROLE = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "model": "assistant",
+         "chatgpt": "assistant", "bard": "assistant", "system": "system"}
+
+
+def read_local_rows(path: Path) -> list[dict]:
+    """Rows of a local .json (list), .jsonl or .parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet
+
+        try:
+            return pyarrow.parquet.read_table(path).to_pylist()
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise UserError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
+    if suffix == ".jsonl":
+        rows = []
+        for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}: line {line_no} is not valid JSON ({err.msg})") from None
+        return rows
+    if suffix == ".json":
+        data = read_json(path)
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+        return data
+    raise UserError(f"{path}: unsupported file type {suffix or '(none)'}; use .json, .jsonl or .parquet")
+
+
+def load_hub_rows(source: str) -> list[dict]:
+    """`owner/name` or `owner/name:split` (default split: train) through `datasets`."""
+    name, _, split = source.partition(":")
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(name, split=split or "train"))
+    except Exception as err:  # offline, unknown id, bad split: datasets raises many types
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{source}: could not load from the Hugging Face Hub ({type(err).__name__}: {reason})") from None
+
+
+def load_extra_rows(source: str) -> list[dict]:
+    path = Path(source)
+    if path.is_file():
+        rows = read_local_rows(path)
+    elif path.suffix.lower() in (".json", ".jsonl", ".parquet") or source.startswith((".", "/")) or not _HUB_ID.fullmatch(source):
+        raise UserError(f"{source}: file not found (and not a Hub dataset id like owner/name or owner/name:split)")
+    else:
+        rows = load_hub_rows(source)
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{source}: row {index} is a {type(row).__name__}, expected an object")
+    return rows
+
+
+def detect_shape(row: dict) -> str | None:
+    keys = set(row)
+    if isinstance(row.get("input"), dict) and "conversation" in row["input"] and "output" in row:
+        return "competition"
+    if isinstance(row.get("messages"), list):
+        return "messages"
+    if isinstance(row.get("conversations"), list):
+        return "conversations"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    for pair in (("instruction", "response"), ("prompt", "response"), ("prompt", "completion"), ("question", "answer"), ("questions", "references")):
+        if set(pair) <= keys:
+            return "/".join(pair)
+    return None
+
+
+def _text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def row_messages(row: dict, shape: str, system_prompt: bool) -> list[dict] | None:
+    """A row as alternating user/assistant messages ending with the assistant, or None if unusable.
+
+    A system message is merged into the first user turn (Gemma 2 has no system role); a trailing
+    user turn without an answer is dropped, so multi-turn rows stay multi-turn.
+    """
+    if shape == "competition":
+        messages = build_messages(row, system_prompt) + [{"role": "assistant", "content": _text(row.get("output"))}]
+    elif shape in ("messages", "conversations"):
+        messages = []
+        for turn in row[shape]:
+            if not isinstance(turn, dict):
+                return None
+            role = _ROLE.get(str(turn.get("role", turn.get("from", ""))).lower())
+            if role is None:
+                return None
+            messages.append({"role": role, "content": _text(turn.get("content", turn.get("value")))})
+    elif shape == "questions/references":
+        questions, answers = row["questions"], row["references"]
+        if not isinstance(questions, list) or not isinstance(answers, list):
+            return None
+        messages = []
+        for question, answer in zip(questions, answers):
+            if not _text(question) or not _text(answer):
+                break
+            messages += [{"role": "user", "content": _text(question)}, {"role": "assistant", "content": _text(answer)}]
+    else:
+        prompt_key, answer_key = ("instruction", "output") if shape == "alpaca" else shape.split("/")
+        user = _text(row[prompt_key])
+        if shape == "alpaca" and _text(row.get("input")):
+            user = f"{user}\n\n{_text(row['input'])}"
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row[answer_key])}]
+    if messages and messages[0]["role"] == "system":
+        system = messages.pop(0)["content"]
+        if not messages or messages[0]["role"] != "user":
+            return None
+        messages[0] = {"role": "user", "content": f"{system}\n\n{messages[0]['content']}".strip()}
+    if messages and messages[-1]["role"] == "user":
+        messages.pop()
+    if not messages or any(not m["content"] for m in messages):
+        return None
+    if any(m["role"] != ("user", "assistant")[k % 2] for k, m in enumerate(messages)):
+        return None
+    return messages
+
+
+def extra_rows(source: str, indexed_rows: list[tuple[int, dict]], system_prompt: bool, counts: dict) -> list[Row]:
+    """Rows of one augmentation source (with their index in it); unusable rows are counted, not fatal."""
+    out = []
+    for index, row in indexed_rows:
+        shape = detect_shape(row)
+        if shape is None:
+            columns = ", ".join(sorted(map(str, row))) or "(none)"
+            raise UserError(f"{source}: row {index} has an unknown shape; found columns: {columns}; expected one of: {'; '.join(EXTRA_SHAPES)}")
+        messages = row_messages(row, shape, system_prompt)
+        if messages is None:
+            counts["unusable"] += 1
+            continue
+        out.append(Row(f"{source}:{index}", source, messages[:-1], messages[-1:]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Lengths: exact with a tokenizer, estimated without one
+# ---------------------------------------------------------------------------------------------
+
+def load_tokenizer(name: str | None) -> tuple[Any, str]:
+    """(tokenizer or None, how lengths are counted). Tries the model's tokenizer in the local HF cache."""
+    if name is None:
+        from huggingface_hub import try_to_load_from_cache
+
+        name = next((c for c in LOCAL_TOKENIZER_CANDIDATES if isinstance(try_to_load_from_cache(c, "tokenizer_config.json"), str)), None)
+        if name is None:
+            return None, f"estimate: {CHARS_PER_TOKEN:g} token per character + {TEMPLATE_TOKENS_PER_MESSAGE} per message (no --tokenizer)"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=not Path(name).exists() and bool(os.environ.get("HF_HUB_OFFLINE")))
+    except Exception as err:  # missing dir, no hub access, broken files
+        raise UserError(f"--tokenizer {name}: could not load a tokenizer ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]})") from None
+    if not tokenizer.chat_template:
+        raise UserError(f"--tokenizer {name}: has no chat template; point it at the chat model's tokenizer")
+    return tokenizer, f"tokenizer {name} with its chat template"
+
+
+def count_tokens(tokenizer: Any, conversations: list[list[dict]]) -> list[int]:
+    """Length of each conversation as the trainer sees it: the whole chat template rendered."""
+    if tokenizer is None:
+        return [
+            math.ceil(sum(len(m["content"]) for m in conv) / CHARS_PER_TOKEN) + TEMPLATE_TOKENS_PER_MESSAGE * len(conv) + 1
+            for conv in conversations
+        ]
+    texts = [tokenizer.apply_chat_template(conv, tokenize=False) for conv in conversations]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def competition_row(record: dict, source: str, system_prompt: bool) -> Row:
+    return Row(record["id"], source, build_messages(record, system_prompt), [{"role": "assistant", "content": record["output"]}])
+
+
+def fit_competition_record(record: dict, source: str, cfg: "PrepSettings", tokenizer: Any) -> tuple[Row | None, int]:
+    """(row that fits --max_seq_length or None, utterances cut). Cuts only middle utterances."""
+    def measure(rec: dict) -> Row:
+        row = competition_row(rec, source, cfg.system_prompt)
+        row.tokens = count_tokens(tokenizer, [row.prompt + row.completion])[0]
+        return row
+
+    row = measure(record)
+    if row.tokens <= cfg.max_seq_length:
+        return row, 0
+    n_turns = len(record["input"]["conversation"])
+    low, high = 1, n_turns - 1  # at least one utterance stays
+    best = None
+    while low <= high:  # fewest middle utterances to drop so that the row fits
+        mid = (low + high) // 2
+        candidate = measure(drop_middle_utterances(record, mid))
+        if candidate.tokens <= cfg.max_seq_length:
+            best, high = (candidate, mid), mid - 1
+        else:
+            low = mid + 1
+    return best if best else (None, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+def percentiles(values: list[int]) -> dict[str, int]:
+    if not values:
+        return {}
+    data = np.asarray(values)
+    return {f"p{q}": int(np.percentile(data, q, method="lower")) for q in (50, 90, 99)} | {"max": int(data.max())}
+
+
+def plot_lengths(path: Path, groups: dict[str, list[Row]]) -> None:
+    """Histogram of prompt and summary lengths (characters), competition vs augmentation rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, part in zip(axes, ("prompt", "completion")):
+        for label, rows in groups.items():
+            lengths = [sum(len(m["content"]) for m in getattr(row, part)) for row in rows]
+            if lengths:
+                ax.hist(lengths, bins=40, alpha=0.6, label=f"{label} ({len(lengths)})")
+        ax.set_title("prompt" if part == "prompt" else "summary / answer")
+        ax.set_xlabel("characters")
+        ax.set_ylabel("rows")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def sample_rows(items: list, limit: int | None, seed: int) -> list:
+    """A seeded random `limit` of the items, in their original order."""
+    if limit is None or len(items) <= limit:
+        return items
+    picked = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in picked]
+
+
+def load_competition(paths: list[str], role: str, seen_ids: dict[str, str]) -> tuple[list[tuple[str, dict]], int]:
+    """(source, record) pairs from competition files; ids must be unique across all of them."""
+    out, dropped = [], 0
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: {role} file not found; {MISSING_DATA_HINT}")
+        records, n_dropped = load_competition_file(path)
+        dropped += n_dropped
+        for index, record in enumerate(records):
+            if record["id"] in seen_ids:
+                raise UserError(f"{path}: record {index} (id {record['id']!r}): field 'id' already used in {seen_ids[record['id']]}")
+            seen_ids[record["id"]] = path
+            out.append((path, record))
+    return out, dropped
+
+
+def check_settings(cfg: PrepSettings) -> None:
+    if cfg.max_seq_length < 64:
+        raise UserError(f"--max_seq_length {cfg.max_seq_length}: must be at least 64 tokens")
+    if not 0 <= cfg.dedup_distance <= 16:
+        raise UserError(f"--dedup_distance {cfg.dedup_distance}: must be between 0 and 16 bits (of 64)")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UserError(f"--limit {cfg.limit}: must be at least 1")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise UserError(f"--out {cfg.out}: exists and is not a directory")
+    if len(set(cfg.extra)) != len(cfg.extra):
+        raise UserError("--extra: the same source is listed twice")
+
+
+def write_outputs(out: Path, files: dict[str, Any]) -> None:
+    """Write every file into a temp dir next to `out`, then move them in: no half-written output."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        for name, content in files.items():
+            if callable(content):
+                content(staging / name)
+            else:
+                (staging / name).write_text(content, encoding="utf-8")
+        for name in files:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def summary_table(counts: dict[str, dict[str, int]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="rows per source and stage", title_justify="left")
+    table.add_column("stage")
+    for source in counts:
+        table.add_column(source, justify="right", overflow="fold")
+    for stage in STAGES:
+        table.add_row(stage, *(str(stage_counts[stage]) for stage_counts in counts.values()))
+    return table
+
+
+def main(cfg: PrepSettings) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    started = time.time()
+    console = Console(highlight=False)
+    check_settings(cfg)
+    console.rule("[bold]prep.py")
+    settings_table = Table(title="settings", show_header=False, title_justify="left")
+    for f in dataclasses.fields(cfg):
+        settings_table.add_row(f.name, str(getattr(cfg, f.name)))
+    console.print(settings_table)
+    counts: dict[str, dict[str, int]] = {}
+
+    def new_counts(source: str) -> dict[str, int]:
+        counts[source] = dict.fromkeys(STAGES, 0)
+        return counts[source]
+
+    console.rule("competition data")
+    seen_ids: dict[str, str] = {}
+    train = load_competition(cfg.train, "train", seen_ids)
+    dev = load_competition([cfg.dev], "dev", seen_ids)
+    test = load_competition([cfg.test], "test", {}) if cfg.test else ([], 0)
+    empty_dropped = train[1] + dev[1] + test[1]
+    train_pairs = list(train[0])
+    for source in cfg.train:
+        new_counts(source)["loaded"] = sum(s == source for s, _ in train_pairs)
+    if cfg.limit:
+        train_pairs = [p for source in cfg.train for p in sample_rows([p for p in train_pairs if p[0] == source], cfg.limit, cfg.seed)]
+    dev_pairs = dev[0]
+    if cfg.train_on_dev:
+        new_counts(cfg.dev)["loaded"] = len(dev_pairs)
+        train_pairs += dev_pairs
+    for source, _ in train_pairs:
+        counts[source]["sampled"] += 1
+    console.print(
+        f"train {len(train_pairs)} · dev {len(dev_pairs)} · test {len(test[0])} records"
+        f"{' (dev folded into train)' if cfg.train_on_dev else ''} · {empty_dropped} empty utterances dropped"
+    )
+    cleaning = {"chars_before": 0, "chars_saved": 0, "utterances_dropped": 0}
+    if cfg.clean_inputs:
+        cleaned_pairs = {}
+        for source, record in train_pairs + dev_pairs:
+            if record["id"] not in cleaned_pairs:
+                cleaning["chars_before"] += sum(len(t["utterance"]) for t in record["input"]["conversation"])
+                new_record, saved, n_dropped = clean_record(record)
+                cleaned_pairs[record["id"]] = new_record
+                cleaning["chars_saved"] += saved
+                cleaning["utterances_dropped"] += n_dropped
+        train_pairs = [(s, cleaned_pairs[r["id"]]) for s, r in train_pairs]
+        dev_pairs = [(s, cleaned_pairs[r["id"]]) for s, r in dev_pairs]
+        share = cleaning["chars_saved"] / max(cleaning["chars_before"], 1)
+        console.print(f"--clean_inputs: {cleaning['chars_saved']} characters saved ({share:.1%}), {cleaning['utterances_dropped']} utterances left empty")
+
+    console.rule("augmentation sources")
+    extras: list[Row] = []
+    for source in cfg.extra:
+        source_counts = new_counts(source)
+        with console.status(f"loading {source}"):
+            rows = load_extra_rows(source)
+        source_counts["loaded"] = len(rows)
+        indexed = sample_rows(list(enumerate(rows)), cfg.limit, cfg.seed)
+        source_counts["sampled"] = len(indexed)
+        found = extra_rows(source, indexed, cfg.system_prompt, source_counts)
+        extras += found
+        console.print(f"{source}: {len(rows)} rows, {len(found)} usable, shapes: {', '.join(sorted({detect_shape(r) for _, r in indexed}))}")
+
+    progress_columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    if extras:
+        console.rule("leakage and near-duplicates (SimHash)")
+        with Progress(*progress_columns, console=console, transient=True) as progress:
+            eval_texts = ["\n".join(t["utterance"] for t in r["input"]["conversation"]) for _, r in dev_pairs + test[0]]
+            user_texts = [(k, dialogue_text(m["content"])) for k, row in enumerate(extras) for m in row.prompt if m["role"] == "user"]
+            full_texts = ["\n".join(m["content"] for m in row.prompt + row.completion) for row in extras]
+            task = progress.add_task("fingerprints", total=len(eval_texts) + len(user_texts) + len(full_texts))
+            step = lambda n: progress.advance(task, n)  # noqa: E731
+            eval_fps = simhash_fingerprints(eval_texts, step)
+            user_fps = simhash_fingerprints([t for _, t in user_texts], step)
+            full_fps = simhash_fingerprints(full_texts, step)
+        leaked = np.zeros(len(extras), dtype=bool)
+        if len(eval_fps):
+            leaked[[k for (k, _), hit in zip(user_texts, near_any(user_fps, eval_fps, cfg.dedup_distance)) if hit]] = True
+        keep = ~leaked
+        survivors = np.flatnonzero(keep)
+        keep[survivors] = keep_first_of_near_duplicates(full_fps[survivors], cfg.dedup_distance)
+        for row, is_leak, kept in zip(extras, leaked, keep):
+            if is_leak:
+                counts[row.source]["leak"] += 1
+            elif not kept:
+                counts[row.source]["duplicate"] += 1
+        extras = [row for row, kept in zip(extras, keep) if kept]
+        console.print(
+            f"removed {int(leaked.sum())} rows nearly matching a dev/test conversation and "
+            f"{len(keep) - int(keep.sum()) - int(leaked.sum())} near-duplicates (distance <= {cfg.dedup_distance} of 64 bits)"
+        )
+
+    console.rule("length policy")
+    tokenizer, length_method = load_tokenizer(cfg.tokenizer)
+    console.print(f"lengths: {length_method}; limit {cfg.max_seq_length} tokens per row")
+    train_rows, dev_rows, cut_utterances = [], [], 0
+    for pairs, target in ((train_pairs, train_rows), (dev_pairs, dev_rows)):
+        for source, record in pairs:
+            row, n_cut = fit_competition_record(record, source, cfg, tokenizer)
+            stage_counts = counts.get(source) if target is train_rows else None
+            if row is None:
+                if stage_counts is None:
+                    raise UserError(f"{source}: record {record['id']!r}: question + summary alone exceed --max_seq_length {cfg.max_seq_length}")
+                stage_counts["too_long"] += 1
+                continue
+            cut_utterances += n_cut
+            if stage_counts is not None:
+                stage_counts["cut"] += n_cut > 0
+            target.append(row)
+    with Progress(*progress_columns, console=console, transient=True) as progress:
+        task = progress.add_task("token counts", total=len(extras))
+        for start in range(0, len(extras), 1000):
+            batch = extras[start:start + 1000]
+            for row, n in zip(batch, count_tokens(tokenizer, [r.prompt + r.completion for r in batch])):
+                row.tokens = n
+            progress.advance(task, len(batch))
+    for row in extras:
+        if row.tokens > cfg.max_seq_length:
+            counts[row.source]["too_long"] += 1
+    extras = [row for row in extras if row.tokens <= cfg.max_seq_length]
+    train_rows += extras
+    for row in train_rows:
+        counts[row.source]["kept"] += 1
+    console.print(f"competition rows cut: {sum(c['cut'] for c in counts.values())} ({cut_utterances} utterances dropped from the middle)")
+
+    console.rule("output")
+    lengths = {
+        "train_tokens": percentiles([r.tokens for r in train_rows]),
+        "dev_tokens": percentiles([r.tokens for r in dev_rows]),
+        "prompt_chars": percentiles([sum(len(m["content"]) for m in r.prompt) for r in train_rows]),
+        "summary_chars": percentiles([len(r.completion[0]["content"]) for r in train_rows]),
+    }
+    stats = {
+        "settings": dataclasses.asdict(cfg),
+        "length_counting": length_method,
+        "rows": {"train": len(train_rows), "dev": len(dev_rows)},
+        "sources": counts,
+        "stage_meaning": STAGE_HELP,
+        "empty_utterances_dropped": empty_dropped,
+        "clean_inputs": cleaning if cfg.clean_inputs else None,
+        "utterances_cut_from_middle": cut_utterances,
+        "lengths": lengths,
+    }
+    competition_sources = set(cfg.train) | {cfg.dev}
+    out = Path(cfg.out)
+    write_outputs(out, {
+        "train.jsonl": "".join(row.to_json() + "\n" for row in train_rows),
+        "dev.jsonl": "".join(row.to_json() + "\n" for row in dev_rows),
+        "stats.json": json.dumps(stats, ensure_ascii=False, indent=2) + "\n",
+        "lengths.png": lambda path: plot_lengths(path, {
+            "competition": [r for r in train_rows if r.source in competition_sources],
+            "augmentation": [r for r in train_rows if r.source not in competition_sources],
+        }),
+    })
+    console.print(summary_table(counts))
+    length_table = Table(title="lengths (train rows)", title_justify="left")
+    length_table.add_column("measure")
+    for key in ("p50", "p90", "p99", "max"):
+        length_table.add_column(key, justify="right")
+    for name, values in lengths.items():
+        if values:
+            length_table.add_row(name, *(str(values[k]) for k in ("p50", "p90", "p99", "max")))
+    console.print(length_table)
+    console.print(f"wrote {len(train_rows)} train and {len(dev_rows)} dev rows, stats.json and lengths.png to {out}/ in {time.time() - started:.1f}s")
+    console.print(f"next: python train.py   (reads {out}/train.jsonl and {out}/dev.jsonl)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,3 +1348,5 @@ GENERATOR_COMMANDS = {
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in GENERATOR_COMMANDS:
         run_generator_command(sys.argv[1:])
+    else:
+        run_cli(main, parse_settings(PrepSettings, sys.argv[1:], __doc__.splitlines()[0]))
