@@ -1,0 +1,654 @@
+"""Generate summaries for a competition file (a submission), and score them when references exist.
+
+Terminal:
+    python infer.py --input data/일상대화요약_test.json                 # newest outputs/*/final -> submission.json
+    python infer.py --input data/일상대화요약_dev.json --output dev_pred.json   # dev has outputs: scored too
+    python infer.py --model outputs/run1/final --input data/일상대화요약_test.json --batch_size 16
+    python infer.py --score dev_pred.json --ref data/일상대화요약_dev.json    # score a file, no model loaded
+
+Colab:
+    !python infer.py --input data/일상대화요약_test.json --output submission.json
+
+An interrupted run keeps every finished batch in `<output>.partial.jsonl`; the same command resumes.
+The prompt comes from prep.py (`build_messages`), the same function training used, so the two cannot drift.
+
+Reusable from other scripts (nothing heavy is imported at module level):
+    model, tokenizer, run_config = load_model("outputs/run1/final")
+    texts = generate_texts(model, tokenizer, chat_prompts, batch_size=8, max_new_tokens=1024)
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from prep import (
+    UserError,
+    build_messages,
+    dump_submission_json,
+    load_competition_file,
+    parse_settings,
+    read_json,
+    run_cli,
+    write_text_atomic,
+)
+
+
+@dataclass
+class InferSettings:
+    input: str = field(default="data/일상대화요약_test.json", metadata={"help": "competition JSON to summarize (test, dev or train)"})
+    model: str | None = field(default=None, metadata={"help": "trained final/ folder, merged model folder or Hub id; default: newest outputs/*/final"})
+    output: str = field(default="submission.json", metadata={"help": "submission file to write (never the input file)"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generate() call; halved automatically on CUDA out-of-memory"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "generation budget per summary"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 = off; ~1.1 curbs repetition loops"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N records (smoke test; not a full submission)"})
+    max_seq_length: int | None = field(default=None, metadata={"help": "prompt + summary token limit; default: the training run's, else 8192"})
+    load_in_4bit: bool | None = field(default=None, metadata={"help": "load the base model in 4 bit; default: as in training, else on"})
+    eval: bool | None = field(default=None, metadata={"help": "score against the input's outputs; default: on when every output is non-empty"})
+    score: str | None = field(default=None, metadata={"help": "score this existing prediction file against --ref (no model is loaded)"})
+    ref: str | None = field(default=None, metadata={"help": "reference file for --score"})
+    metrics: list[str] = field(default_factory=lambda: ["rouge1", "bertscore", "bleurt"], metadata={"help": "metrics to compute; bertscore/bleurt are skipped with a note when unavailable"})
+    scores_file: str | None = field(default=None, metadata={"help": "per-item scores JSON; default: scores.json next to the output (or the --score file)"})
+
+
+GEMMA2_CONTEXT = 8192  # Gemma 2's position limit, used when no training run says otherwise
+STOP_TOKENS = ("<end_of_turn>", "<eos>")
+KNOWN_METRICS = ("rouge1", "bertscore", "bleurt")
+BERTSCORE_MODEL = "bert-base-multilingual-cased"
+BLEURT_MODEL = "lucadiliello/BLEURT-20"  # PyTorch port of BLEURT-20 (pip install git+https://github.com/lucadiliello/bleurt-pytorch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model loading and batched generation (reused by prep.py distill / magpie)
+# ---------------------------------------------------------------------------------------------
+
+def newest_final_dir(root: str | Path = "outputs") -> Path:
+    """The most recently written `outputs/*/final` folder: what `python train.py` last produced."""
+    finals = [Path(p) for p in glob.glob(str(Path(root) / "*" / "final")) if Path(p).is_dir()]
+    if not finals:
+        raise UserError(f"no trained model found in {root}/*/final: run train.py first or pass --model")
+    return max(finals, key=lambda p: p.stat().st_mtime)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/name` whose first part is not a local folder: a local typo must not be sent to the Hub."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name.split("/")[0]).exists()
+
+
+def read_run_config(model_dir: Path) -> dict:
+    """train.py's run_config.json next to the adapter ({} for a merged folder or a Hub id)."""
+    path = model_dir / "run_config.json"
+    if not path.is_file():
+        return {}
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return config
+
+
+def resolve_model(model: str | None) -> tuple[str, dict]:
+    """(name or folder to load, run_config) for --model; errors name the missing folder."""
+    if model is None:
+        model_dir = newest_final_dir()
+        return str(model_dir), read_run_config(model_dir)
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise UserError(f"{path}: not a model folder (no config.json or adapter_config.json)")
+        return str(path), read_run_config(path)
+    if path.exists():
+        raise UserError(f"{path}: --model must be a folder or a Hub id, not a file")
+    if looks_like_hub_id(model):
+        return model, {}
+    raise UserError(f"{path}: model folder not found")
+
+
+def load_model(path: str | None, max_seq_length: int | None = None, load_in_4bit: bool | None = None) -> tuple[Any, Any, dict]:
+    """Load a model ready for generation: returns (model, tokenizer, run_config).
+
+    `path` is a train.py `final/` folder (LoRA adapter + tokenizer + run_config.json; Unsloth reads
+    the base model from adapter_config.json), a merged model folder, a Hub id, or None for the newest
+    `outputs/*/final`. `max_seq_length` defaults to the training run's, else Gemma 2's 8192;
+    `load_in_4bit` to the training run's, else True.
+    The tokenizer pads on the left, as batched generation needs; run_config is {} without train.py.
+    """
+    name, run_config = resolve_model(path)
+    import unsloth  # noqa: F401  (must patch transformers before anything imports it)
+    from unsloth import FastLanguageModel
+
+    settings = run_config.get("settings", {})
+    max_seq_length = max_seq_length or run_config.get("max_seq_length") or GEMMA2_CONTEXT
+    load_in_4bit = settings.get("load_in_4bit", True) if load_in_4bit is None else load_in_4bit
+    try:
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=name,
+            max_seq_length=max_seq_length,
+            dtype=None,
+            load_in_4bit=load_in_4bit,
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(f"{name}: could not load the model ({str(err).strip().splitlines()[0]})") from None
+    FastLanguageModel.for_inference(model)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, {**run_config, "max_seq_length": max_seq_length, "loaded_from": name}
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids generation stops on: Gemma's `<end_of_turn>` (end of the model turn) and `<eos>`."""
+    ids = {tokenizer.eos_token_id}
+    for token in STOP_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return sorted(i for i in ids if i is not None)
+
+
+def length_order(lengths: list[int]) -> list[int]:
+    """Indices longest first: neighbours pad little, and an out-of-memory error shows up at once."""
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
+def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """The batches generate_texts runs (until an out-of-memory error halves them)."""
+    order = length_order(lengths)
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:
+    """Share of prompt positions that are padding when each batch is padded to its longest prompt."""
+    padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+    return 1 - sum(lengths) / padded if padded else 0.0
+
+
+def new_token_count(row: list[int], stops: list[int], pad_id: int) -> int:
+    """Tokens one row really generated: up to and including its first stop token, padding excluded."""
+    for position, token in enumerate(row):
+        if token in stops:
+            return position + 1
+    return sum(1 for token in row if token != pad_id)
+
+
+def _generate_batch(model, tokenizer, batch: list[list[int]], stops: list[int], generation_kwargs: dict) -> tuple[list[str], int]:
+    import torch
+
+    pad_id = tokenizer.pad_token_id
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch])
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            eos_token_id=stops,
+            pad_token_id=pad_id,
+            **generation_kwargs,
+        )
+    new_rows = out[:, width:].tolist()
+    texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_rows]
+    return texts, sum(new_token_count(row, stops, pad_id) for row in new_rows)
+
+
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    on_batch: Callable[[list[int], list[str], int], None] | None = None,
+    console=None,
+) -> list[str]:
+    """Generate one completion per prompt; results come back in input order.
+
+    `prompts` are finished chat-templated strings (they already start with `<bos>`, so they are
+    tokenized without adding special tokens). They are sorted by length and left-padded in batches;
+    greedy unless `do_sample`. Each text is the decoded new tokens only, stopped at `<end_of_turn>` /
+    `<eos>`, whitespace stripped. On a CUDA out-of-memory error the batch size is halved and the same
+    prompts are retried. `on_batch(indices, texts, new_tokens)` runs after every finished batch
+    (indices into `prompts`), e.g. to save progress. A rich progress bar shows items/s and tokens/s.
+    """
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = console or Console()
+    stops = stop_token_ids(tokenizer)
+    encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+    order = length_order([len(ids) for ids in encoded])
+    generation_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "repetition_penalty": repetition_penalty}
+    if do_sample:
+        generation_kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        # Checkpoints ship sampling defaults in generation_config; greedy must not inherit them.
+        generation_kwargs.update(temperature=None, top_p=None, top_k=None)
+
+    results: list[str | None] = [None] * len(prompts)
+    start, done_tokens, position, size = time.perf_counter(), 0, 0, batch_size
+    progress = Progress(
+        TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    )
+    with progress:
+        task = progress.add_task("generate", total=len(prompts), speed="")
+        while position < len(order):
+            indices = order[position:position + size]
+            try:
+                texts, new_tokens = _generate_batch(model, tokenizer, [encoded[i] for i in indices], stops, generation_kwargs)
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise UserError("CUDA out of memory at batch size 1: lower --max_new_tokens or --max_seq_length") from None
+                size //= 2
+                torch.cuda.empty_cache()
+                console.print(f"[yellow]CUDA out of memory: batch size halved to {size}")
+                continue
+            for index, text in zip(indices, texts):
+                results[index] = text
+            if on_batch is not None:
+                on_batch(indices, texts, new_tokens)
+            position += len(indices)
+            done_tokens += new_tokens
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            progress.update(task, advance=len(indices), speed=f"{position / elapsed:.2f} items/s  {done_tokens / elapsed:.1f} tok/s")
+    return [text or "" for text in results]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts that fit
+# ---------------------------------------------------------------------------------------------
+
+def chat_prompt(tokenizer, record: dict, system_prompt: bool) -> str:
+    """The training prompt for one record, rendered by the tokenizer's chat template, ready for the model turn."""
+    return tokenizer.apply_chat_template(build_messages(record, system_prompt), tokenize=False, add_generation_prompt=True)
+
+
+def _without_middle(record: dict, turns: list[dict]) -> dict:
+    return {**record, "input": {**record["input"], "conversation": turns}}
+
+
+def shorten_to_fit(record: dict, render: Callable[[dict], str], count_tokens: Callable[[str], int], budget: int) -> tuple[str, bool]:
+    """(prompt, shortened?) with the prompt at most `budget` tokens.
+
+    Whole utterances are removed from the middle of the conversation first (its opening and its end
+    carry the topic and the wrap-up); if the first and last utterances alone are still too long, their
+    middles are cut. Nothing is ever dropped entirely: a prompt that cannot fit raises UserError.
+    """
+    prompt = render(record)
+    if count_tokens(prompt) <= budget:
+        return prompt, False
+    turns = record["input"]["conversation"]
+
+    def keep(n_removed: int) -> list[dict]:
+        head = (len(turns) - n_removed + 1) // 2
+        return turns[:head] + turns[head + n_removed:]
+
+    low, high = 1, max(len(turns) - 2, 0)  # find the fewest removed turns that fit
+    while low < high:
+        middle = (low + high) // 2
+        if count_tokens(render(_without_middle(record, keep(middle)))) <= budget:
+            high = middle
+        else:
+            low = middle + 1
+    kept = keep(high) if high else turns
+    prompt = render(_without_middle(record, kept))
+    if count_tokens(prompt) <= budget:
+        return prompt, True
+
+    def cut(fraction: float) -> list[dict]:
+        out = []
+        for turn in kept:
+            text = turn["utterance"]
+            drop = int(len(text) * fraction)
+            head = (len(text) - drop) // 2
+            out.append({**turn, "utterance": text[:head] + text[head + drop:]})
+        return out
+
+    low_chars, high_chars = 0, 1000  # binary search over the cut share, in 1/1000 steps
+    while low_chars < high_chars:
+        middle = (low_chars + high_chars) // 2
+        if count_tokens(render(_without_middle(record, cut(middle / 1000)))) <= budget:
+            high_chars = middle
+        else:
+            low_chars = middle + 1
+    prompt = render(_without_middle(record, cut(high_chars / 1000)))
+    if count_tokens(prompt) > budget:
+        raise UserError(f"record {record['id']!r}: the prompt cannot fit in {budget} tokens even without its conversation; raise --max_seq_length or lower --max_new_tokens")
+    return prompt, True
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable progress and the submission
+# ---------------------------------------------------------------------------------------------
+
+def partial_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".partial.jsonl")
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_partial(path: Path, fingerprint: dict) -> dict[str, str]:
+    """Finished {id: output} from an earlier run of the same command; a torn last line is ignored."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        header = {}
+    if header.get("fingerprint") != fingerprint:
+        raise UserError(f"{path}: left by a run with a different input, model or generation settings; delete it to start over, or rerun that command")
+    done = {}
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a batch cut off mid-write by a kill: it is generated again
+        done[row["id"]] = row["output"]
+    return done
+
+
+def append_partial(path: Path, fingerprint: dict, rows: list[dict]) -> None:
+    """Append finished rows in one write + fsync, so a kill loses at most the batch in flight."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if not path.is_file():
+        text = json.dumps({"fingerprint": fingerprint}, ensure_ascii=False) + "\n" + text
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def build_submission(raw_records: list[dict], outputs: dict[str, str]) -> list[dict]:
+    """The input list, same order and fields, with `output` filled in."""
+    return [{**record, "output": outputs.get(record["id"], "")} for record in raw_records]
+
+
+def check_submission(submission: list[dict], raw_records: list[dict], path: str | Path) -> None:
+    """Refuse a submission the official scorer would reject: count, order, ids, fields, empty outputs."""
+    if len(submission) != len(raw_records):
+        raise UserError(f"{path}: submission has {len(submission)} records, input has {len(raw_records)}")
+    for index, (sub, raw) in enumerate(zip(submission, raw_records)):
+        if sub.get("id") != raw.get("id"):
+            raise UserError(f"{path}: record {index}: id {sub.get('id')!r} differs from the input's {raw.get('id')!r}")
+        if {k: v for k, v in sub.items() if k != "output"} != {k: v for k, v in raw.items() if k != "output"}:
+            raise UserError(f"{path}: record {index} (id {sub['id']!r}): fields other than 'output' changed")
+        if not isinstance(sub.get("output"), str) or not sub["output"].strip():
+            raise UserError(f"{path}: record {index} (id {sub['id']!r}): field 'output' is empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring (ROUGE-1 exactly as teddysum/korean_evaluation; BERTScore and BLEURT when available)
+# ---------------------------------------------------------------------------------------------
+
+NON_SCORED_CHARS = re.compile(r"[^A-Za-z0-9가-힣]")
+ROUGE_WORD_LIMIT = 1000  # the official scorer keeps the first 1000 whitespace words of each text
+
+
+def rouge_tokens(text: str, morphs: Callable[[str], list[str]]) -> list[str]:
+    """The official preprocessing: first 1000 words, lowercase, non-[A-Za-z0-9가-힣] -> space, Mecab morphemes."""
+    words = " ".join(text.split("\n")).split()[:ROUGE_WORD_LIMIT]
+    cleaned = NON_SCORED_CHARS.sub(" ", " ".join(words).lower()).strip()
+    return " ".join(morphs(cleaned)).split()
+
+
+def rouge1_f1(hypothesis: list[str], reference: list[str]) -> float:
+    """Clipped unigram overlap F1 (alpha 0.5); 0 when either side is empty or nothing overlaps."""
+    overlap = sum((collections.Counter(hypothesis) & collections.Counter(reference)).values())
+    if not overlap:
+        return 0.0
+    precision, recall = overlap / len(hypothesis), overlap / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def mecab_morphs() -> Callable[[str], list[str]]:
+    from mecab import MeCab
+
+    tagger = MeCab()
+    return lambda text: tagger.morphs(text) if text else []
+
+
+def rouge1_scores(predictions: list[str], references: list[str]) -> list[float]:
+    morphs = mecab_morphs()
+    return [rouge1_f1(rouge_tokens(p, morphs), rouge_tokens(r, morphs)) for p, r in zip(predictions, references)]
+
+
+def bertscore_scores(predictions: list[str], references: list[str]) -> list[float]:
+    import bert_score
+
+    _, _, f1 = bert_score.score(predictions, references, model_type=BERTSCORE_MODEL, idf=False, rescale_with_baseline=False, verbose=False)
+    return [float(x) for x in f1]
+
+
+def bleurt_scores(predictions: list[str], references: list[str], batch_size: int = 16) -> list[float]:
+    import torch
+    from bleurt_pytorch import BleurtForSequenceClassification, BleurtTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = BleurtTokenizer.from_pretrained(BLEURT_MODEL)
+    model = BleurtForSequenceClassification.from_pretrained(BLEURT_MODEL).to(device).eval()
+    scores: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(predictions), batch_size):
+            inputs = tokenizer(references[start:start + batch_size], predictions[start:start + batch_size], padding="longest", truncation=True, max_length=512, return_tensors="pt").to(device)
+            scores += model(**inputs).logits.flatten().tolist()
+    return scores
+
+
+OPTIONAL_METRICS = {  # name -> (python module it needs, install hint, scorer)
+    "bertscore": ("bert_score", "pip install bert-score", bertscore_scores),
+    "bleurt": ("bleurt_pytorch", "pip install git+https://github.com/lucadiliello/bleurt-pytorch", bleurt_scores),
+}
+
+
+def score_predictions(ids: list[str], predictions: list[str], references: list[str], metrics: list[str], console) -> dict:
+    """Per-item and mean scores; a metric whose package or model is unavailable is skipped with the reason."""
+    per_metric: dict[str, list[float]] = {}
+    skipped: dict[str, str] = {}
+    if "rouge1" in metrics:
+        per_metric["rouge1"] = rouge1_scores(predictions, references)
+    for name, (module, hint, scorer) in OPTIONAL_METRICS.items():
+        if name not in metrics:
+            continue
+        if importlib.util.find_spec(module) is None:
+            skipped[name] = f"package {module} not installed ({hint})"
+            continue
+        try:
+            per_metric[name] = scorer(predictions, references)
+        except Exception as err:  # offline or no hub access: the model cannot be fetched; ROUGE-1 still stands
+            skipped[name] = f"model could not be loaded ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+    for name, reason in skipped.items():
+        console.print(f"[yellow]{name} skipped: {reason}")
+    means = {name: sum(values) / len(values) for name, values in per_metric.items()}
+    items = [
+        {"id": i, **{name: values[k] for name, values in per_metric.items()}, "pred_chars": len(p), "ref_chars": len(r)}
+        for k, (i, p, r) in enumerate(zip(ids, predictions, references))
+    ]
+    return {"means": means, "mean_of_computed": sum(means.values()) / len(means) if means else None,
+            "computed": sorted(means), "skipped": skipped, "items": items}
+
+
+def print_scores(result: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title="scores (x100)")
+    table.add_column("metric")
+    table.add_column("score", justify="right")
+    for name, value in result["means"].items():
+        table.add_row(name, f"{100 * value:.2f}")
+    for name, reason in result["skipped"].items():
+        table.add_row(name, "skipped", style="dim")
+    if result["mean_of_computed"] is not None:
+        label = "final (mean of all three)" if not result["skipped"] else f"mean of {', '.join(result['computed'])} only"
+        table.add_row(label, f"{100 * result['mean_of_computed']:.2f}", style="bold")
+    console.print(table)
+    lengths = [item["pred_chars"] for item in result["items"]]
+    console.print(f"summary length: mean {sum(lengths) / len(lengths):.0f} chars (references "
+                  f"{sum(i['ref_chars'] for i in result['items']) / len(lengths):.0f})")
+
+
+def pair_by_id(predictions: list[dict], references: list[dict], pred_path: str, ref_path: str) -> tuple[list[str], list[str], list[str]]:
+    """(ids, predicted outputs, reference outputs) matched by id; every mismatch is reported."""
+    ref_by_id = {r["id"]: r["output"] for r in references}
+    pred_ids = [p["id"] for p in predictions]
+    missing = [i for i in ref_by_id if i not in set(pred_ids)]
+    extra = [i for i in pred_ids if i not in ref_by_id]
+    if missing or extra:
+        raise UserError(f"{pred_path}: ids do not match {ref_path}: {len(missing)} missing (first {missing[:1]}), {len(extra)} not in the reference (first {extra[:1]})")
+    empty_refs = [i for i, out in ref_by_id.items() if not out.strip()]
+    if empty_refs:
+        raise UserError(f"{ref_path}: record id {empty_refs[0]!r}: field 'output' is empty; references need summaries to score against")
+    return pred_ids, [p["output"] for p in predictions], [ref_by_id[i] for i in pred_ids]
+
+
+def write_scores(result: dict, path: Path, console) -> None:
+    write_text_atomic(path, json.dumps(result, ensure_ascii=False, indent=2) + "\n")
+    console.print(f"per-item scores -> {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def check_settings(cfg: InferSettings) -> None:
+    unknown = [m for m in cfg.metrics if m not in KNOWN_METRICS]
+    if unknown:
+        raise UserError(f"--metrics: unknown {unknown}; choose from {list(KNOWN_METRICS)}")
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UserError("--limit must be at least 1")
+    if cfg.repetition_penalty <= 0:
+        raise UserError("--repetition_penalty must be positive (1.0 = off)")
+
+
+def score_only(cfg: InferSettings, console) -> None:
+    """`--score PRED --ref REF`: no model, no torch."""
+    if not cfg.ref:
+        raise UserError("--score needs --ref REF.json (the file with the reference summaries)")
+    predictions, _ = load_competition_file(cfg.score)
+    references, _ = load_competition_file(cfg.ref)
+    ids, preds, refs = pair_by_id(predictions, references, cfg.score, cfg.ref)
+    console.rule(f"scoring {cfg.score} against {cfg.ref} ({len(ids)} items)")
+    result = score_predictions(ids, preds, refs, cfg.metrics, console)
+    print_scores(result, console)
+    write_scores(result, Path(cfg.scores_file or Path(cfg.score).with_name("scores.json")), console)
+
+
+def main(cfg: InferSettings) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    check_settings(cfg)
+    if cfg.score:
+        score_only(cfg, console)
+        return
+
+    started = time.perf_counter()
+    output = Path(cfg.output)
+    if output.resolve() == Path(cfg.input).resolve():
+        raise UserError(f"--output {output} is the input file: choose another name (the input is never overwritten)")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder: give a file name")
+    records, dropped = load_competition_file(cfg.input)
+    raw_records = read_json(cfg.input)
+    if cfg.limit:
+        records, raw_records = records[:cfg.limit], raw_records[:cfg.limit]
+    has_refs = all(r["output"].strip() for r in records)
+    evaluate = has_refs if cfg.eval is None else cfg.eval
+    if evaluate and not has_refs:
+        raise UserError(f"{cfg.input}: --eval needs every record's 'output' filled (the references)")
+    model_name, run_config = resolve_model(cfg.model)
+    system_prompt = bool(run_config.get("settings", {}).get("system_prompt", False))
+    fingerprint = {
+        "input_sha256": file_sha256(cfg.input), "model": str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
+        "system_prompt": system_prompt, "max_new_tokens": cfg.max_new_tokens, "repetition_penalty": cfg.repetition_penalty,
+        "max_seq_length": cfg.max_seq_length,
+    }
+    partial = partial_path(output)
+    done = {i: out for i, out in load_partial(partial, fingerprint).items() if i in {r["id"] for r in records}}
+
+    table = Table(title="infer.py settings", show_header=False)
+    for key, value in {**asdict(cfg), "model": model_name, "system_prompt (from training)": system_prompt}.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    console.print(f"{len(records)} records from {cfg.input}" + (f" ({dropped} empty utterances ignored)" if dropped else "")
+                  + (f"; resuming: {len(done)} already finished in {partial}" if done else ""))
+
+    todo = [r for r in records if r["id"] not in done]
+    peak_memory = "n/a (no GPU)"
+    if todo:
+        console.rule("loading model")
+        model, tokenizer, loaded = load_model(model_name, cfg.max_seq_length, cfg.load_in_4bit)
+        budget = loaded["max_seq_length"] - cfg.max_new_tokens
+        if budget < 64:
+            raise UserError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for the prompt in max_seq_length {loaded['max_seq_length']}")
+        count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        prompts, shortened = [], 0
+        for record in todo:
+            prompt, was_shortened = shorten_to_fit(record, lambda r: chat_prompt(tokenizer, r, system_prompt), count_tokens, budget)
+            prompts.append(prompt)
+            shortened += was_shortened
+        if shortened:
+            console.print(f"[yellow]{shortened} prompt(s) longer than {budget} tokens were shortened in the middle of the conversation")
+
+        def save_batch(indices: list[int], texts: list[str], _new_tokens: int) -> None:
+            rows = [{"id": todo[i]["id"], "output": text} for i, text in zip(indices, texts) if text]
+            if rows:
+                append_partial(partial, fingerprint, rows)
+            done.update({row["id"]: row["output"] for row in rows})
+
+        console.rule(f"generating {len(todo)} summaries (batch {cfg.batch_size}, greedy, max_new_tokens {cfg.max_new_tokens})")
+        generate_texts(model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                       repetition_penalty=cfg.repetition_penalty, on_batch=save_batch, console=console)
+        import torch
+
+        if torch.cuda.is_available():
+            peak_memory = f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GB"
+
+    empty = [r["id"] for r in records if not done.get(r["id"])]
+    if empty:
+        raise UserError(f"{cfg.input}: record id {empty[0]!r} (and {len(empty) - 1} more): the model generated an empty summary; "
+                        f"finished items are kept in {partial}; try --repetition_penalty 1.1 (delete the partial file first)")
+    submission = build_submission(raw_records, done)
+    check_submission(submission, raw_records, output)
+    write_text_atomic(output, dump_submission_json(submission))
+    partial.unlink(missing_ok=True)
+    lengths = [len(r["output"]) for r in submission]
+    console.rule("done")
+    console.print(f"{len(submission)} summaries -> {output}  (mean {sum(lengths) / len(lengths):.0f} chars, "
+                  f"{len(todo)} generated now); wall time {time.perf_counter() - started:.1f} s; peak GPU memory {peak_memory}")
+    if cfg.limit:
+        console.print(f"[yellow]--limit {cfg.limit}: this file covers only part of the input; not a full submission")
+    if evaluate:
+        console.rule("scoring against the input's outputs")
+        result = score_predictions([r["id"] for r in submission], [r["output"] for r in submission],
+                                   [r["output"] for r in records], cfg.metrics, console)
+        print_scores(result, console)
+        write_scores(result, Path(cfg.scores_file or output.with_name("scores.json")), console)
+    else:
+        console.print(f"next: upload {output}, or score a dev run with python infer.py --input data/일상대화요약_dev.json --output dev_pred.json")
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_settings(InferSettings, None, __doc__.splitlines()[0]))
