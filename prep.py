@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -338,22 +339,41 @@ class Row:
 # ---------------------------------------------------------------------------------------------
 # SimHash near-duplicate search, vectorised with numpy
 # ---------------------------------------------------------------------------------------------
-# Features are character 3-grams of the lowercased text with everything but word characters
-# removed (so spacing and punctuation edits are invisible), weighted by count, as the `simhash`
-# package does with 4-grams; 3-grams move fewer features per typo, so planted near-duplicates
-# land closer. Each 3-gram is hashed to 64 bits with a multiply-xorshift mixer, and the per-bit
-# votes are counted byte by byte with one bincount per chunk instead of one Python loop per row.
+# Features are character 3-grams of the lowercased text with every non-word character removed
+# (so spacing and punctuation edits are invisible), weighted by count, like the `simhash` package
+# does with 4-grams; 3-grams move fewer features per typo, so real near-duplicates land closer.
+# Each 3-gram is hashed to 64 bits with a multiply-xorshift mixer. Rows of similar length are laid
+# side by side in a padded grid, and the 64 per-bit vote counts of all rows are kept in bit-sliced
+# counters (one uint64 lane per row), so the whole vote is a few numpy ops per character position.
 
 SHINGLE = 3
-_NON_WORD = re.compile(r"\W+")
 _POLY = np.uint64(0x100000001B3)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
-_BIT_TABLE = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.float64)  # byte value -> its 8 bits
+_BIT_SHIFTS = np.arange(64, dtype=np.uint64)
 
 
-def simhash_text(text: str) -> str:
-    return _NON_WORD.sub("", text.lower())
+@functools.cache
+def _normalize_table() -> np.ndarray:
+    """Code point -> its lowercase if `re`'s \\w keeps it (letters and digits of any script, '_'), else 0."""
+    def norm(c: int) -> int:
+        char = chr(c)
+        if not (char.isalnum() or char == "_"):
+            return 0
+        lower = char.lower()
+        return ord(lower) if len(lower) == 1 else c
+
+    return np.fromiter(map(norm, range(0x110000)), dtype=np.uint32, count=0x110000)
+
+
+def _normalized_codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(code points of all texts lowercased with non-word characters removed, length of each)."""
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    mapped = _normalize_table()[np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)]
+    keep = mapped != 0
+    kept_before = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))
+    ends = np.cumsum(lengths)
+    return mapped[keep], kept_before[ends] - kept_before[ends - lengths]
 
 
 def _mix64(h: np.ndarray) -> np.ndarray:
@@ -365,42 +385,55 @@ def _mix64(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def _fingerprint_chunk(texts: list[str]) -> np.ndarray:
-    padded = [t if len(t) >= SHINGLE else t.ljust(SHINGLE, "\0") for t in texts]
-    lengths = np.fromiter(map(len, padded), dtype=np.int64, count=len(padded))
-    codes = np.frombuffer("".join(padded).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    n_starts = codes.size - SHINGLE + 1
-    h = codes[:n_starts].copy()
+def _fingerprint_grid(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """SimHash of rows whose normalized code points are `codes` (concatenated), one per length."""
+    n_rows = len(lengths)
+    n_shingles = np.maximum(lengths - (SHINGLE - 1), 1)  # a text shorter than a shingle is one feature
+    width = max(int(lengths.max()), SHINGLE)
+    grid = np.zeros((width, n_rows), dtype=np.uint64)  # one line per character position, one column per row
+    grid.T[np.arange(width)[None, :] < lengths[:, None]] = codes  # filled row by row = concatenation order
+    n_positions = width - SHINGLE + 1
+    h = grid[:n_positions].copy()
     for offset in range(1, SHINGLE):
         h *= _POLY
-        h += codes[offset:offset + n_starts]
-    # A shingle starting in the last SHINGLE-1 characters of a row would straddle two rows.
-    straddling = (np.cumsum(lengths)[:-1, None] - np.arange(1, SHINGLE)).ravel()
-    valid = np.ones(n_starts, dtype=bool)
-    valid[straddling] = False
-    h = _mix64(h[valid])
-    shingles_per_row = lengths - SHINGLE + 1
-    row_of = np.repeat(np.arange(len(padded), dtype=np.int64), shingles_per_row)
-    keys = (row_of[:, None] * 8 + np.arange(8)) * 256 + h.view(np.uint8).reshape(-1, 8)
-    byte_counts = np.bincount(keys.ravel(), minlength=len(padded) * 2048).reshape(-1, 256)
-    bit_counts = (byte_counts @ _BIT_TABLE).reshape(len(padded), 64)
-    bits = bit_counts * 2 > shingles_per_row[:, None]
+        h += grid[offset:offset + n_positions]
+    h = _mix64(h)
+    h[np.arange(n_positions)[:, None] >= n_shingles[None, :]] = 0  # padding votes for nothing
+    levels = int(n_shingles.max()).bit_length()
+    counters = np.zeros((levels, n_rows), dtype=np.uint64)  # counters[k] = bit k of every vote count
+    carry, spare = np.empty(n_rows, dtype=np.uint64), np.empty(n_rows, dtype=np.uint64)
+    for position in range(n_positions):
+        carry[:] = h[position]
+        for k in range((position + 1).bit_length()):
+            np.bitwise_and(counters[k], carry, out=spare)
+            np.bitwise_xor(counters[k], carry, out=counters[k])
+            carry, spare = spare, carry
+    votes = np.zeros((n_rows, 64), dtype=np.int64)
+    for k in range(levels):
+        votes += ((counters[k][:, None] >> _BIT_SHIFTS) & np.uint64(1)).astype(np.int64) << k
+    bits = votes * 2 > n_shingles[:, None]
     return np.packbits(bits, axis=1, bitorder="little").view("<u8").ravel()
 
 
-def simhash_fingerprints(texts: list[str], on_chunk=None, chunk_chars: int = 2_000_000) -> np.ndarray:
-    """64-bit SimHash of every text (normalised with `simhash_text` first)."""
+def simhash_fingerprints(texts: list[str], on_progress=None, chunk_rows: int = 20_000, grid_cells: int = 4_000_000) -> np.ndarray:
+    """64-bit SimHash of every text."""
     out = np.empty(len(texts), dtype=np.uint64)
-    start = 0
-    while start < len(texts):
-        stop, size = start, 0
-        while stop < len(texts) and (size < chunk_chars or stop == start):
-            size += len(texts[stop])
-            stop += 1
-        out[start:stop] = _fingerprint_chunk([simhash_text(t) for t in texts[start:stop]])
-        if on_chunk:
-            on_chunk(stop - start)
-        start = stop
+    for chunk_start in range(0, len(texts), chunk_rows):
+        codes, lengths = _normalized_codes(texts[chunk_start:chunk_start + chunk_rows])
+        offsets = np.cumsum(lengths) - lengths
+        order = np.argsort(lengths, kind="stable")  # similar lengths share a grid: little padding
+        begin = 0
+        while begin < len(order):
+            end = begin + 1
+            while end < len(order) and (end + 1 - begin) * max(int(lengths[order[end]]), SHINGLE) <= grid_cells:
+                end += 1
+            rows = order[begin:end]
+            sub_lengths = lengths[rows]
+            gather = np.repeat(offsets[rows] - (np.cumsum(sub_lengths) - sub_lengths), sub_lengths) + np.arange(int(sub_lengths.sum()))
+            out[chunk_start + rows] = _fingerprint_grid(codes[gather], sub_lengths)
+            begin = end
+        if on_progress:
+            on_progress(len(lengths))
     return out
 
 
@@ -971,6 +1004,8 @@ REFUSAL_PREFIXES = (
     "죄송하지만", "죄송합니다만", "죄송합니다. 저는", "저는 AI", "요청하신 내용은 도와드릴 수 없",
 )
 DISTILL_FORMATS = ("alpaca", "prompt_completion")
+# Columns that hold a prompt in sources that carry no answer yet (what a teacher is asked to write).
+PROMPT_ONLY_KEYS = ("instruction", "prompt", "question")
 
 
 @dataclass
@@ -982,7 +1017,7 @@ class DistillSettings:
     teacher_model: str | None = field(default=None, metadata={"help": "model name the server serves, or a local path / hub id with --teacher_url local"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the API key (sent as a Bearer token when set)"})
     instruction: str | None = field(default=None, metadata={"help": "competition files only: the [Question] line instead of the competition's; {keywords} is replaced by the topic keywords"})
-    format: str = field(default="alpaca", metadata={"help": "output rows", "choices": DISTILL_FORMATS})
+    format: str = field(default="alpaca", metadata={"help": "output rows for single-turn prompts (multi-turn prompts are always written as messages rows)", "choices": DISTILL_FORMATS})
     max_new_tokens: int = field(default=1024, metadata={"help": "answer length limit (max_tokens in the request); an answer cut by it is rejected"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (only with temperature > 0)"})
@@ -1086,15 +1121,48 @@ def judge_answer(text: Any) -> str:
 
 
 def distill_row(item: DistillItem, answer: str, teacher: str, fmt: str) -> dict:
-    """One output row: alpaca for a single user turn, prompt/completion (chat messages for multi-turn)."""
-    single_turn = len(item.messages) == 1
-    if fmt == "alpaca":
+    """One output row in a shape --extra reads: alpaca or prompt/completion for a single user turn,
+    messages when the prompt is multi-turn (neither flat shape can hold earlier turns)."""
+    if len(item.messages) > 1:
+        row = {"messages": [*item.messages, {"role": "assistant", "content": answer}]}
+    elif fmt == "alpaca":
         row = {"instruction": item.messages[0]["content"], "input": "", "output": answer}
-    elif single_turn:
-        row = {"prompt": item.messages[0]["content"], "completion": answer}
     else:
-        row = {"prompt": item.messages, "completion": [{"role": "assistant", "content": answer}]}
+        row = {"prompt": item.messages[0]["content"], "completion": answer}
     return {**row, "id": item.id, "teacher": teacher, "source": item.source}
+
+
+def prompt_messages(row: dict) -> list[dict] | None:
+    """The turns a teacher answers: an --extra row without its final answer, or a prompt-only row
+    (instruction[/input], prompt or question; messages ending with a user turn). None if unusable."""
+    shape = detect_shape(row)
+    if shape in ("messages", "conversations") and row[shape] and isinstance(row[shape][-1], dict):
+        last = row[shape][-1]
+        if _ROLE.get(str(last.get("role", last.get("from", ""))).lower()) == "user":
+            # row_messages drops a trailing unanswered turn; a stand-in answer keeps it, then goes.
+            messages = row_messages({shape: [*row[shape], {"role": "assistant", "content": "-"}]}, shape, False)
+            return messages[:-1] if messages else None
+    if shape is not None:
+        messages = row_messages(row, shape, False)
+        return messages[:-1] if messages else None
+    for key in PROMPT_ONLY_KEYS:
+        if _text(row.get(key)):
+            extra_input = _text(row.get("input")) if key == "instruction" else ""
+            return [{"role": "user", "content": f"{_text(row[key])}\n\n{extra_input}" if extra_input else _text(row[key])}]
+    return None
+
+
+def extra_source_items(source: str) -> list[DistillItem]:
+    """An --extra source (file or Hub id) as teacher prompts; ids are the row's own `id` or `source:index`."""
+    items = []
+    for index, row in enumerate(load_extra_rows(source)):
+        messages = prompt_messages(row)
+        if messages is None:
+            columns = ", ".join(sorted(map(str, row))) or "(none)"
+            raise UserError(f"{source}: row {index} has no usable prompt; found columns: {columns}; expected one of: {'; '.join(EXTRA_SHAPES)}, or a prompt-only row ({', '.join(PROMPT_ONLY_KEYS)})")
+        row_id = row.get("id")
+        items.append(DistillItem(str(row_id) if isinstance(row_id, (str, int)) and str(row_id).strip() else f"{source}:{index}", source, messages))
+    return items
 
 
 def read_done_ids(path: str | Path) -> set[str]:
@@ -1230,7 +1298,7 @@ async def distill_over_http(items: list[DistillItem], cfg: DistillSettings, outp
             try:
                 answer = await ask_teacher(client, url, payload, cfg, rng)
             except RowRejected as reason:
-                rejects.write({"id": item.id, "reason": str(reason), "teacher": cfg.teacher_model, "source": item.source})
+                rejects.write(reject_row(item.id, reason, cfg.teacher_model, item.source))
                 stats["rejected"] += 1
                 failures_in_a_row = 0
             except TeacherUnavailable as problem:
@@ -1259,6 +1327,53 @@ async def distill_over_http(items: list[DistillItem], cfg: DistillSettings, outp
             raise group_error.exceptions[0] from None
 
 
+def hit_token_limit(tokenizer: Any, text: str, max_new_tokens: int) -> bool:
+    """infer.generate_texts returns decoded, stripped text, so the tokens are counted again; one token
+    of slack covers the whitespace the strip removed."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 1
+
+
+def reject_row(item_id: str, reason: Any, model: str, source: str) -> dict:
+    return {"id": item_id, "reason": str(reason), "teacher": model, "source": source}
+
+
+def distill_locally(items: list[DistillItem], cfg: DistillSettings, output: JsonlAppender, rejects: JsonlAppender, stats: dict, console: Any) -> None:
+    """--teacher_url local: the same batched generation infer.py uses; each batch is written as it finishes."""
+    import infer
+
+    model, tokenizer, run_config = infer.load_model(cfg.teacher_model)
+    budget = run_config["max_seq_length"] - cfg.max_new_tokens
+    ready, prompts = [], []
+    for item in items:
+        prompt = tokenizer.apply_chat_template(item.messages, tokenize=False, add_generation_prompt=True)
+        if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > budget:
+            rejects.write(reject_row(item.id, f"prompt longer than max_seq_length - max_new_tokens ({budget} tokens)", cfg.teacher_model, item.source))
+            stats["rejected"] += 1
+        else:
+            ready.append(item)
+            prompts.append(prompt)
+
+    def save_batch(indices: list[int], texts: list[str], _new_tokens: int) -> None:
+        for index, text in zip(indices, texts):
+            item = ready[index]
+            try:
+                answer = judge_answer(text)
+                if hit_token_limit(tokenizer, answer, cfg.max_new_tokens):
+                    raise RowRejected("truncated: the answer hit max_new_tokens")
+            except RowRejected as reason:
+                rejects.write(reject_row(item.id, reason, cfg.teacher_model, item.source))
+                stats["rejected"] += 1
+            else:
+                output.write(distill_row(item, answer, cfg.teacher_model, cfg.format))
+                stats["written"] += 1
+
+    if prompts:
+        infer.generate_texts(
+            model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+            do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p, on_batch=save_batch, console=console,
+        )
+
+
 def check_output_format(path: str | Path, fmt: str) -> None:
     """Resuming must not mix alpaca and prompt/completion rows in one file."""
     path = Path(path)
@@ -1267,7 +1382,8 @@ def check_output_format(path: str | Path, fmt: str) -> None:
     with open(path, encoding="utf-8") as handle:
         first = handle.readline()
     if first.strip():
-        found = "alpaca" if "instruction" in json.loads(first) else "prompt_completion"
+        row = json.loads(first)
+        found = "alpaca" if "instruction" in row else "prompt_completion" if "prompt" in row else fmt
         if found != fmt:
             raise UserError(f"{path}: holds {found} rows; pass --format {found} to resume it, or pick another --output")
 
@@ -1315,15 +1431,15 @@ def distill_main(cfg: DistillSettings) -> None:
     output, rejects = JsonlAppender(cfg.output), JsonlAppender(cfg.rejects)
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("teacher answers", total=len(todo))
+        if local and todo:
+            distill_locally(todo, cfg, output, rejects, stats, console)
+        elif todo:
+            with Progress(*columns, console=console) as progress:
+                task = progress.add_task("teacher answers", total=len(todo))
 
-            def advance() -> None:
-                progress.update(task, advance=1, description=f"ok {stats['written']} · rejected {stats['rejected']} · failed {stats['failed']}")
+                def advance() -> None:
+                    progress.update(task, advance=1, description=f"ok {stats['written']} · rejected {stats['rejected']} · failed {stats['failed']}")
 
-            if local:
-                distill_locally(todo, cfg, output, rejects, stats, advance)
-            elif todo:
                 asyncio.run(distill_over_http(todo, cfg, output, rejects, stats, advance))
     finally:
         output.close()
@@ -1331,6 +1447,124 @@ def distill_main(cfg: DistillSettings) -> None:
     console.print(f"written {stats['written']} → {cfg.output}; rejected {stats['rejected']} → {cfg.rejects}; failed {stats['failed']}; {time.time() - started:.1f}s")
     if stats["failed"]:
         raise UserError(f"{stats['failed']} rows failed every retry and were not written; run the same command again to retry them")
+    console.print(f"next: python prep.py --extra {cfg.output}")
+
+
+@dataclass
+class MagpieSettings:
+    model: str = field(default="google/gemma-2-9b-it", metadata={"help": "aligned chat model (local path or Hub id) that writes both the instructions and the answers"})
+    output: str = field(default="data/magpie/magpie.jsonl", metadata={"help": "JSONL the kept pairs are appended to (resumed if it exists)"})
+    rejects: str | None = field(default=None, metadata={"help": "JSONL of empty/truncated/near-duplicate pairs with the reason (default: <output>.rejects.jsonl)"})
+    n: int = field(default=1000, metadata={"help": "pairs to generate in all, kept plus rejected; run again with a larger --n to add more"})
+    instruction_max_new_tokens: int = field(default=256, metadata={"help": "instruction length limit; an instruction cut by it is rejected"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "answer length limit; an answer cut by it is rejected"})
+    temperature: float = field(default=1.0, metadata={"help": "instruction sampling temperature (0 = greedy: every instruction the same)"})
+    top_p: float = field(default=1.0, metadata={"help": "instruction nucleus sampling"})
+    response_temperature: float = field(default=0.0, metadata={"help": "answer sampling temperature (0 = greedy)"})
+    response_top_p: float = field(default=1.0, metadata={"help": "answer nucleus sampling (only with response_temperature > 0)"})
+    batch_size: int = field(default=8, metadata={"help": "pairs generated together"})
+    dedup_distance: int = field(default=3, metadata={"help": "SimHash near-duplicate threshold for instructions, in bits of 64 (as prep.py --dedup_distance)"})
+    seed: int = field(default=42, metadata={"help": "sampling seed (each batch is seeded from it and its first pair number)"})
+
+
+def magpie_id(index: int) -> str:
+    return f"magpie-{index:06d}"
+
+
+def user_turn_prefix(tokenizer: Any) -> str:
+    """What the chat template puts before a user's text (Gemma 2: `<bos><start_of_turn>user\n`):
+    given only this, an aligned model writes a user instruction itself (Magpie)."""
+    marker = "MAGPIEUSERTEXTMARKER"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    if marker not in rendered:
+        raise UserError("the model's chat template does not show the user's text verbatim; Magpie needs a template that does")
+    return rendered.split(marker)[0]
+
+
+def read_kept_instructions(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line)["instruction"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def magpie_main(cfg: MagpieSettings) -> None:
+    import time
+
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    for name in ("n", "batch_size", "max_new_tokens", "instruction_max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if not 0 <= cfg.dedup_distance <= 16:
+        raise UserError("--dedup_distance must be between 0 and 16 bits")
+    cfg.rejects = cfg.rejects or str(Path(cfg.output).with_suffix("")) + ".rejects.jsonl"
+    if Path(cfg.rejects).resolve() == Path(cfg.output).resolve():
+        raise UserError(f"--rejects {cfg.rejects}: must differ from --output")
+    started = time.time()
+    console.rule("[bold]prep.py magpie")
+    print_settings(console, "settings", cfg)
+    done = read_done_ids(cfg.output) | read_done_ids(cfg.rejects)
+    check_output_format(cfg.output, "alpaca")
+    todo = [index for index in range(cfg.n) if magpie_id(index) not in done]
+    console.print(f"{cfg.n} pairs wanted: {cfg.n - len(todo)} already done (resumed), {len(todo)} to generate")
+    if not todo:
+        console.print(f"next: python prep.py --extra {cfg.output}")
+        return
+
+    import infer
+    import torch
+
+    model, tokenizer, _ = infer.load_model(cfg.model)
+    prefix = user_turn_prefix(tokenizer)
+    kept_fingerprints = simhash_fingerprints(read_kept_instructions(cfg.output))
+    output, rejects = JsonlAppender(cfg.output), JsonlAppender(cfg.rejects)
+
+    def reject(index: int, reason: str) -> None:
+        rejects.write(reject_row(magpie_id(index), reason, cfg.model, "magpie"))
+
+    try:
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start:start + cfg.batch_size]
+            torch.manual_seed(cfg.seed + batch[0])
+            instructions = infer.generate_texts(
+                model, tokenizer, [prefix] * len(batch), batch_size=cfg.batch_size, max_new_tokens=cfg.instruction_max_new_tokens,
+                do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p, console=console,
+            )
+            fresh = []
+            for index, instruction in zip(batch, instructions):
+                if not instruction:
+                    reject(index, "empty instruction")
+                elif hit_token_limit(tokenizer, instruction, cfg.instruction_max_new_tokens):
+                    reject(index, "truncated instruction: it hit instruction_max_new_tokens")
+                else:
+                    fresh.append((index, instruction))
+            fingerprints = simhash_fingerprints([instruction for _, instruction in fresh])
+            novel = ~near_any(fingerprints, kept_fingerprints, cfg.dedup_distance) & keep_first_of_near_duplicates(fingerprints, cfg.dedup_distance)
+            for (index, _), is_novel in zip(fresh, novel):
+                if not is_novel:
+                    reject(index, "near-duplicate instruction (SimHash)")
+            fresh = [pair for pair, is_novel in zip(fresh, novel) if is_novel]
+            kept_fingerprints = np.concatenate([kept_fingerprints, fingerprints[novel]])
+            if fresh:
+                prompts = [tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True) for _, instruction in fresh]
+                answers = infer.generate_texts(
+                    model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                    do_sample=cfg.response_temperature > 0, temperature=cfg.response_temperature or 1.0, top_p=cfg.response_top_p, console=console,
+                )
+                for (index, instruction), answer in zip(fresh, answers):
+                    if not answer:
+                        reject(index, "empty answer")
+                    elif hit_token_limit(tokenizer, answer, cfg.max_new_tokens):
+                        reject(index, "truncated answer: it hit max_new_tokens")
+                    else:
+                        output.write({"instruction": instruction, "input": "", "output": answer, "id": magpie_id(index), "model": cfg.model})
+            console.print(f"pairs {start + len(batch)}/{len(todo)}: kept {output.count}, rejected {rejects.count}")
+    finally:
+        output.close()
+        rejects.close()
+    console.print(f"kept {output.count} → {cfg.output}; rejected {rejects.count} → {cfg.rejects}; {time.time() - started:.1f}s")
     console.print(f"next: python prep.py --extra {cfg.output}")
 
 
@@ -1342,6 +1576,7 @@ def run_generator_command(argv: list[str]) -> None:
 
 GENERATOR_COMMANDS = {
     "distill": (DistillSettings, distill_main, "Have a teacher model (OpenAI-compatible server or local) answer every input row; append to JSONL, resumably."),
+    "magpie": (MagpieSettings, magpie_main, "Synthesize instruction/answer pairs from an aligned chat model given only its user-turn prefix (Magpie); append to JSONL, resumably."),
 }
 
 
