@@ -95,6 +95,11 @@ def read_run_config(model_dir: Path) -> dict:
     return config
 
 
+def trained_system_prompt(run_config: dict) -> bool:
+    """Whether training merged the baseline system prompt into the user turn (inference must match)."""
+    return bool(run_config.get("system_prompt", run_config.get("settings", {}).get("system_prompt", False)))
+
+
 def resolve_model(model: str | None) -> tuple[str, dict]:
     """(name or folder to load, run_config) for --model; errors name the missing folder."""
     if model is None:
@@ -579,7 +584,7 @@ def main(cfg: InferSettings) -> None:
     if evaluate and not has_refs:
         raise UserError(f"{cfg.input}: --eval needs every record's 'output' filled (the references)")
     model_name, run_config = resolve_model(cfg.model)
-    system_prompt = bool(run_config.get("settings", {}).get("system_prompt", False))
+    system_prompt = trained_system_prompt(run_config)
     fingerprint = {
         "input_sha256": file_sha256(cfg.input), "model": str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
         "system_prompt": system_prompt, "max_new_tokens": cfg.max_new_tokens, "repetition_penalty": cfg.repetition_penalty,

@@ -1,0 +1,301 @@
+"""infer.py: scoring by hand, bad input, batched == one-at-a-time, interruption + resume, memorization.
+
+Model runs go through the real command line on the tiny Gemma 2 from conftest.py (CPU, 16-bit
+weights for speed: bitsandbytes' 4-bit CPU kernels cost ~0.2 s per generated token).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import infer  # noqa: E402  (import-light by design: no torch, no unsloth)
+from prep import UserError, load_competition_file, validate_record  # noqa: E402
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"}
+FAST = ["--no-load_in_4bit", "--max_new_tokens", "24"]
+
+
+def run_infer(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "infer.py"), *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def mixed_input(tmp_path_factory) -> Path:
+    """All 14 sample records (train + dev + test) in one file; test outputs empty, so no scoring."""
+    records = []
+    for name in ("train", "dev", "test"):
+        records += json.loads((REPO / "data/sample" / f"{name}.json").read_text(encoding="utf-8"))
+    path = tmp_path_factory.mktemp("mixed") / "mixed.json"
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# ROUGE-1, computed by hand from the Mecab morphemes
+# ---------------------------------------------------------------------------------------------
+
+def f1(overlap: int, n_hyp: int, n_ref: int) -> float:
+    p, r = Fraction(overlap, n_hyp), Fraction(overlap, n_ref)
+    return float(2 * p * r / (p + r))
+
+
+@pytest.fixture(scope="module")
+def morphs():
+    return infer.mecab_morphs()
+
+
+@pytest.mark.parametrize("hyp, ref, hyp_tokens, ref_tokens, expected", [
+    # particles: 는/에 match, the verb endings do not. 3 of 6 vs 3 of 5.
+    ("나는 학교에 갔다.", "저는 학교에 갑니다!",
+     ["나", "는", "학교", "에", "갔", "다"], ["저", "는", "학교", "에", "갑니다"], f1(3, 6, 5)),
+    # numbers are their own morpheme; "3" never matches "세"; punctuation (…) disappears. 4 of 8 each.
+    ("두 화자는 3시에 만났다.", "화자들은 세 시에 만났습니다…",
+     ["두", "화자", "는", "3", "시", "에", "만났", "다"], ["화자", "들", "은", "세", "시", "에", "만났", "습니다"], 0.5),
+    # speaker ids: lowercased and split into letters + digits, so the id matches across 은/는. 5 of 11 vs 5 of 9.
+    ("SD2000691은 영화를 좋아한다고 말했습니다.", "sd2000691는 영화가 좋다고 했다",
+     ["sd", "2000691", "은", "영화", "를", "좋", "아", "한다고", "말", "했", "습니다"],
+     ["sd", "2000691", "는", "영화", "가", "좋", "다고", "했", "다"], 0.5),
+    # clipped counts: three 학교 in the hypothesis match the reference's one. 1 of 3 vs 1 of 4.
+    ("학교 학교 학교", "학교에 갔다", ["학교", "학교", "학교"], ["학교", "에", "갔", "다"], f1(1, 3, 4)),
+    # an empty (or punctuation-only) hypothesis scores 0
+    ("", "학교에 갔다", [], ["학교", "에", "갔", "다"], 0.0),
+    ("~~~!!", "학교에 갔다", [], ["학교", "에", "갔", "다"], 0.0),
+])
+def test_rouge1_matches_hand_computation(morphs, hyp, ref, hyp_tokens, ref_tokens, expected):
+    assert infer.rouge_tokens(hyp, morphs) == hyp_tokens
+    assert infer.rouge_tokens(ref, morphs) == ref_tokens
+    assert infer.rouge1_f1(hyp_tokens, ref_tokens) == pytest.approx(expected)
+
+
+def test_rouge1_is_the_per_sample_mean_and_keeps_1000_words(morphs):
+    scores = infer.rouge1_scores(["나는 학교에 갔다.", "학교 학교 학교"], ["저는 학교에 갑니다!", "학교에 갔다"])
+    assert scores == pytest.approx([6 / 11, 2 / 7])
+    assert len(infer.rouge_tokens("가 " * 1500, morphs)) == 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces: schedule, shortening, partial file, submission check
+# ---------------------------------------------------------------------------------------------
+
+def test_length_sorted_schedule_and_padding_waste():
+    lengths = [5, 100, 7, 98, 6, 99]
+    batches = infer.plan_batches(lengths, 2)
+    assert batches == [[1, 5], [3, 2], [4, 0]]
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    waste_sorted = infer.padding_waste(lengths, batches)
+    waste_input_order = infer.padding_waste(lengths, [[0, 1], [2, 3], [4, 5]])
+    assert waste_sorted < 0.35 < waste_input_order
+
+
+def test_shorten_to_fit_cuts_the_middle_of_the_conversation():
+    record, _ = validate_record({
+        "id": "x", "output": "",
+        "input": {"subject_keyword": ["여행"], "conversation": [{"speaker": "A", "utterance": f"발화{i:02d} " * 5} for i in range(20)]},
+    }, 0, "mem")
+    render = lambda r: "\n".join(t["utterance"] for t in r["input"]["conversation"])  # noqa: E731
+    full = render(record)
+    prompt, shortened = infer.shorten_to_fit(record, render, len, len(full))
+    assert (prompt, shortened) == (full, False)
+    prompt, shortened = infer.shorten_to_fit(record, render, len, len(full) // 2)
+    assert shortened and len(prompt) <= len(full) // 2
+    assert prompt.startswith("발화00") and prompt.rstrip().endswith("발화19")
+    assert "발화10" not in prompt
+    prompt, shortened = infer.shorten_to_fit(record, render, len, 20)  # even first + last are too long: their middles go
+    assert shortened and len(prompt) <= 20 and prompt.startswith("발화00") and prompt.rstrip().endswith("발화19")
+    with pytest.raises(UserError):
+        infer.shorten_to_fit(record, lambda r: "x" * 50 + render(r), len, 20)
+
+
+def test_partial_file_round_trip_ignores_a_torn_line_and_refuses_another_run(tmp_path):
+    path = tmp_path / "sub.json.partial.jsonl"
+    infer.append_partial(path, {"a": 1}, [{"id": "1", "output": "하나"}])
+    infer.append_partial(path, {"a": 1}, [{"id": "2", "output": "둘"}])
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write('{"id": "3", "out')  # killed mid-write
+    assert infer.load_partial(path, {"a": 1}) == {"1": "하나", "2": "둘"}
+    with pytest.raises(UserError, match="different"):
+        infer.load_partial(path, {"a": 2})
+
+
+def test_check_submission_refuses_what_the_scorer_would_reject():
+    raw = [{"id": "1", "input": {"k": 1}, "output": ""}, {"id": "2", "input": {"k": 2}, "output": ""}]
+    good = infer.build_submission(raw, {"1": "요약", "2": "요약"})
+    infer.check_submission(good, raw, "sub.json")
+    for bad, message in [
+        (good[:1], "records"),
+        ([good[1], good[0]], "differs"),
+        ([good[0], {**good[1], "input": {"k": 3}}], "changed"),
+        (infer.build_submission(raw, {"1": "요약", "2": "  "}), "empty"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            infer.check_submission(bad, raw, "sub.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# --score: no model, ids matched
+# ---------------------------------------------------------------------------------------------
+
+def test_score_mode_scores_a_file_without_torch(tmp_path):
+    refs = json.loads((REPO / "data/sample/dev.json").read_text(encoding="utf-8"))
+    preds = [{**r, "output": r["output"] if i else "학교에 갔다"} for i, r in enumerate(refs)][::-1]  # order may differ
+    (tmp_path / "pred.json").write_text(json.dumps(preds, ensure_ascii=False), encoding="utf-8")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import infer, prep; "
+        "prep.run_cli(infer.main, prep.parse_settings(infer.InferSettings, sys.argv[2:], '')); "
+        "assert 'torch' not in sys.modules and 'unsloth' not in sys.modules, 'score mode imported torch'"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(REPO), "--score", "pred.json", "--ref", str(REPO / "data/sample/dev.json"),
+                             "--metrics", "rouge1"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    scores = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
+    by_id = {item["id"]: item["rouge1"] for item in scores["items"]}
+    assert by_id[refs[1]["id"]] == by_id[refs[2]["id"]] == 1.0
+    assert 0 < by_id[refs[0]["id"]] < 1
+    assert scores["means"]["rouge1"] == pytest.approx(sum(by_id.values()) / 3)
+
+
+def test_score_mode_reports_id_mismatch(tmp_path):
+    refs = json.loads((REPO / "data/sample/dev.json").read_text(encoding="utf-8"))
+    (tmp_path / "pred.json").write_text(json.dumps(refs[:2], ensure_ascii=False), encoding="utf-8")
+    result = run_infer("--score", "pred.json", "--ref", str(REPO / "data/sample/dev.json"), cwd=tmp_path)
+    assert_one_line_error(result, "pred.json", "1 missing", refs[2]["id"])
+    assert not (tmp_path / "scores.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit, nothing written or changed
+# ---------------------------------------------------------------------------------------------
+
+def _record(i: int) -> dict:
+    return {"id": f"t-{i}", "input": {"conversation": [{"speaker": "SD2000001", "utterance": "안녕하세요"}], "subject_keyword": ["인사"]}, "output": ""}
+
+
+@pytest.mark.parametrize("content, fragments", [
+    ("[{\"id\": ", ["in.json", "not valid JSON"]),
+    (json.dumps([_record(0), {**_record(1), "input": {"conversation": [], "subject_keyword": ["x"]}}]), ["in.json", "'t-1'", "input.conversation"]),
+    (json.dumps([_record(0), _record(1), _record(0)]), ["in.json", "record 2", "'t-0'", "duplicates"]),
+])
+def test_bad_input_file(tmp_path, tiny_model_dir, content, fragments):
+    (tmp_path / "in.json").write_text(content, encoding="utf-8")
+    (tmp_path / "sub.json").write_text("keep me", encoding="utf-8")
+    result = run_infer("--input", "in.json", "--output", "sub.json", "--model", str(tiny_model_dir), cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+    assert (tmp_path / "sub.json").read_text(encoding="utf-8") == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.json", "sub.json"]
+
+
+def test_output_equal_to_input_is_refused(tmp_path, tiny_model_dir):
+    source = (REPO / "data/sample/test.json").read_text(encoding="utf-8")
+    (tmp_path / "test.json").write_text(source, encoding="utf-8")
+    result = run_infer("--input", "test.json", "--output", "./test.json", "--model", str(tiny_model_dir), cwd=tmp_path)
+    assert_one_line_error(result, "input file")
+    assert (tmp_path / "test.json").read_text(encoding="utf-8") == source
+    assert [p.name for p in tmp_path.iterdir()] == ["test.json"]
+
+
+@pytest.mark.parametrize("model_args, fragment", [
+    (["--model", "outputs/run1/final"], "outputs/run1/final: model folder not found"),
+    ([], "no trained model found in outputs/*/final"),
+])
+def test_missing_model_is_one_line(tmp_path, model_args, fragment):
+    result = run_infer("--input", str(REPO / "data/sample/test.json"), *model_args, cwd=tmp_path)
+    assert_one_line_error(result, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation through the command line (tiny random model)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_at_a_time(tmp_path_factory, tiny_model_dir, mixed_input) -> list[dict]:
+    """The official baseline's way: one prompt per generate() call."""
+    cwd = tmp_path_factory.mktemp("single")
+    result = run_infer("--model", str(tiny_model_dir), "--input", str(mixed_input), "--output", "sub.json", "--batch_size", "1", *FAST, cwd=cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads((cwd / "sub.json").read_text(encoding="utf-8"))
+
+
+def test_batched_equals_one_at_a_time_and_submission_is_valid(tmp_path, tiny_model_dir, mixed_input, one_at_a_time):
+    result = run_infer("--model", str(tiny_model_dir), "--input", str(mixed_input), "--output", "sub.json", "--batch_size", "8", *FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (tmp_path / "sub.json").read_text(encoding="utf-8")
+    batched = json.loads(text)
+    source = json.loads(mixed_input.read_text(encoding="utf-8"))
+    assert [r["id"] for r in batched] == [r["id"] for r in source]
+    assert all(r["output"].strip() and r["output"] == r["output"].strip() for r in batched)
+    assert [{k: v for k, v in r.items() if k != "output"} for r in batched] == [{k: v for k, v in r.items() if k != "output"} for r in source]
+    assert text == json.dumps(batched, ensure_ascii=False, indent=4) + "\n"
+    assert [r["output"] for r in batched] == [r["output"] for r in one_at_a_time]
+    assert not (tmp_path / "sub.json.partial.jsonl").exists()
+
+
+def test_interrupted_run_resumes_without_regenerating(tmp_path, tiny_model_dir, mixed_input, one_at_a_time):
+    args = [sys.executable, str(REPO / "infer.py"), "--model", str(tiny_model_dir), "--input", str(mixed_input),
+            "--output", "sub.json", "--batch_size", "2", *FAST]
+    partial = tmp_path / "sub.json.partial.jsonl"
+    process = subprocess.Popen(args, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while process.poll() is None and (not partial.exists() or len(partial.read_text(encoding="utf-8").splitlines()) < 5):
+            time.sleep(0.05)
+        assert process.poll() is None, "the run finished before it could be interrupted"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    finished = [json.loads(line)["id"] for line in partial.read_text(encoding="utf-8").splitlines()[1:]]
+    assert 4 <= len(finished) < 14 and not (tmp_path / "sub.json").exists()
+
+    result = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resuming: {len(finished)} already finished" in result.stdout
+    assert f"generating {14 - len(finished)} summaries" in result.stdout
+    submission = json.loads((tmp_path / "sub.json").read_text(encoding="utf-8"))
+    ids = [r["id"] for r in submission]
+    assert len(ids) == len(set(ids)) == 14
+    assert [r["output"] for r in submission] == [r["output"] for r in one_at_a_time]
+    assert not partial.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end with a trained model: memorized summaries come back
+# ---------------------------------------------------------------------------------------------
+
+def test_trained_model_reproduces_memorized_summaries(tmp_path, trained_final_dir):
+    train_file = REPO / "data/sample/train.json"
+    result = run_infer("--model", str(trained_final_dir), "--input", str(train_file), "--output", "train_pred.json",
+                       "--batch_size", "4", "--max_new_tokens", "256", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    predictions = json.loads((tmp_path / "train_pred.json").read_text(encoding="utf-8"))
+    references, _ = load_competition_file(train_file)
+    assert [p["output"] for p in predictions] == [r["output"].strip() for r in references]
+    scores = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
+    assert scores["means"]["rouge1"] == pytest.approx(1.0)
+    assert "bertscore" in scores["skipped"] and "bleurt" in scores["skipped"]
+
+    result = run_infer("--model", str(trained_final_dir), "--input", str(REPO / "data/sample/test.json"), "--output", "submission.json",
+                       "--batch_size", "4", "--max_new_tokens", "256", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    submission = json.loads((tmp_path / "submission.json").read_text(encoding="utf-8"))
+    source = json.loads((REPO / "data/sample/test.json").read_text(encoding="utf-8"))
+    infer.check_submission(submission, source, "submission.json")
