@@ -347,6 +347,7 @@ class Row:
 # counters (one uint64 lane per row), so the whole vote is a few numpy ops per character position.
 
 SHINGLE = 3
+_NON_WORD = re.compile(r"\W+")
 _POLY = np.uint64(0x100000001B3)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -473,15 +474,30 @@ def near_pairs(fingerprints: np.ndarray, max_distance: int) -> tuple[np.ndarray,
     return i[close], j[close]
 
 
-def keep_first_of_near_duplicates(fingerprints: np.ndarray, max_distance: int) -> np.ndarray:
+# Texts sharing a long boilerplate (a common system prompt, a template) can land within a few bits
+# of each other while differing in half their content; with the texts at hand, a fingerprint match
+# is confirmed only if the two texts also share most of their character 3-grams.
+CONFIRM_JACCARD = 0.6
+
+
+def shingle_jaccard(a: str, b: str) -> float:
+    sets = [{t[i:i + SHINGLE] for i in range(max(len(t) - SHINGLE + 1, 1))} for t in (_NON_WORD.sub("", a.lower()), _NON_WORD.sub("", b.lower()))]
+    return len(sets[0] & sets[1]) / max(len(sets[0] | sets[1]), 1)
+
+
+def keep_first_of_near_duplicates(fingerprints: np.ndarray, max_distance: int, texts: list[str] | None = None) -> np.ndarray:
     """Boolean keep-mask: a row goes when an earlier KEPT row is within `max_distance` bits.
 
-    Same result as feeding the rows one by one to a SimhashIndex and adding only the survivors.
+    Same result as feeding the rows one by one to a SimhashIndex and adding only the survivors;
+    with `texts`, near (not identical) fingerprints must also pass `CONFIRM_JACCARD`.
     """
     unique, first_row, inverse = np.unique(fingerprints, return_index=True, return_inverse=True)
     keep = first_row[inverse.ravel()] == np.arange(len(fingerprints))  # repeats of a fingerprint go
     i, j = near_pairs(unique, max_distance)
     earlier, later = np.minimum(first_row[i], first_row[j]), np.maximum(first_row[i], first_row[j])
+    if texts is not None and len(earlier):
+        confirmed = np.fromiter((shingle_jaccard(texts[a], texts[b]) >= CONFIRM_JACCARD for a, b in zip(earlier.tolist(), later.tolist())), dtype=bool, count=len(earlier))
+        earlier, later = earlier[confirmed], later[confirmed]
     for a, b in zip(*(x[np.lexsort((earlier, later))] for x in (earlier, later))):
         if keep[a]:
             keep[b] = False
@@ -512,6 +528,19 @@ _PROMPT_WRAPPER = re.compile(
 
 def dialogue_text(text: str) -> str:
     return _PROMPT_WRAPPER.sub("", text)
+
+
+# SimHash compares whole texts, so a dialogue pasted under a long instruction can drift past the
+# threshold; a row that also repeats several long utterances of an evaluation dialogue verbatim
+# (one per line, in any layout) counts as a leak too.
+LEAK_MIN_LINES = 3
+LEAK_MIN_LINE_CHARS = 10
+
+
+def utterance_keys(text: str) -> set[str]:
+    """Lines of a text, lowercased with non-word characters removed, long enough to be telling."""
+    keys = {_NON_WORD.sub("", line.lower()) for line in dialogue_text(text).splitlines()}
+    return {key for key in keys if len(key) >= LEAK_MIN_LINE_CHARS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -902,9 +931,12 @@ def main(cfg: PrepSettings) -> None:
         leaked = np.zeros(len(extras), dtype=bool)
         if len(eval_fps):
             leaked[[k for (k, _), hit in zip(user_texts, near_any(user_fps, eval_fps, cfg.dedup_distance)) if hit]] = True
+        eval_lines = set().union(*map(utterance_keys, eval_texts))
+        for k, text in user_texts:
+            leaked[k] |= len(utterance_keys(text) & eval_lines) >= LEAK_MIN_LINES
         keep = ~leaked
         survivors = np.flatnonzero(keep)
-        keep[survivors] = keep_first_of_near_duplicates(full_fps[survivors], cfg.dedup_distance)
+        keep[survivors] = keep_first_of_near_duplicates(full_fps[survivors], cfg.dedup_distance, [full_texts[k] for k in survivors])
         for row, is_leak, kept in zip(extras, leaked, keep):
             if is_leak:
                 counts[row.source]["leak"] += 1
@@ -957,7 +989,7 @@ def main(cfg: PrepSettings) -> None:
         "summary_chars": percentiles([len(r.completion[0]["content"]) for r in train_rows]),
     }
     stats = {
-        "settings": dataclasses.asdict(cfg),
+        "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},  # same inputs, same bytes
         "length_counting": length_method,
         "rows": {"train": len(train_rows), "dev": len(dev_rows)},
         "sources": counts,
@@ -1028,6 +1060,7 @@ class DistillSettings:
     backoff_max: float = field(default=60.0, metadata={"help": "longest wait between two retries, in seconds"})
     max_consecutive_failures: int = field(default=10, metadata={"help": "stop (keeping all finished rows) after this many rows in a row failed every retry"})
     batch_size: int = field(default=8, metadata={"help": "--teacher_url local: prompts generated together"})
+    load_in_4bit: bool | None = field(default=None, metadata={"help": "--teacher_url local: load in 4 bit (default: as the model's training run, else on)"})
     limit: int | None = field(default=None, metadata={"help": "send only the first N input rows (try a run cheaply)"})
 
 
@@ -1341,7 +1374,7 @@ def distill_locally(items: list[DistillItem], cfg: DistillSettings, output: Json
     """--teacher_url local: the same batched generation infer.py uses; each batch is written as it finishes."""
     import infer
 
-    model, tokenizer, run_config = infer.load_model(cfg.teacher_model)
+    model, tokenizer, run_config = infer.load_model(cfg.teacher_model, load_in_4bit=cfg.load_in_4bit)
     budget = run_config["max_seq_length"] - cfg.max_new_tokens
     ready, prompts = [], []
     for item in items:
@@ -1463,6 +1496,7 @@ class MagpieSettings:
     response_temperature: float = field(default=0.0, metadata={"help": "answer sampling temperature (0 = greedy)"})
     response_top_p: float = field(default=1.0, metadata={"help": "answer nucleus sampling (only with response_temperature > 0)"})
     batch_size: int = field(default=8, metadata={"help": "pairs generated together"})
+    load_in_4bit: bool | None = field(default=None, metadata={"help": "load the model in 4 bit (default: as its training run, else on)"})
     dedup_distance: int = field(default=3, metadata={"help": "SimHash near-duplicate threshold for instructions, in bits of 64 (as prep.py --dedup_distance)"})
     seed: int = field(default=42, metadata={"help": "sampling seed (each batch is seeded from it and its first pair number)"})
 
@@ -1516,7 +1550,7 @@ def magpie_main(cfg: MagpieSettings) -> None:
     import infer
     import torch
 
-    model, tokenizer, _ = infer.load_model(cfg.model)
+    model, tokenizer, _ = infer.load_model(cfg.model, load_in_4bit=cfg.load_in_4bit)
     prefix = user_turn_prefix(tokenizer)
     kept_fingerprints = simhash_fingerprints(read_kept_instructions(cfg.output))
     output, rejects = JsonlAppender(cfg.output), JsonlAppender(cfg.rejects)

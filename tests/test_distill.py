@@ -246,6 +246,46 @@ def test_wrong_api_key_is_one_line_error(tmp_path, server):
     assert result.stderr.count("\n") == 1 and "HTTP 401" in result.stderr and "OPENAI_API_KEY" in result.stderr
 
 
+def test_local_teacher_and_output_feeds_prep_extra(tmp_path, chatty_model_dir):
+    """--teacher_url local on the tiny model taught CHATTY_TURNS, from a competition file and a
+    prompt-only source at once; then the same command resumes to nothing and prep reads the output."""
+    from conftest import CHATTY_TURNS
+
+    make_input(tmp_path / "comp.json", 2)
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"id": f"q{i}", "question": q}, ensure_ascii=False) + "\n" for i, (q, _) in enumerate(CHATTY_TURNS)), encoding="utf-8")
+    out = tmp_path / "local.jsonl"
+    command = [sys.executable, str(REPO / "prep.py"), "distill", "--input", str(tmp_path / "comp.json"), str(questions), "--output", str(out),
+               "--teacher_url", "local", "--teacher_model", str(chatty_model_dir), "--no-load_in_4bit", "--max_new_tokens", "24", "--batch_size", "3"]
+    result = subprocess.run(command, cwd=REPO, env=local_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows, rejects = read_jsonl(out), read_jsonl(tmp_path / "local.rejects.jsonl")
+    assert sorted(r["id"] for r in rows + rejects) == ["q0", "q1", "q2", "q3", "row-00", "row-01"]
+    assert {r["id"] for r in rows} & {"q0", "q1", "q2", "q3"}, "the taught questions should get answers"
+    for row in rows:
+        assert set(row) == {"instruction", "input", "output", "id", "teacher", "source"} and row["output"].strip()
+        assert row["teacher"] == str(chatty_model_dir)
+
+    again = subprocess.run(command, cwd=REPO, env=local_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "6 already done" in again.stdout and "Unsloth" not in again.stdout + again.stderr
+
+    prepared = subprocess.run([sys.executable, str(REPO / "prep.py"), "--train", "data/sample/train.json", "--dev", "data/sample/dev.json",
+                               "--extra", str(out), "--out", str(tmp_path / "prepared")], cwd=REPO, env=local_env(), capture_output=True, text=True, timeout=600)
+    assert prepared.returncode == 0, prepared.stderr
+    train = read_jsonl(tmp_path / "prepared" / "train.jsonl")
+    assert {row["completion"][0]["content"] for row in train if row["source"] == str(out)} <= {row["output"] for row in rows}
+
+
+def test_http_output_feeds_prep_extra(tmp_path, server):
+    make_input(tmp_path / "in.json", 3)
+    out = tmp_path / "teacher.jsonl"
+    assert run(distill_command(tmp_path / "in.json", out, server.url, "--format", "prompt_completion")).returncode == 0
+    prepared = run([sys.executable, str(REPO / "prep.py"), "--train", "data/sample/train.json", "--dev", "data/sample/dev.json", "--extra", str(out), "--out", str(tmp_path / "p")])
+    assert prepared.returncode == 0, prepared.stderr
+    from_teacher = [row for row in read_jsonl(tmp_path / "p" / "train.jsonl") if row["source"] == str(out)]
+    assert sorted(row["completion"][0]["content"] for row in from_teacher) == sorted(answer_for(f"topic-{i:02d}") for i in range(3))
+
+
 def test_truncated_last_line_from_a_crash_is_dropped(tmp_path):
     out = tmp_path / "o.jsonl"
     out.write_text('{"id": "a", "output": "x"}\n{"id": "b", "outp', encoding="utf-8")
