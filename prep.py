@@ -6,6 +6,8 @@ Terminal:
     python prep.py --extra data/sample/extra_alpaca.json nayohan/Magpie-Gemma2-Pro-200K-Filtered-ko \
         --test data/일상대화요약_test.json --tokenizer google/gemma-2-9b-it   # augmentation, leak-checked
     python prep.py --train_on_dev --clean_inputs     # the final run: dev folded into train
+    python prep.py distill --teacher_url http://localhost:8000/v1 --teacher_model MODEL   # teacher answers -> JSONL
+    python prep.py magpie --model google/gemma-2-27b-it --n 1000      # synthetic pairs -> JSONL (both: --extra)
 
 Colab:
     !python prep.py --train data/일상대화요약_train.json --dev data/일상대화요약_dev.json

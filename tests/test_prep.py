@@ -1,0 +1,462 @@
+"""prep.py: the prompt, validation, augmentation shapes, SimHash, length policy, and the real CLI.
+
+Pure functions are called directly; everything a user sees (outputs, stats, errors, exit codes,
+untouched --out on failure) goes through `python prep.py ...` in a subprocess.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import prep
+from prep import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+OUT_FILES = ("train.jsonl", "dev.jsonl", "stats.json", "lengths.png")
+
+
+def run_prep(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "prep.py"), *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def record(rid: str = "r1", conversation=None, keywords=("여행",), output: str = "요약입니다.") -> dict:
+    conversation = conversation or [{"speaker": "SD2000001", "utterance": "안녕하세요"}, {"speaker": "SD2000002", "utterance": "반가워요"}]
+    return {"id": rid, "input": {"conversation": conversation, "subject_keyword": list(keywords)}, "output": output}
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------
+# The prompt
+# ------------------------------------------------------------------------------------------------
+
+def test_prompt_is_the_baselines_byte_for_byte():
+    rec = record(conversation=[
+        {"speaker": "SD2000268", "utterance": "아까 누나가 한 명 있다고 하셨는데"},
+        {"speaker": "SD2000266", "utterance": "다들 알던 것처럼 ..."},
+    ], keywords=("누나", "자매", "형", "남동생", "부모님"))
+    expected = (
+        "[Conversation]\n"
+        "화자SD2000268: 아까 누나가 한 명 있다고 하셨는데\n"
+        "화자SD2000266: 다들 알던 것처럼 ...\n"
+        "\n"
+        "[Question]\n"
+        "위 누나, 자매, 형, 남동생, 부모님 주제에 대한 대화를 요약해주세요."
+    )
+    assert prep.build_messages(rec) == [{"role": "user", "content": expected}]
+    with_system = prep.build_user_text(rec, system_prompt=True)
+    assert with_system == prep.BASELINE_SYSTEM_PROMPT + "\n\n" + expected
+
+
+def test_int_speaker_and_plain_string_keyword(tmp_path):
+    raw = {"id": "spec-example", "input": {"conversation": [{"speaker": 1, "utterance": "어제 캠핑 갔어요"}, {"speaker": 2, "utterance": "좋았겠네요"}],
+                                           "subject_keyword": "캠핑"}, "output": "캠핑 이야기"}
+    records, dropped = prep.load_competition_file(write_json(tmp_path / "spec.json", [raw]))
+    text = prep.build_user_text(records[0])
+    assert "화자1: 어제 캠핑 갔어요\n화자2: 좋았겠네요" in text
+    assert text.endswith("위 캠핑 주제에 대한 대화를 요약해주세요.")  # not "캠, 핑"
+    assert dropped == 0
+
+
+def test_bom_crlf_and_empty_utterances(tmp_path):
+    rec = record(conversation=[{"speaker": "A", "utterance": "하나"}, {"speaker": "B", "utterance": "  "}, {"speaker": "A", "utterance": "둘"}])
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([rec], ensure_ascii=False, indent=2).replace("\n", "\r\n").encode("utf-8"))
+    records, dropped = prep.load_competition_file(path)
+    assert dropped == 1
+    assert [t["utterance"] for t in records[0]["input"]["conversation"]] == ["하나", "둘"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation: one message per broken field, naming file, index, id and field
+# ------------------------------------------------------------------------------------------------
+
+def _broken(change) -> dict:
+    rec = record("bad-7")
+    change(rec)
+    return rec
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: _broken(lambda r: r.pop("id")), "'id'"),
+    (lambda: _broken(lambda r: r.update(id=5)), "'id'"),
+    (lambda: _broken(lambda r: r.pop("input")), "'input'"),
+    (lambda: _broken(lambda r: r["input"].update(conversation=[])), "'input.conversation'"),
+    (lambda: _broken(lambda r: r["input"].update(conversation="hello")), "'input.conversation'"),
+    (lambda: _broken(lambda r: r["input"]["conversation"].append("just text")), "'input.conversation[2]'"),
+    (lambda: _broken(lambda r: r["input"]["conversation"][1].update(speaker=None)), "'input.conversation[1].speaker'"),
+    (lambda: _broken(lambda r: r["input"]["conversation"][1].update(speaker=True)), "'input.conversation[1].speaker'"),
+    (lambda: _broken(lambda r: r["input"]["conversation"][0].update(utterance=3)), "'input.conversation[0].utterance'"),
+    (lambda: _broken(lambda r: r["input"].update(subject_keyword=[1, 2])), "'input.subject_keyword'"),
+    (lambda: _broken(lambda r: r["input"].update(subject_keyword=[])), "'input.subject_keyword'"),
+    (lambda: _broken(lambda r: r.update(output=None)), "'output'"),
+    (lambda: "not an object", "expected an object"),
+])
+def test_each_broken_field_is_named(tmp_path, make, field):
+    path = write_json(tmp_path / "broken.json", [record("ok-0"), make()])
+    with pytest.raises(UserError) as err:
+        prep.load_competition_file(path)
+    message = str(err.value)
+    assert str(path) in message and "record 1" in message and field in message
+    if field != "expected an object" and "'id'" not in field:
+        assert "'bad-7'" in message
+
+
+# ------------------------------------------------------------------------------------------------
+# SimHash
+# ------------------------------------------------------------------------------------------------
+
+MASK64 = (1 << 64) - 1
+
+
+def reference_simhash(text: str) -> int:
+    """Plain-Python SimHash with the same features and hash as prep.py, one row at a time."""
+    def mix(h: int) -> int:
+        h ^= h >> 30
+        h = (h * 0xBF58476D1CE4E5B9) & MASK64
+        h ^= h >> 27
+        h = (h * 0x94D049BB133111EB) & MASK64
+        return h ^ (h >> 31)
+
+    lowered = (c.lower() if len(c.lower()) == 1 else c for c in text)  # "İ" lowercases to two characters: kept as is
+    normalized = "".join(c for c in lowered if c.isalnum() or c == "_")
+    codes = [ord(c) for c in normalized] + [0] * max(0, prep.SHINGLE - len(normalized))
+    features = []
+    for i in range(len(codes) - prep.SHINGLE + 1):
+        h = 0
+        for c in codes[i:i + prep.SHINGLE]:
+            h = (h * 0x100000001B3 + c) & MASK64
+        features.append(mix(h))
+    return sum(1 << b for b in range(64) if 2 * sum((f >> b) & 1 for f in features) > len(features))
+
+
+def test_vectorised_simhash_equals_row_by_row_reference():
+    rng = random.Random(3)
+    alphabet = [chr(c) for c in range(0xAC00, 0xAC00 + 200)] + list("abcXYZ 019_,.!?~\n\t") + ["İ", "😀", "Ⅻ"]
+    texts = ["".join(rng.choices(alphabet, k=rng.randint(0, 250))) for _ in range(150)] + ["", "a", "ab", "abc", "Hello, World!"]
+    fingerprints = prep.simhash_fingerprints(texts, chunk_rows=41, grid_cells=3000)  # many chunks and grids
+    assert [int(f) for f in fingerprints] == [reference_simhash(t) for t in texts]
+
+
+def test_spacing_and_punctuation_do_not_change_the_fingerprint():
+    a, b = prep.simhash_fingerprints(["오늘 날씨가 정말 좋네요. 산책 갈까요?", "오늘날씨가 정말, 좋네요!! 산책 갈까요"])
+    assert a == b
+
+
+def flip(value: int, bits: list[int]) -> int:
+    for bit in bits:
+        value ^= 1 << bit
+    return value
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 5])
+def test_near_pairs_is_exact_at_the_threshold(k):
+    rng = random.Random(k)
+    values = []
+    for _ in range(300):
+        base = rng.getrandbits(64)
+        values.append(base)
+        for distance in (k, k + 1, max(k - 1, 0)):
+            values.append(flip(base, rng.sample(range(64), distance)))
+    fingerprints = np.unique(np.array(values, dtype=np.uint64))
+    i, j = prep.near_pairs(fingerprints, k)
+    found = set(zip(i.tolist(), j.tolist()))
+    ints = [int(v) for v in fingerprints]
+    brute = {(a, b) for a in range(len(ints)) for b in range(a + 1, len(ints)) if bin(ints[a] ^ ints[b]).count("1") <= k}
+    assert found == brute
+    assert len(brute) >= 300 * sum(d >= 1 for d in (k, k - 1))  # the planted partners within k are all there
+
+
+def test_keep_first_equals_sequential_index_feeding():
+    rng = random.Random(7)
+    values = []
+    for _ in range(400):
+        if values and rng.random() < 0.5:
+            values.append(flip(rng.choice(values), rng.sample(range(64), rng.randint(0, 4))))
+        else:
+            values.append(rng.getrandbits(64))
+    keep = prep.keep_first_of_near_duplicates(np.array(values, dtype=np.uint64), 3)
+    kept: list[int] = []
+    expected = []
+    for value in values:  # what SimhashIndex.get_near_dups + add-if-new does
+        is_new = all(bin(value ^ other).count("1") > 3 for other in kept)
+        expected.append(is_new)
+        if is_new:
+            kept.append(value)
+    assert keep.tolist() == expected
+
+
+def test_text_confirmation_rejects_fingerprint_matches_of_different_texts():
+    fingerprints = np.array([0b0, 0b1, 0b11], dtype=np.uint64)  # all within 2 bits of each other
+    texts = ["오늘은 비가 와서 집에 있었어요", "오늘은 비가 와서 집에 있었어요!", "내일은 친구와 영화를 보러 갑니다"]
+    assert prep.keep_first_of_near_duplicates(fingerprints, 3).tolist() == [True, False, False]
+    assert prep.keep_first_of_near_duplicates(fingerprints, 3, texts).tolist() == [True, False, True]
+    assert prep.shingle_jaccard(texts[0], texts[1]) == 1.0 and prep.shingle_jaccard(texts[0], texts[2]) < 0.1
+
+
+def test_near_any_against_references():
+    refs = np.array([0, MASK64], dtype=np.uint64)
+    queries = np.array([flip(0, [1, 2, 3]), flip(0, [1, 2, 3, 4]), flip(MASK64, [60]), 0x0F0F0F0F0F0F0F0F], dtype=np.uint64)
+    assert prep.near_any(queries, refs, 3).tolist() == [True, False, True, False]
+
+
+# ------------------------------------------------------------------------------------------------
+# Augmentation shapes
+# ------------------------------------------------------------------------------------------------
+
+U, A = "user", "assistant"
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"instruction": "요약해", "input": "긴 글", "output": "짧은 글"}, [(U, "요약해\n\n긴 글"), (A, "짧은 글")]),
+    ({"instruction": "인사해", "input": "", "output": "안녕"}, [(U, "인사해"), (A, "안녕")]),
+    ({"instruction": "질문", "response": "답"}, [(U, "질문"), (A, "답")]),
+    ({"prompt": "질문", "response": "답"}, [(U, "질문"), (A, "답")]),
+    ({"prompt": "질문", "completion": "답"}, [(U, "질문"), (A, "답")]),
+    ({"question": "질문", "answer": "답"}, [(U, "질문"), (A, "답")]),
+    ({"questions": ["q1", "q2"], "references": ["a1", None]}, [(U, "q1"), (A, "a1")]),
+    ({"messages": [{"role": "system", "content": "규칙"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                   {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]},
+     [(U, "규칙\n\nq1"), (A, "a1"), (U, "q2"), (A, "a2")]),
+    ({"conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"}, {"from": "human", "value": "q2"}]},
+     [(U, "q1"), (A, "a1")]),
+    (record(), [(U, prep.build_user_text(record())), (A, "요약입니다.")]),
+])
+def test_each_augmentation_shape(row, expected):
+    messages = prep.row_messages(row, prep.detect_shape(row), system_prompt=False)
+    assert [(m["role"], m["content"]) for m in messages] == expected
+
+
+@pytest.mark.parametrize("row", [
+    {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]},  # starts with the assistant
+    {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    {"instruction": "질문", "output": "  "},
+    {"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]},
+])
+def test_unusable_rows_are_skipped_not_fatal(row):
+    assert prep.row_messages(row, prep.detect_shape(row), system_prompt=False) is None
+
+
+def test_local_json_jsonl_parquet_give_the_same_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "질문 하나", "response": "답 하나"}, {"prompt": "질문 둘", "response": "답 둘"}]
+    write_json(tmp_path / "x.json", rows)
+    (tmp_path / "x.jsonl").write_text("\ufeff" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n\r\n", encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet")
+    for name in ("x.json", "x.jsonl", "x.parquet"):
+        assert prep.load_extra_rows(str(tmp_path / name)) == rows
+
+
+def test_unknown_shape_names_the_columns_found():
+    with pytest.raises(UserError) as err:
+        prep.extra_rows("weird.jsonl", [(0, {"text": "a", "label": 1})], False, dict.fromkeys(prep.STAGES, 0))
+    assert "weird.jsonl: row 0" in str(err.value) and "found columns: label, text" in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Clean-up and the length policy
+# ------------------------------------------------------------------------------------------------
+
+def test_clean_utterance():
+    assert prep.clean_utterance("어~ 그 그 사람이 xx에서 음~~ 왔어요 좋죠~") == "그 사람이 에서 왔어요 좋죠~"
+    assert prep.clean_utterance("box xxx taxi") == "box taxi"
+
+
+def test_length_cut_drops_middle_utterances_and_keeps_question_and_summary():
+    turns = [{"speaker": "SD2000001" if i % 2 else "SD2000002", "utterance": f"{i:02d}번째 발화입니다 " + "가" * 40} for i in range(30)]
+    rec = record("long", turns, keywords=("여행", "음식"), output="이 대화에서 화자들은 여행과 음식에 대해 말했습니다.")
+    cfg = prep.PrepSettings(max_seq_length=700)
+    full = prep.fit_competition_record(rec, "t", prep.PrepSettings(), None)[0]
+    row, n_cut = prep.fit_competition_record(rec, "t", cfg, None)
+    assert full.tokens > 700 >= row.tokens and n_cut > 0
+    prompt = row.prompt[0]["content"]
+    kept = [line for line in prompt.splitlines() if line.startswith("화자")]
+    assert len(kept) == 30 - n_cut
+    numbers = [int(line.split(": ")[1][:2]) for line in kept]
+    assert numbers[0] == 0 and numbers[-1] == 29  # opening and end stay ...
+    missing = sorted(set(range(30)) - set(numbers))
+    assert missing == list(range(missing[0], missing[0] + n_cut)) and abs((missing[0] + missing[-1]) / 2 - 14.5) <= 1  # ... the middle goes
+    assert prompt.startswith("[Conversation]\n") and prompt.endswith("\n\n[Question]\n위 여행, 음식 주제에 대한 대화를 요약해주세요.")
+    assert row.completion == [{"role": "assistant", "content": rec["output"]}]
+    one_fewer = prep.competition_row(prep.drop_middle_utterances(rec, n_cut - 1), "t", False)
+    assert prep.count_tokens(None, [one_fewer.prompt + one_fewer.completion])[0] > 700  # the cut was minimal
+
+
+def test_summary_too_long_for_any_cut_is_dropped():
+    rec = record("huge", output="요약" * 500)
+    assert prep.fit_competition_record(rec, "t", prep.PrepSettings(max_seq_length=200), None) == (None, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line, end to end
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    """One full run on data/sample plus augmentation files, shared by the end-to-end checks."""
+    work = tmp_path_factory.mktemp("prep_e2e")
+    dev = json.loads((SAMPLE / "dev.json").read_text(encoding="utf-8"))
+    test = json.loads((SAMPLE / "test.json").read_text(encoding="utf-8"))
+    leaky = [
+        {**dev[0], "id": "distilled-from-dev", "output": "선생님 모델이 쓴 요약"},  # a dev dialogue, competition shape
+        {"instruction": "다음 대화를 요약해 주세요.", "input": "\n".join(t["utterance"] for t in test[1]["input"]["conversation"]), "output": "요약"},
+        {"instruction": "김치찌개 끓이는 법을 알려 주세요.", "input": "", "output": "김치와 돼지고기를 볶고 물을 부어 끓입니다."},
+        {"instruction": "김치찌개 끓이는 법을 알려 주세요!!", "input": "", "output": "김치와 돼지고기를 볶고, 물을 부어 끓입니다."},
+    ]
+    extra = write_json(work / "extra_leaky.json", leaky)
+    args = ["--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"), "--test", str(SAMPLE / "test.json"),
+            "--extra", str(SAMPLE / "extra_alpaca.json"), str(SAMPLE / "extra_sharegpt.jsonl"), str(extra)]
+    first = run_prep(*args, "--out", str(work / "out1"))
+    second = run_prep(*args, "--out", str(work / "out2"))
+    return {"work": work, "first": first, "second": second, "out": work / "out1", "extra": str(extra)}
+
+
+def test_e2e_rows_are_trl_prompt_completion(sample_run):
+    assert sample_run["first"].returncode == 0, sample_run["first"].stderr
+    out = sample_run["out"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUT_FILES)
+    train = read_jsonl(out / "train.jsonl")
+    raw = json.loads((SAMPLE / "train.json").read_text(encoding="utf-8"))
+    competition = [row for row in train if row["source"] == str(SAMPLE / "train.json")]
+    assert [row["id"] for row in competition] == [r["id"] for r in raw]
+    for row, rec in zip(competition, raw):
+        assert list(row) == ["id", "source", "prompt", "completion"]
+        assert row["prompt"] == [{"role": "user", "content": prep.build_user_text(rec)}]
+        assert row["completion"] == [{"role": "assistant", "content": rec["output"]}]
+    dev = read_jsonl(out / "dev.jsonl")
+    assert [row["id"] for row in dev] == [r["id"] for r in json.loads((SAMPLE / "dev.json").read_text(encoding="utf-8"))]
+    multi_turn = next(row for row in train if row["source"].endswith("extra_sharegpt.jsonl"))
+    assert [m["role"] for m in multi_turn["prompt"]] == ["user", "assistant", "user"]
+    assert (out / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_e2e_stats_count_leaks_duplicates_and_unusable_rows(sample_run):
+    stats = json.loads((sample_run["out"] / "stats.json").read_text(encoding="utf-8"))
+    leaky = stats["sources"][sample_run["extra"]]
+    assert leaky["loaded"] == 4 and leaky["leak"] == 2 and leaky["duplicate"] == 1 and leaky["kept"] == 1
+    assert stats["sources"][str(SAMPLE / "extra_alpaca.json")]["duplicate"] == 1
+    assert stats["sources"][str(SAMPLE / "extra_sharegpt.jsonl")]["unusable"] == 1
+    assert stats["rows"]["train"] == sum(s["kept"] for s in stats["sources"].values())
+    assert stats["lengths"]["summary_chars"]["max"] > 0
+    train_ids = {row["id"] for row in read_jsonl(sample_run["out"] / "train.jsonl")}
+    assert f"{sample_run['extra']}:0" not in train_ids and f"{sample_run['extra']}:1" not in train_ids
+    printed = sample_run["first"].stdout
+    assert "rows per source and stage" in printed and "leak" in printed
+
+
+def test_e2e_is_byte_identical_on_rerun(sample_run):
+    assert sample_run["second"].returncode == 0
+    work = sample_run["work"]
+    for name in OUT_FILES:
+        assert (work / "out1" / name).read_bytes() == (work / "out2" / name).read_bytes(), name
+
+
+def test_e2e_clean_inputs_train_on_dev_limit(tmp_path):
+    result = run_prep("--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"), "--out", str(tmp_path / "o"),
+                      "--clean_inputs", "--train_on_dev", "--limit", "5", "--system_prompt")
+    assert result.returncode == 0, result.stderr
+    train = read_jsonl(tmp_path / "o" / "train.jsonl")
+    assert len(train) == 5 + 3
+    assert {row["source"] for row in train[5:]} == {str(SAMPLE / "dev.json")}
+    texts = [row["prompt"][0]["content"] for row in train]
+    assert all(t.startswith(prep.BASELINE_SYSTEM_PROMPT + "\n\n[Conversation]\n") for t in texts)
+    assert not any("어~" in t or "음~" in t for t in texts)
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text(encoding="utf-8"))
+    assert stats["clean_inputs"]["chars_saved"] > 0
+
+
+def test_e2e_exact_lengths_with_the_model_tokenizer(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    result = run_prep("--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"), "--out", str(tmp_path / "o"),
+                      "--tokenizer", str(tiny_model_dir), "--max_seq_length", "260", "--extra", str(SAMPLE / "extra_alpaca.json"))
+    assert result.returncode == 0, result.stderr
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text(encoding="utf-8"))
+    assert stats["length_counting"].startswith("tokenizer ")
+    assert stats["sources"][str(SAMPLE / "train.json")]["cut"] > 0  # the limit is tight enough to cut
+    for name in ("train.jsonl", "dev.jsonl"):
+        for row in read_jsonl(tmp_path / "o" / name):
+            text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+            assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 260
+            assert row["prompt"][0]["content"].endswith("주제에 대한 대화를 요약해주세요.") or not row["id"].startswith("nikluge")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, --out untouched
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def user_out(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.jsonl").write_text("the user's previous output\n", encoding="utf-8")
+    (out / "notes.txt").write_text("keep me", encoding="utf-8")
+    return out
+
+
+def assert_untouched(out: Path) -> None:
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train.jsonl"]
+    assert (out / "train.jsonl").read_text(encoding="utf-8") == "the user's previous output\n"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]  # no staging left behind
+
+
+def _dup_ids(path: Path) -> Path:
+    return write_json(path, [record("same"), record("other"), record("same")])
+
+
+@pytest.mark.parametrize("make_train, fragments", [
+    (lambda d: d / "missing.json", ["missing.json", "file not found"]),
+    (lambda d: (d / "bad.json").write_text("[{", encoding="utf-8") and d / "bad.json", ["bad.json", "not valid JSON", "line 1"]),
+    (lambda d: write_json(d / "obj.json", {"data": []}), ["obj.json", "expected a JSON list", "dict"]),
+    (lambda d: _dup_ids(d / "dup.json"), ["dup.json", "record 2", "'same'", "field 'id'"]),
+    (lambda d: write_json(d / "field.json", [record("x", keywords=())]), ["field.json", "record 0", "'x'", "input.subject_keyword"]),
+])
+def test_bad_competition_file(tmp_path, user_out, make_train, fragments):
+    train = make_train(tmp_path)
+    result = run_prep("--train", str(train), "--dev", str(SAMPLE / "dev.json"), "--out", str(user_out))
+    assert_one_line_error(result, *fragments)
+    assert_untouched(user_out)
+
+
+def test_unknown_extra_shape_and_unknown_source(tmp_path, user_out):
+    weird = tmp_path / "weird.jsonl"
+    weird.write_text('{"text": "hello", "label": 1}\n', encoding="utf-8")
+    base = ["--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"), "--out", str(user_out)]
+    assert_one_line_error(run_prep(*base, "--extra", str(weird)), "weird.jsonl", "unknown shape", "label, text")
+    assert_untouched(user_out)
+    assert_one_line_error(run_prep(*base, "--extra", "some-owner/no-such-dataset"), "some-owner/no-such-dataset", "Hugging Face Hub")
+    assert_untouched(user_out)
+
+
+def test_no_flags_without_the_competition_files_says_where_to_get_them(tmp_path):
+    result = run_prep(cwd=tmp_path)
+    assert_one_line_error(result, "data/일상대화요약_train.json", "file not found", "data/sample/train.json")
+    assert not (tmp_path / "data").exists()
