@@ -601,7 +601,7 @@ def main(cfg: InferSettings) -> None:
                   + (f"; resuming: {len(done)} already finished in {partial}" if done else ""))
 
     todo = [r for r in records if r["id"] not in done]
-    peak_memory = "n/a (no GPU)"
+    peak_memory, totals = "n/a (no GPU)", {"tokens": 0, "shortened": 0}
     if todo:
         console.rule("loading model")
         model, tokenizer, loaded = load_model(model_name, cfg.max_seq_length, cfg.load_in_4bit)
@@ -614,14 +614,16 @@ def main(cfg: InferSettings) -> None:
             prompt, was_shortened = shorten_to_fit(record, lambda r: chat_prompt(tokenizer, r, system_prompt), count_tokens, budget)
             prompts.append(prompt)
             shortened += was_shortened
+        totals["shortened"] = shortened
         if shortened:
             console.print(f"[yellow]{shortened} prompt(s) longer than {budget} tokens were shortened in the middle of the conversation")
 
-        def save_batch(indices: list[int], texts: list[str], _new_tokens: int) -> None:
+        def save_batch(indices: list[int], texts: list[str], new_tokens: int) -> None:
             rows = [{"id": todo[i]["id"], "output": text} for i, text in zip(indices, texts) if text]
             if rows:
                 append_partial(partial, fingerprint, rows)
             done.update({row["id"]: row["output"] for row in rows})
+            totals["tokens"] += new_tokens
 
         console.rule(f"generating {len(todo)} summaries (batch {cfg.batch_size}, greedy, max_new_tokens {cfg.max_new_tokens})")
         generate_texts(model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
@@ -641,8 +643,9 @@ def main(cfg: InferSettings) -> None:
     partial.unlink(missing_ok=True)
     lengths = [len(r["output"]) for r in submission]
     console.rule("done")
-    console.print(f"{len(submission)} summaries -> {output}  (mean {sum(lengths) / len(lengths):.0f} chars, "
-                  f"{len(todo)} generated now); wall time {time.perf_counter() - started:.1f} s; peak GPU memory {peak_memory}")
+    console.print(f"{len(submission)} summaries -> {output} (mean {sum(lengths) / len(lengths):.0f} chars); generated now: "
+                  f"{len(todo)} items, {totals['tokens']} tokens, {totals['shortened']} prompts shortened; "
+                  f"wall time {time.perf_counter() - started:.1f} s; peak GPU memory {peak_memory}")
     if cfg.limit:
         console.print(f"[yellow]--limit {cfg.limit}: this file covers only part of the input; not a full submission")
     if evaluate:

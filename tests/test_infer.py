@@ -23,7 +23,7 @@ import infer  # noqa: E402  (import-light by design: no torch, no unsloth)
 from prep import UserError, load_competition_file, validate_record  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"}
-FAST = ["--no-load_in_4bit", "--max_new_tokens", "24"]
+FAST = ["--no-load_in_4bit", "--max_new_tokens", "16"]
 
 
 def run_infer(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
