@@ -482,9 +482,19 @@ def near_pairs(fingerprints: np.ndarray, max_distance: int) -> tuple[np.ndarray,
 CONFIRM_JACCARD = 0.6
 
 
-def shingle_jaccard(a: str, b: str) -> float:
-    sets = [{t[i:i + SHINGLE] for i in range(max(len(t) - SHINGLE + 1, 1))} for t in (_NON_WORD.sub("", a.lower()), _NON_WORD.sub("", b.lower()))]
-    return len(sets[0] & sets[1]) / max(len(sets[0] | sets[1]), 1)
+def shingle_set(text: str) -> np.ndarray:
+    """The text's distinct SimHash features (3-grams of normalized code points), sorted, as integers."""
+    codes = _normalize_table()[np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)]
+    codes = codes[codes != 0].astype(np.int64)
+    if len(codes) < SHINGLE:
+        codes = np.pad(codes, (0, SHINGLE - len(codes)))
+    return np.unique((codes[:-2] << 42) | (codes[1:-1] << 21) | codes[2:])  # code points fit in 21 bits
+
+
+def shingle_jaccard(a: str | np.ndarray, b: str | np.ndarray) -> float:
+    a, b = (shingle_set(x) if isinstance(x, str) else x for x in (a, b))
+    shared = np.intersect1d(a, b, assume_unique=True).size
+    return shared / (a.size + b.size - shared)
 
 
 def keep_first_of_near_duplicates(fingerprints: np.ndarray, max_distance: int, texts: list[str] | None = None) -> np.ndarray:
@@ -497,11 +507,17 @@ def keep_first_of_near_duplicates(fingerprints: np.ndarray, max_distance: int, t
     keep = first_row[inverse.ravel()] == np.arange(len(fingerprints))  # repeats of a fingerprint go
     i, j = near_pairs(unique, max_distance)
     earlier, later = np.minimum(first_row[i], first_row[j]), np.maximum(first_row[i], first_row[j])
-    if texts is not None and len(earlier):
-        confirmed = np.fromiter((shingle_jaccard(texts[a], texts[b]) >= CONFIRM_JACCARD for a, b in zip(earlier.tolist(), later.tolist())), dtype=bool, count=len(earlier))
-        earlier, later = earlier[confirmed], later[confirmed]
-    for a, b in zip(*(x[np.lexsort((earlier, later))] for x in (earlier, later))):
-        if keep[a]:
+    order = np.lexsort((earlier, later))
+    shingles: dict[int, np.ndarray] = {}  # built only for rows whose verdict still depends on it
+
+    def same_text(a: int, b: int) -> bool:
+        for row in (a, b):
+            if row not in shingles:
+                shingles[row] = shingle_set(texts[row])
+        return shingle_jaccard(shingles[a], shingles[b]) >= CONFIRM_JACCARD
+
+    for a, b in zip(earlier[order].tolist(), later[order].tolist()):
+        if keep[a] and keep[b] and (texts is None or same_text(a, b)):
             keep[b] = False
     return keep
 
@@ -991,13 +1007,16 @@ def main(cfg: PrepSettings) -> None:
         "summary_chars": percentiles([len(r.completion[0]["content"]) for r in train_rows]),
     }
     stats = {
+        # How the prompt was built: train.py carries these to the adapter so inference matches.
+        "system_prompt": cfg.system_prompt,
+        "clean_inputs": cfg.clean_inputs,
         "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},  # same inputs, same bytes
         "length_counting": length_method,
         "rows": {"train": len(train_rows), "dev": len(dev_rows)},
         "sources": counts,
         "stage_meaning": STAGE_HELP,
         "empty_utterances_dropped": empty_dropped,
-        "clean_inputs": cleaning if cfg.clean_inputs else None,
+        "clean_inputs_effect": cleaning if cfg.clean_inputs else None,
         "utterances_cut_from_middle": cut_utterances,
         "lengths": lengths,
     }
@@ -1554,7 +1573,8 @@ def magpie_main(cfg: MagpieSettings) -> None:
 
     model, tokenizer, _ = infer.load_model(cfg.model, load_in_4bit=cfg.load_in_4bit)
     prefix = user_turn_prefix(tokenizer)
-    kept_fingerprints = simhash_fingerprints(read_kept_instructions(cfg.output))
+    kept_instructions = read_kept_instructions(cfg.output)
+    kept_fingerprints = simhash_fingerprints(kept_instructions)
     output, rejects = JsonlAppender(cfg.output), JsonlAppender(cfg.rejects)
 
     def reject(index: int, reason: str) -> None:
@@ -1576,13 +1596,16 @@ def magpie_main(cfg: MagpieSettings) -> None:
                     reject(index, "truncated instruction: it hit instruction_max_new_tokens")
                 else:
                     fresh.append((index, instruction))
+            # The same dedup as prep's main run, over the kept instructions first, then this batch.
             fingerprints = simhash_fingerprints([instruction for _, instruction in fresh])
-            novel = ~near_any(fingerprints, kept_fingerprints, cfg.dedup_distance) & keep_first_of_near_duplicates(fingerprints, cfg.dedup_distance)
+            texts = kept_instructions + [instruction for _, instruction in fresh]
+            novel = keep_first_of_near_duplicates(np.concatenate([kept_fingerprints, fingerprints]), cfg.dedup_distance, texts)[len(kept_instructions):]
             for (index, _), is_novel in zip(fresh, novel):
                 if not is_novel:
                     reject(index, "near-duplicate instruction (SimHash)")
             fresh = [pair for pair, is_novel in zip(fresh, novel) if is_novel]
             kept_fingerprints = np.concatenate([kept_fingerprints, fingerprints[novel]])
+            kept_instructions += [instruction for _, instruction in fresh]
             if fresh:
                 prompts = [tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True) for _, instruction in fresh]
                 answers = infer.generate_texts(

@@ -389,24 +389,34 @@ def test_e2e_clean_inputs_train_on_dev_limit(tmp_path):
     assert all(t.startswith(prep.BASELINE_SYSTEM_PROMPT + "\n\n[Conversation]\n") for t in texts)
     assert not any("어~" in t or "음~" in t for t in texts)
     stats = json.loads((tmp_path / "o" / "stats.json").read_text(encoding="utf-8"))
-    assert stats["clean_inputs"]["chars_saved"] > 0
+    assert stats["clean_inputs"] is True and stats["clean_inputs_effect"]["chars_saved"] > 0
+    assert stats["system_prompt"] is True  # read by train.py, carried to inference
 
 
 def test_e2e_exact_lengths_with_the_model_tokenizer(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    result = run_prep("--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"), "--out", str(tmp_path / "o"),
-                      "--tokenizer", str(tiny_model_dir), "--max_seq_length", "260", "--extra", str(SAMPLE / "extra_alpaca.json"))
-    assert result.returncode == 0, result.stderr
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+    def n_tokens(messages: list[dict]) -> int:
+        return len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"])
+
+    raw = json.loads((SAMPLE / "train.json").read_text(encoding="utf-8"))
+    full = sorted(n_tokens(prep.build_messages(r) + [{"role": "assistant", "content": r["output"]}]) for r in raw)
+    limit = full[len(full) // 2] - 1  # about half the rows must lose utterances
+    result = run_prep("--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"), "--out", str(tmp_path / "o"),
+                      "--tokenizer", str(tiny_model_dir), "--max_seq_length", str(limit), "--extra", str(SAMPLE / "extra_alpaca.json"))
+    assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / "o" / "stats.json").read_text(encoding="utf-8"))
     assert stats["length_counting"].startswith("tokenizer ")
-    assert stats["sources"][str(SAMPLE / "train.json")]["cut"] > 0  # the limit is tight enough to cut
-    for name in ("train.jsonl", "dev.jsonl"):
-        for row in read_jsonl(tmp_path / "o" / name):
-            text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
-            assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 260
-            assert row["prompt"][0]["content"].endswith("주제에 대한 대화를 요약해주세요.") or not row["id"].startswith("nikluge")
+    assert stats["sources"][str(SAMPLE / "train.json")]["cut"] >= len(full) // 2
+    rows = read_jsonl(tmp_path / "o" / "train.jsonl") + read_jsonl(tmp_path / "o" / "dev.jsonl")
+    assert max(n_tokens(row["prompt"] + row["completion"]) for row in rows) <= limit
+    by_id = {r["id"]: r for r in raw}
+    for row in rows:
+        if row["id"] in by_id:
+            assert row["prompt"][0]["content"].endswith(prep.build_user_text(by_id[row["id"]]).split("\n\n[Question]")[1])
+            assert row["completion"][0]["content"] == by_id[row["id"]]["output"]
 
 
 # ------------------------------------------------------------------------------------------------
