@@ -651,7 +651,11 @@ def row_messages(row: dict, shape: str, system_prompt: bool) -> list[dict] | Non
     user turn without an answer is dropped, so multi-turn rows stay multi-turn.
     """
     if shape == "competition":
-        messages = build_messages(row, system_prompt) + [{"role": "assistant", "content": _text(row.get("output"))}]
+        try:
+            row, _ = validate_record(row, 0, "")
+        except UserError:
+            return None
+        messages = build_messages(row, system_prompt) + [{"role": "assistant", "content": _text(row["output"])}]
     elif shape in ("messages", "conversations"):
         messages = []
         for turn in row[shape]:
@@ -937,8 +941,10 @@ def main(cfg: PrepSettings) -> None:
     progress_columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     if extras:
         console.rule("leakage and near-duplicates (SimHash)")
+        if not cfg.test:
+            console.print("[yellow]no --test given: augmentation rows are checked against the dev dialogues only[/yellow]")
         with Progress(*progress_columns, console=console, transient=True) as progress:
-            eval_texts = ["\n".join(t["utterance"] for t in r["input"]["conversation"]) for _, r in dev_pairs + test[0]]
+            eval_texts = ["\n".join(t["utterance"] for t in r["input"]["conversation"]) for _, r in dev[0] + test[0]]  # as given, not cleaned
             user_texts = [(k, dialogue_text(m["content"])) for k, row in enumerate(extras) for m in row.prompt if m["role"] == "user"]
             full_texts = ["\n".join(m["content"] for m in row.prompt + row.completion) for row in extras]
             task = progress.add_task("fingerprints", total=len(eval_texts) + len(user_texts) + len(full_texts))
