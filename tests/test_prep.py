@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import prep
-from prep import UserError
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # plain `pytest` puts tests/, not the repo, on the path
+
+import prep  # noqa: E402
+from prep import UserError  # noqa: E402
+
 SAMPLE = REPO / "data" / "sample"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 OUT_FILES = ("train.jsonl", "dev.jsonl", "stats.json", "lengths.png")
@@ -257,6 +259,7 @@ def test_each_augmentation_shape(row, expected):
     {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
     {"instruction": "질문", "output": "  "},
     {"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    {"id": "c", "input": {"conversation": [{"speaker": "A"}], "subject_keyword": ["k"]}, "output": "요약"},  # competition shape, no utterance
 ])
 def test_unusable_rows_are_skipped_not_fatal(row):
     assert prep.row_messages(row, prep.detect_shape(row), system_prompt=False) is None
