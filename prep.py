@@ -315,7 +315,7 @@ STAGE_HELP = {
     "loaded": "rows read",
     "sampled": "rows left after --limit",
     "unusable": "rows without a usable user/assistant exchange (empty text, roles out of order)",
-    "leak": "rows that nearly match a dev/test conversation (SimHash), removed",
+    "leak": "rows that nearly match a dev/test conversation (SimHash) or repeat 3+ of its utterances, removed",
     "duplicate": "near-duplicates (SimHash) of an earlier augmentation row, removed",
     "too_long": "rows over --max_seq_length, removed",
     "cut": "competition rows shortened by dropping middle utterances",
@@ -726,7 +726,7 @@ def load_tokenizer(name: str | None) -> tuple[Any, str]:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=not Path(name).exists() and bool(os.environ.get("HF_HUB_OFFLINE")))
+        tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as err:  # missing dir, no hub access, broken files
         raise UserError(f"--tokenizer {name}: could not load a tokenizer ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]})") from None
     if not tokenizer.chat_template:
@@ -792,10 +792,11 @@ def plot_lengths(path: Path, groups: dict[str, list[Row]]) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, part in zip(axes, ("prompt", "completion")):
-        for label, rows in groups.items():
-            lengths = [sum(len(m["content"]) for m in getattr(row, part)) for row in rows]
-            if lengths:
-                ax.hist(lengths, bins=40, alpha=0.6, label=f"{label} ({len(lengths)})")
+        lengths = {label: [sum(len(m["content"]) for m in getattr(row, part)) for row in rows] for label, rows in groups.items()}
+        edges = np.histogram_bin_edges([n for values in lengths.values() for n in values] or [0], bins=40)  # shared: bars compare
+        for label, values in lengths.items():
+            if values:
+                ax.hist(values, bins=edges, alpha=0.6, label=f"{label} ({len(values)})")
         ax.set_title("prompt" if part == "prompt" else "summary / answer")
         ax.set_xlabel("characters")
         ax.set_ylabel("rows")
