@@ -1,0 +1,335 @@
+"""train.py through its real command line on the tiny Gemma 2: it memorizes the sample summaries and
+a fresh process generates them back from final/; the loss covers only the summary; an interrupted run
+resumes to the same final step; bad settings end in one line. Pure helpers are tested in-process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import END_OF_TURN_ID, OFFLINE_ENV, REPO_ROOT, run_script
+
+sys.path.insert(0, str(REPO_ROOT))  # plain `pytest` puts tests/, not the repo, on the path
+import train  # noqa: E402
+from prep import UserError  # noqa: E402
+
+# Learns 4 sample summaries token-perfectly well before the last step (found with tests/test_fixture.py).
+MEMORIZE_FLAGS = [
+    "--max_steps", "60", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+    "--weight_decay", "0", "--lora_r", "16", "--lora_alpha", "16", "--lora_dropout", "0",
+    "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+    "--logging_steps", "10", "--save_total_limit", "1", "--max_seq_length", "1024",
+]
+# 8 rows, micro-batch 2, no accumulation: 4 steps per epoch, 12 in all, a checkpoint every 2.
+RESUME_FLAGS = [
+    "--num_train_epochs", "3", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+    "--save_steps", "2", "--save_total_limit", "2", "--learning_rate", "1e-3", "--warmup_steps", "2",
+    "--lora_r", "8", "--lora_alpha", "8", "--max_seq_length", "1024", "--logging_steps", "1",
+]
+
+GENERATE_FROM_FINAL = """
+import json, sys
+import unsloth
+from unsloth import FastLanguageModel
+final, rows_path, out_path = sys.argv[1:]
+rows = [json.loads(line) for line in open(rows_path, encoding="utf-8")]
+model, tokenizer = FastLanguageModel.from_pretrained(final, max_seq_length=1024, load_in_4bit=True)
+FastLanguageModel.for_inference(model)
+prompts = [tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True) for row in rows]
+batch = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+output = model.generate(**batch, max_new_tokens=256, do_sample=False)
+new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
+json.dump({"generated": [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_tokens],
+           "new_tokens": new_tokens, "padding_side": tokenizer.padding_side}, open(out_path, "w"), ensure_ascii=False)
+"""
+
+# The batch train.py's trainer feeds the model, through the same load_lora_model / build_trainer.
+DUMP_TRAINING_BATCH = """
+import json, sys
+import unsloth
+sys.path.insert(0, sys.argv[1])
+import train
+cfg = train.parse_train_settings(sys.argv[4:])
+rows, _, _ = train.load_prepared(cfg.data)
+model, tokenizer = train.load_lora_model(cfg)
+trainer = train.build_trainer(cfg, model, tokenizer, rows, [], bf16=False)
+batch = next(iter(trainer.get_train_dataloader()))
+json.dump({
+    "input_ids": batch["input_ids"].tolist(),
+    "labels": batch["labels"].tolist(),
+    "attention_mask": batch["attention_mask"].tolist(),
+    "prompt_ids": [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"] for r in rows],
+    "summary_ids": [tokenizer(r["completion"][0]["content"], add_special_tokens=False)["input_ids"] for r in rows],
+    "newline_id": tokenizer.convert_tokens_to_ids(tokenizer.tokenize("\\n"))[0],
+}, open(sys.argv[2], "w"))
+"""
+
+
+def python(code: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env={**os.environ, **OFFLINE_ENV},
+                          capture_output=True, text=True, timeout=900)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    for needle in needles:
+        assert needle in result.stderr, result.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_model_dir, sample_dir, tmp_path_factory) -> Path:
+    """prep.py's real output for the sample data (8 train rows, 3 dev rows), token lengths from the tiny tokenizer."""
+    out = tmp_path_factory.mktemp("prepared")
+    result = run_script(["prep.py", "--train", sample_dir / "train.json", "--dev", sample_dir / "dev.json",
+                         "--out", out, "--tokenizer", tiny_model_dir, "--max_seq_length", "1024"])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def prepared_four(prepared, tmp_path_factory) -> Path:
+    """The first 4 train rows and all dev rows: what the memorization run learns."""
+    out = tmp_path_factory.mktemp("prepared_four")
+    lines = (prepared / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (out / "train.jsonl").write_text("".join(lines[:4]), encoding="utf-8")
+    for name in ("dev.jsonl", "stats.json"):
+        (out / name).write_bytes((prepared / name).read_bytes())
+    return out
+
+
+@pytest.fixture(scope="module")
+def memorized(tiny_model_dir, prepared_four, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("memorize")
+    result = run_script(["train.py", "--model", tiny_model_dir, "--data", prepared_four, "--output_dir", out / "run",
+                         *MEMORIZE_FLAGS], cwd=out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    generated = python(GENERATE_FROM_FINAL, out / "run" / "final", prepared_four / "train.jsonl", out / "generated.json", cwd=out)
+    assert generated.returncode == 0, generated.stdout[-3000:] + generated.stderr[-3000:]
+    return {"result": result, "run": out / "run", "generated": json.loads((out / "generated.json").read_text(encoding="utf-8")),
+            "rows": read_jsonl(prepared_four / "train.jsonl")}
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+
+def test_memorizes_training_summaries_and_final_dir_regenerates_them(memorized):
+    summaries = [row["completion"][0]["content"] for row in memorized["rows"]]
+    assert memorized["generated"]["generated"] == summaries
+    for ids in memorized["generated"]["new_tokens"]:
+        stop = ids.index(END_OF_TURN_ID)
+        assert set(ids[stop + 1:]) <= {0}, "generation must stop at <end_of_turn>"
+
+
+def test_final_dir_holds_adapter_tokenizer_run_config_and_plot(memorized, tiny_model_dir):
+    final = memorized["run"] / "final"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "run_config.json", "loss.png"):
+        assert (final / name).is_file(), name
+    assert "<start_of_turn>" in (final / "chat_template.jinja").read_text(encoding="utf-8")
+    adapter = json.loads((final / "adapter_config.json").read_text(encoding="utf-8"))
+    assert adapter["r"] == 16 and set(adapter["target_modules"]) == set(train.SEVEN_PROJECTIONS)
+    config = json.loads((final / "run_config.json").read_text(encoding="utf-8"))
+    assert config["base_model"] == str(tiny_model_dir)
+    assert config["max_seq_length"] == 1024 and config["system_prompt"] is False
+    assert config["settings"]["learning_rate"] == 1e-2 and config["settings"]["max_steps"] == 60
+    assert config["global_step"] == 60 and config["train_rows"] == 4 and config["eval_rows"] == 3
+    assert config["train_loss"] < 3 and config["eval_loss"] > 0
+    assert {"unsloth", "transformers", "trl", "peft", "torch"} <= set(config["versions"])
+    assert config["device"].startswith("CPU")
+    checkpoints = train.checkpoint_dirs(memorized["run"])
+    assert [p.name for p in checkpoints] == ["checkpoint-60"], "save_total_limit 1 keeps only the last"
+
+
+def test_console_reports_cpu_preflight_and_next_command(memorized):
+    out = memorized["result"].stdout
+    assert "no GPU found, training on CPU" in out and "CPU run:" in out
+    for line in ("train rows", "longest row (tokens)", "steps per epoch", "total steps"):
+        assert line in out
+    assert "wall time" in out
+    assert f"python infer.py --model {memorized['run'] / 'final'}" in out
+
+
+def test_labels_cover_only_summary_and_end_of_turn(tiny_model_dir, prepared_four, tmp_path):
+    dump = tmp_path / "batch.json"
+    result = python(DUMP_TRAINING_BATCH, REPO_ROOT, dump, tiny_model_dir, "--model", tiny_model_dir, "--data", prepared_four,
+                    "--per_device_train_batch_size", "4", "--max_seq_length", "1024", "--output_dir", tmp_path / "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    batch = json.loads(dump.read_text(encoding="utf-8"))
+    expected = {tuple(p + s + [END_OF_TURN_ID, batch["newline_id"]]): (len(p), len(s))
+                for p, s in zip(batch["prompt_ids"], batch["summary_ids"])}
+    assert len(batch["input_ids"]) == 4
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        real = [i for i, m in zip(ids, mask) if m]
+        prompt_len, summary_len = expected[tuple(real)]
+        trained = prompt_len + summary_len + 2
+        real_labels = [label for label, m in zip(labels, mask) if m]
+        # The Gemma template closes the turn with "<end_of_turn>\n": both are learned, the prompt never is.
+        assert real_labels == [-100] * prompt_len + real[prompt_len:trained]
+        assert all(label == -100 for label, m in zip(labels, mask) if not m), "padding is never a target"
+
+
+def test_interrupted_run_resumes_to_the_same_final_step(tiny_model_dir, prepared, tmp_path):
+    full = run_script(["train.py", "--model", tiny_model_dir, "--data", prepared, "--output_dir", tmp_path / "full", *RESUME_FLAGS])
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    full_config = json.loads((tmp_path / "full" / "final" / "run_config.json").read_text(encoding="utf-8"))
+    assert full_config["global_step"] == 12
+
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--model", str(tiny_model_dir), "--data", str(prepared),
+               "--output_dir", str(tmp_path / "run"), *RESUME_FLAGS]
+    env = {**os.environ, **OFFLINE_ENV}
+    first_checkpoint = tmp_path / "run" / "checkpoint-2" / "trainer_state.json"
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        while proc.poll() is None and not first_checkpoint.is_file():
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "run" / "final").exists()
+    stopped_at = train.find_resumable_checkpoint(tmp_path / "run")
+    assert stopped_at is not None and int(stopped_at.name.split("-")[1]) < 12
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"Resuming from {stopped_at}" in resumed.stdout
+    config = json.loads((tmp_path / "run" / "final" / "run_config.json").read_text(encoding="utf-8"))
+    assert config["global_step"] == full_config["global_step"]
+    steps_logged = [e["step"] for e in json.loads((train.checkpoint_dirs(tmp_path / "run")[0] / "trainer_state.json")
+                                                  .read_text(encoding="utf-8"))["log_history"] if "loss" in e]
+    assert steps_logged == list(range(1, 13)), "the resumed run continues the interrupted run's history"
+
+    again = run_script(["train.py", "--model", tiny_model_dir, "--data", prepared, "--output_dir", tmp_path / "run", *RESUME_FLAGS])
+    assert_one_line_error(again, "holds a finished run", "--overwrite_output_dir")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad settings: one line, non-zero exit, files untouched
+# ---------------------------------------------------------------------------------------------
+
+def test_help_answers_without_heavy_imports(tmp_path):
+    result = run_script(["train.py", "--help"])
+    assert result.returncode == 0
+    for flag in ("--learning_rate", "--per_device_train_batch_size", "--gradient_accumulation_steps", "--lora_r",
+                 "--max_seq_length", "--resume_from_checkpoint", "--config", "--save_merged", "--push_to_hub"):
+        assert flag in result.stdout
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import train; print(sorted(m for m in ('torch', 'transformers', 'unsloth', 'trl', 'datasets') if m in sys.modules))"
+    imported = python(code, REPO_ROOT, cwd=tmp_path)
+    assert imported.stdout.strip() == "[]"
+
+
+def test_missing_data_dir(tmp_path):
+    result = run_script(["train.py", "--data", tmp_path / "nope", "--output_dir", tmp_path / "out"])
+    assert_one_line_error(result, "nope: data directory not found", "prep.py")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_train_file(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("\n", encoding="utf-8")
+    assert_one_line_error(run_script(["train.py", "--data", tmp_path / "data"]), "train.jsonl: no rows to train on")
+
+
+def test_bad_row_names_file_line_and_field(tmp_path, prepared):
+    (tmp_path / "data").mkdir()
+    rows = read_jsonl(prepared / "train.jsonl")
+    rows[1]["completion"] = "not a message list"
+    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert_one_line_error(run_script(["train.py", "--data", tmp_path / "data"]), "train.jsonl line 2", rows[1]["id"], "'completion'")
+
+
+def test_row_longer_than_max_seq_length_is_refused(tiny_model_dir, prepared, tmp_path):
+    result = run_script(["train.py", "--model", tiny_model_dir, "--data", prepared, "--output_dir", tmp_path / "out",
+                         "--max_seq_length", "150"])
+    assert_one_line_error(result, "longer than --max_seq_length 150", "prep.py --max_seq_length 150")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_flag():
+    assert_one_line_error(run_script(["train.py", "--lora_rank", "8"]), "unrecognized arguments: --lora_rank")
+
+
+def test_bad_yaml(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: [1e-4\nlora_r: 8\n", encoding="utf-8")
+    assert_one_line_error(run_script(["train.py", "--config", config]), "run.yaml: not valid YAML (line")
+    config.write_text("lora_rank: 8\n", encoding="utf-8")
+    assert_one_line_error(run_script(["train.py", "--config", config]), "unknown setting 'lora_rank'")
+
+
+def test_finished_run_is_not_overwritten(tmp_path, prepared):
+    final = tmp_path / "out" / "final"
+    final.mkdir(parents=True)
+    (final / "run_config.json").write_text('{"global_step": 7}', encoding="utf-8")
+    result = run_script(["train.py", "--data", prepared, "--output_dir", tmp_path / "out"])
+    assert_one_line_error(result, "holds a finished run", "--overwrite_output_dir")
+    assert (final / "run_config.json").read_text(encoding="utf-8") == '{"global_step": 7}'
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_r", "0"], "--lora_r must be a positive integer"),
+    (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1)"),
+    (["--max_steps", "0"], "--max_steps must be a positive integer or -1"),
+])
+def test_impossible_settings(flags, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        train.check_settings(train.parse_train_settings(flags))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------------------------
+
+def test_yaml_supplies_defaults_and_flags_win(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 2e-4\nlora_r: 16\nnum_train_epochs: 3\ntarget_modules: [q_proj, v_proj]\n"
+                      "load_in_4bit: false\npush_to_hub: null\n", encoding="utf-8")
+    cfg = train.parse_train_settings(["--config", str(config), "--lora_r", "32"])
+    assert cfg.learning_rate == 2e-4, "YAML 1.1 reads 2e-4 as a string: it is converted like a flag"
+    assert cfg.lora_r == 32 and cfg.num_train_epochs == 3.0 and isinstance(cfg.num_train_epochs, float)
+    assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.load_in_4bit is False
+    assert cfg.gradient_accumulation_steps == 16 and cfg.config == str(config)
+    config.write_text("lora_r: 1.5\n", encoding="utf-8")
+    with pytest.raises(UserError, match="key 'lora_r' must be an integer"):
+        train.parse_train_settings(["--config", str(config)])
+
+
+def test_defaults_are_the_seed_teams_run_on_24gb():
+    cfg = train.parse_train_settings([])
+    assert (cfg.model, cfg.max_seq_length, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == ("unsloth/gemma-2-9b-it-bnb-4bit", 8192, 64, 64, 0.05)
+    assert cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps == 16 and cfg.per_device_train_batch_size == 1
+    assert (cfg.learning_rate, cfg.num_train_epochs, cfg.weight_decay, cfg.warmup_steps, cfg.lr_scheduler_type, cfg.optim, cfg.seed) == \
+        (2e-5, 5.0, 0.05, 20, "cosine", "adamw_8bit", 42)
+    assert cfg.target_modules == train.SEVEN_PROJECTIONS and cfg.load_in_4bit
+
+
+@pytest.mark.parametrize("rows, batch, accumulation, steps", [(506, 1, 16, 32), (506, 4, 4, 32), (8, 2, 1, 4), (8, 4, 1, 2), (3, 4, 4, 1)])
+def test_steps_per_epoch_matches_trainer(rows, batch, accumulation, steps):
+    assert train.steps_per_epoch(rows, batch, accumulation) == steps
+
+
+def test_resume_skips_a_half_written_checkpoint(tmp_path):
+    for step, complete in [(2, True), (4, True), (6, False)]:
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        if complete:
+            (path / "trainer_state.json").write_text(json.dumps({"global_step": step}), encoding="utf-8")
+    (tmp_path / "checkpoint-10").write_text("a file, not a checkpoint", encoding="utf-8")
+    assert train.find_resumable_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert train.find_resumable_checkpoint(tmp_path / "missing") is None
+
+
+def test_loss_curves_split_train_and_eval():
+    history = [{"loss": 3.0, "step": 1}, {"eval_loss": 2.5, "step": 1}, {"loss": 2.0, "step": 2}, {"train_runtime": 1.0, "step": 2}]
+    assert train.loss_curves(history) == ([(1, 3.0), (2, 2.0)], [(1, 2.5)])

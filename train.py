@@ -1,0 +1,602 @@
+"""Fine-tune Gemma 2 9B on prep.py's rows: Unsloth 4-bit LoRA (QLoRA) + TRL's SFTTrainer, resumable.
+
+Terminal (one 24 GB GPU, the seed team's hyperparameters are the defaults):
+    python prep.py                                       # data/일상대화요약_{train,dev}.json -> data/prepared/
+    python train.py                                      # data/prepared/ -> outputs/gemma2-9b-dcs/final/
+    python train.py                                      # same command after an interruption: resumes
+    python train.py --config run.yaml --learning_rate 1e-5          # YAML holds the same names; flags win
+    python train.py --per_device_train_batch_size 4 --gradient_accumulation_steps 4   # seed's 4 x 4 (48-80 GB)
+
+Colab (keep output_dir on Drive so a disconnect does not lose the checkpoints):
+    !python train.py --output_dir /content/drive/MyDrive/gemma2-9b-dcs
+
+Then:
+    python infer.py --model outputs/gemma2-9b-dcs/final --input data/일상대화요약_test.json
+
+The loss covers only the summary and the end-of-turn that closes it: prep.py writes prompt/completion
+chat rows and TRL masks the prompt. `output_dir/final/` holds the LoRA adapter, the tokenizer with its
+chat template and run_config.json (base model, max_seq_length, every setting, versions, losses), which
+infer.py reads back. Without a GPU the same code runs on Unsloth's CPU backend: that is for tests and
+smoke runs on tiny models, not for training the 9B model.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prep import UserError, _unwrap_optional, build_parser, read_json, run_cli, write_text_atomic
+
+SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainSettings:
+    config: str | None = field(default=None, metadata={"help": "YAML file with any of these settings by name; flags win"})
+    model: str = field(default="unsloth/gemma-2-9b-it-bnb-4bit", metadata={"help": "base model (hub name or local dir)"})
+    data: str = field(default="data/prepared", metadata={"help": "prep.py output dir: train.jsonl (+ dev.jsonl)"})
+    output_dir: str = field(default="outputs/gemma2-9b-dcs", metadata={"help": "checkpoints, then final/ (adapter)"})
+    max_seq_length: int = field(default=8192, metadata={"help": "longest prompt+summary in tokens; longer rows are refused"})
+    load_in_4bit: bool = field(default=True, metadata={"help": "4-bit base weights (QLoRA)"})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA scaling numerator (alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA path"})
+    target_modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS), metadata={"help": "projections that get LoRA"})
+    num_train_epochs: float = field(default=5.0, metadata={"help": "passes over train.jsonl"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: use num_train_epochs)"})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "micro-batch; 1 fits 8192 tokens on 24 GB"})
+    per_device_eval_batch_size: int = field(default=1, metadata={"help": "eval micro-batch"})
+    gradient_accumulation_steps: int = field(default=16, metadata={"help": "micro-batches per step (1 x 16 = seed's effective 16)"})
+    learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
+    optim: str = field(default="adamw_8bit", metadata={"help": "transformers optimizer name (CPU swaps 8-bit for torch AdamW)"})
+    seed: int = field(default=42, metadata={"help": "seed for LoRA init, shuffling and dropout"})
+    logging_steps: int = field(default=1, metadata={"help": "log train loss every N steps"})
+    save_steps: int = field(default=0, metadata={"help": "also checkpoint every N steps (0: only at each epoch end)"})
+    eval_steps: int = field(default=0, metadata={"help": "also evaluate on dev every N steps (0: only at each epoch end)"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept in output_dir (older ones deleted)"})
+    report_to: str = field(default="none", metadata={"help": "tracker: none, wandb, tensorboard, ..."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint dir to resume from (default: the last one in output_dir)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "start from scratch over a finished or interrupted run"})
+    save_merged: bool = field(default=False, metadata={"help": "also write a merged 16-bit model to output_dir/merged"})
+    push_to_hub: str | None = field(default=None, metadata={"help": "upload the adapter to this hub repo (needs HF_TOKEN)"})
+
+
+DESCRIPTION = "Unsloth 4-bit LoRA SFT of Gemma 2 on prep.py's rows (see the docstring for commands)."
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: flags, YAML, checks
+# ---------------------------------------------------------------------------------------------
+
+def _yaml_value(key: str, value: Any, annotation: Any, path: str) -> Any:
+    """Check one YAML value against the field's type; strings are left for argparse to convert like a flag."""
+    annotation, optional = _unwrap_optional(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{path}: key '{key}' must not be empty")
+    if typing.get_origin(annotation) is list:
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, str) for item in items):
+            raise UserError(f"{path}: key '{key}' must be a list of strings")
+        return items
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{path}: key '{key}' must be true or false, got {value!r}")
+        return value
+    if annotation in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if annotation is int and value != int(value):
+            raise UserError(f"{path}: key '{key}' must be an integer, got {value!r}")
+        return annotation(value)
+    if isinstance(value, str):
+        return value
+    raise UserError(f"{path}: key '{key}' must be {annotation.__name__}, got {value!r}")
+
+
+def load_yaml_config(path: str, settings_cls: type = TrainSettings) -> dict[str, Any]:
+    """The same names as the flags, from a YAML mapping (Axolotl-style run file)."""
+    import yaml
+
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(config_path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
+    hints = typing.get_type_hints(settings_cls)
+    known = {f.name for f in dataclasses.fields(settings_cls)} - {"config"}
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            raise UserError(f"{path}: unknown setting '{key}' (run python train.py --help for the names)")
+        values[key] = _yaml_value(key, value, hints[key], path)
+    return values
+
+
+def parse_train_settings(argv: list[str] | None) -> TrainSettings:
+    """Flags over YAML over the dataclass defaults: the YAML values become the parser's defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    parser = build_parser(TrainSettings, DESCRIPTION)
+    if known.config:
+        parser.set_defaults(**load_yaml_config(known.config))
+    return TrainSettings(**vars(parser.parse_args(argv)))
+
+
+def check_settings(cfg: TrainSettings) -> None:
+    positive = ["max_seq_length", "lora_r", "lora_alpha", "per_device_train_batch_size",
+                "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps", "save_total_limit"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
+    for name in ["save_steps", "eval_steps", "warmup_steps", "weight_decay"]:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be 0 or more, got {getattr(cfg, name)}")
+    if not cfg.learning_rate > 0:
+        raise UserError(f"--learning_rate must be positive, got {cfg.learning_rate}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise UserError(f"--max_steps must be a positive integer or -1 (use num_train_epochs), got {cfg.max_steps}")
+    if cfg.max_steps == -1 and not cfg.num_train_epochs > 0:
+        raise UserError(f"--num_train_epochs must be positive, got {cfg.num_train_epochs}")
+    if not cfg.target_modules:
+        raise UserError("--target_modules needs at least one module name")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: prep.py's rows
+# ---------------------------------------------------------------------------------------------
+
+def _check_messages(value: Any, role: str) -> bool:
+    return (
+        isinstance(value, list) and len(value) >= 1
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("user", "assistant") for m in value)
+        and value[-1]["role"] == role and value[-1]["content"].strip() != ""
+    )
+
+
+def validate_row(row: Any, line_no: int, path: Path) -> dict:
+    """One prep.py row: {"id", "prompt": [... user turn], "completion": [assistant turn]}; returns the row."""
+    row_id = row.get("id") if isinstance(row, dict) else None
+    where = f"{path} line {line_no}" + (f" (id {row_id!r})" if row_id is not None else "")
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+    if not _check_messages(row.get("prompt"), "user"):
+        raise UserError(f"{where}: field 'prompt' must be a list of chat messages ending with a non-empty user turn")
+    completion = row.get("completion")
+    if not (_check_messages(completion, "assistant") and len(completion) == 1):
+        raise UserError(f"{where}: field 'completion' must be one non-empty assistant message (the summary)")
+    return row
+
+
+def read_rows(path: Path) -> list[dict]:
+    """All rows of a prep.py JSONL file; errors name the file, the line and the field."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    rows = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} line {line_no}: not valid JSON ({err.msg}, column {err.colno})") from None
+        rows.append(validate_row(row, line_no, path))
+    return rows
+
+
+def load_prepared(data_dir: str) -> tuple[list[dict], list[dict], dict]:
+    """(train rows, dev rows, prep's stats.json or {}) from prep.py's output directory."""
+    root = Path(data_dir)
+    hint = f"run `python prep.py --out {data_dir}` first"
+    if not root.is_dir():
+        raise UserError(f"{data_dir}: data directory not found; {hint}")
+    train_path = root / "train.jsonl"
+    if not train_path.is_file():
+        raise UserError(f"{train_path}: file not found; {hint}")
+    train = read_rows(train_path)
+    if not train:
+        raise UserError(f"{train_path}: no rows to train on; {hint}")
+    dev_path = root / "dev.jsonl"
+    dev = read_rows(dev_path) if dev_path.is_file() else []
+    stats = read_json(root / "stats.json") if (root / "stats.json").is_file() else {}
+    return train, dev, stats if isinstance(stats, dict) else {}
+
+
+def to_trl_rows(rows: list[dict]) -> list[dict]:
+    """Only the two columns TRL templates: the user turn(s) and the summary."""
+    return [{"prompt": row["prompt"], "completion": row["completion"]} for row in rows]
+
+
+def count_tokens(tokenizer, row: dict) -> int:
+    """Length of the training sequence exactly as TRL builds it: the chat template over prompt + completion."""
+    return len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True)["input_ids"])
+
+
+def check_lengths(rows: list[dict], lengths: list[int], max_seq_length: int, path: str) -> None:
+    """Refuse rows that would be truncated: truncation keeps the start and would cut the summary."""
+    for row, length in zip(rows, lengths):
+        if length > max_seq_length:
+            over = sum(n > max_seq_length for n in lengths)
+            raise UserError(
+                f"{path}: row id {row.get('id')!r} is {length} tokens, longer than --max_seq_length {max_seq_length} "
+                f"({over} row(s) over) and truncation would cut its summary; re-run `python prep.py --max_seq_length "
+                f"{max_seq_length} --tokenizer <model>` (its length policy cuts middle utterances of long dialogues and "
+                f"drops long augmentation rows) or raise --max_seq_length"
+            )
+
+
+def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int) -> int:
+    """HF Trainer's count: micro-batches per epoch, then optimizer steps (a partial accumulation counts)."""
+    micro_batches = math.ceil(n_rows / batch_size)
+    return max(math.ceil(micro_batches / grad_accum), 1)
+
+
+def total_steps(cfg: TrainSettings, per_epoch: int) -> int:
+    return cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directory: finished runs, checkpoints, final/
+# ---------------------------------------------------------------------------------------------
+
+def is_finished_run(output_dir: Path) -> bool:
+    return (output_dir / "final" / "run_config.json").is_file()
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """checkpoint-N directories, newest (highest N) first."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_DIR.match(p.name).group(1)), reverse=True)
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """Trainer writes trainer_state.json last, so a checkpoint cut short by a kill has none (or a torn one)."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
+
+
+def find_resumable_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint; transformers' get_last_checkpoint would also pick a half-written one."""
+    return next((p for p in checkpoint_dirs(output_dir) if is_complete_checkpoint(p)), None)
+
+
+def resolve_resume(cfg: TrainSettings) -> Path | None:
+    output_dir = Path(cfg.output_dir)
+    if cfg.resume_from_checkpoint:
+        path = Path(cfg.resume_from_checkpoint)
+        if not is_complete_checkpoint(path):
+            raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no readable trainer_state.json)")
+        return path
+    if cfg.overwrite_output_dir:
+        return None
+    if is_finished_run(output_dir):
+        raise UserError(
+            f"{output_dir}: holds a finished run (final/run_config.json); pass --overwrite_output_dir to train again "
+            "from scratch, or choose another --output_dir"
+        )
+    return find_resumable_checkpoint(output_dir)
+
+
+def clear_previous_run(output_dir: Path) -> None:
+    """--overwrite_output_dir: remove what an earlier run of this script wrote, nothing else."""
+    for path in checkpoint_dirs(output_dir):
+        shutil.rmtree(path)
+    for name in ("final", "merged"):
+        if (output_dir / name).exists():
+            shutil.rmtree(output_dir / name)
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Swap a fully written staging directory into place, so target is never half written."""
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+
+def loss_curves(log_history: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(train, eval) as (step, loss) points from Trainer's log history."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    return train, evals
+
+
+def plot_loss(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = loss_curves(log_history)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss (dev)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": sys.version.split()[0]}
+    for name in ("unsloth", "unsloth_zoo", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def build_run_config(cfg: TrainSettings, stats: dict, device: str, log_history: list[dict],
+                     global_step: int, n_train: int, n_dev: int) -> dict:
+    """What travels with the adapter; infer.py reads base_model, max_seq_length and system_prompt back."""
+    train, evals = loss_curves(log_history)
+    return {
+        "base_model": cfg.model,
+        "max_seq_length": cfg.max_seq_length,
+        "system_prompt": bool(stats.get("system_prompt", False)),
+        "clean_inputs": bool(stats.get("clean_inputs", False)),
+        "settings": dataclasses.asdict(cfg),
+        "versions": library_versions(),
+        "device": device,
+        "train_rows": n_train,
+        "eval_rows": n_dev,
+        "global_step": global_step,
+        "train_loss": train[-1][1] if train else None,
+        "eval_loss": evals[-1][1] if evals else None,
+    }
+
+
+def settings_table(cfg: TrainSettings, facts: dict[str, Any]):
+    from rich.table import Table
+
+    table = Table(title="train.py", show_header=False, title_justify="left")
+    table.add_column(style="cyan")
+    table.add_column()
+    for key, value in facts.items():
+        table.add_row(key, f"[bold]{value}[/bold]")
+    table.add_section()
+    for key, value in dataclasses.asdict(cfg).items():
+        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    return table
+
+
+def load_lora_model(cfg: TrainSettings):
+    """The base model (4-bit unless --no-load_in_4bit) with fresh LoRA adapters, and its tokenizer."""
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=cfg.model,
+        max_seq_length=cfg.max_seq_length,
+        dtype=None,
+        load_in_4bit=cfg.load_in_4bit,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=cfg.seed,
+        max_seq_length=cfg.max_seq_length,
+    )
+    return model, tokenizer
+
+
+def build_trainer(cfg: TrainSettings, model, tokenizer, train_rows: list[dict], dev_rows: list[dict], bf16: bool):
+    """TRL's SFTTrainer over prep's prompt/completion rows: TRL templates them and masks the prompt."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    class EveryEpochToo(TrainerCallback):
+        """Trainer checkpoints (and evaluates) either per epoch or per N steps; this run wants both."""
+
+        def __init__(self):
+            self.saved_at = self.evaluated_at = -1
+
+        def on_save(self, args, state, control, **kwargs):
+            self.saved_at = state.global_step
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.evaluated_at = state.global_step
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            control.should_save = control.should_save or self.saved_at != state.global_step
+            if dev_rows:
+                control.should_evaluate = control.should_evaluate or self.evaluated_at != state.global_step
+
+    args = SFTConfig(
+        output_dir=cfg.output_dir,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        optim=cfg.optim,
+        seed=cfg.seed,
+        bf16=bf16,
+        fp16=not bf16,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps else "epoch",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy=("steps" if cfg.eval_steps else "epoch") if dev_rows else "no",
+        eval_steps=cfg.eval_steps or None,  # None: the "epoch" strategy
+        report_to=cfg.report_to,
+        max_length=cfg.max_seq_length,
+        packing=False,
+        completion_only_loss=True,
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(to_trl_rows(train_rows)),
+        eval_dataset=Dataset.from_list(to_trl_rows(dev_rows)) if dev_rows else None,
+        processing_class=tokenizer,
+        callbacks=[EveryEpochToo()],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def main(cfg: TrainSettings) -> None:
+    from rich.console import Console
+
+    console = Console()
+    started = time.time()
+    check_settings(cfg)
+    output_dir = Path(cfg.output_dir)
+
+    console.rule("[bold]Data")
+    train_rows, dev_rows, stats = load_prepared(cfg.data)
+    resume = resolve_resume(cfg)
+
+    import unsloth  # noqa: F401  (must come first: it patches transformers, TRL and PEFT)
+    import torch
+    from transformers import AutoTokenizer, set_seed
+    from unsloth import is_bfloat16_supported
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = f"CPU ({torch.get_num_threads()} threads)"
+        console.print("[yellow]CPU run: no GPU found, so this goes through Unsloth's CPU backend "
+                      "(meant for tests and smoke runs on tiny models, not for the 9B model).[/yellow]")
+    set_seed(cfg.seed)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--model {cfg.model}: cannot load its tokenizer ({first_line})") from None
+    train_lengths = [count_tokens(tokenizer, row) for row in train_rows]
+    dev_lengths = [count_tokens(tokenizer, row) for row in dev_rows]
+    check_lengths(train_rows, train_lengths, cfg.max_seq_length, f"{cfg.data}/train.jsonl")
+    check_lengths(dev_rows, dev_lengths, cfg.max_seq_length, f"{cfg.data}/dev.jsonl")
+    per_epoch = steps_per_epoch(len(train_rows), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+    bf16 = bool(is_bfloat16_supported())
+    console.print(settings_table(cfg, {
+        "device": device,
+        "train rows": len(train_rows),
+        "dev rows": len(dev_rows) or "none (no eval loss)",
+        "longest row (tokens)": max(train_lengths + dev_lengths),
+        "effective batch": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+        "steps per epoch": per_epoch,
+        "total steps": total_steps(cfg, per_epoch),
+        "precision": "bf16" if bf16 else "fp16",
+        "system prompt (from prep)": bool(stats.get("system_prompt", False)),
+        "resume from": str(resume) if resume else "start",
+    }))
+
+    console.rule("[bold]Model")
+    model, model_tokenizer = load_lora_model(cfg)
+    trainer = build_trainer(cfg, model, model_tokenizer, train_rows, dev_rows, bf16)
+
+    console.rule("[bold]Train")
+    if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+        clear_previous_run(output_dir)
+    if resume:
+        console.print(f"Resuming from {resume}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if dev_rows and not loss_curves(trainer.state.log_history)[1]:
+        trainer.evaluate()
+
+    console.rule("[bold]Save")
+    run_config = build_run_config(cfg, stats, device, trainer.state.log_history, trainer.state.global_step,
+                                  len(train_rows), len(dev_rows))
+    staging = output_dir / ".final.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.save_pretrained(str(staging))
+    model_tokenizer.save_pretrained(str(staging))
+    plot_loss(trainer.state.log_history, staging / "loss.png")
+    write_text_atomic(staging / "run_config.json", json.dumps(run_config, ensure_ascii=False, indent=2) + "\n")
+    replace_dir(staging, output_dir / "final")
+    console.print(f"adapter, tokenizer, run_config.json and loss.png -> {output_dir / 'final'}")
+    if cfg.save_merged:
+        merged_staging = output_dir / ".merged.partial"
+        if merged_staging.exists():
+            shutil.rmtree(merged_staging)
+        try:
+            model.save_pretrained_merged(str(merged_staging), model_tokenizer, save_method="merged_16bit")
+        except NotImplementedError as err:
+            raise UserError(f"--save_merged: {err} (the adapter in {output_dir / 'final'} is saved)") from None
+        replace_dir(merged_staging, output_dir / "merged")
+        console.print(f"merged 16-bit model -> {output_dir / 'merged'}")
+    if cfg.push_to_hub:
+        model.push_to_hub(cfg.push_to_hub)
+        model_tokenizer.push_to_hub(cfg.push_to_hub)
+        console.print(f"adapter and tokenizer uploaded to https://huggingface.co/{cfg.push_to_hub}")
+
+    console.rule("[bold]Done")
+    minutes = (time.time() - started) / 60
+    console.print(f"step {trainer.state.global_step}, train loss {run_config['train_loss']}, "
+                  f"eval loss {run_config['eval_loss']}, wall time {minutes:.1f} min")
+    if on_gpu:
+        console.print(f"peak GPU memory {torch.cuda.max_memory_reserved() / 2**30:.1f} GB on {device}")
+    console.print(f"next: [bold]python infer.py --model {output_dir / 'final'} --input data/일상대화요약_test.json[/bold]")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    try:
+        cfg = parse_train_settings(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    run_cli(main, cfg)
+
+
+if __name__ == "__main__":
+    cli()
