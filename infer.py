@@ -33,6 +33,8 @@ from typing import Any, Callable
 from prep import (
     UserError,
     build_messages,
+    clean_record,
+    drop_middle_utterances,
     dump_submission_json,
     load_competition_file,
     parse_settings,
@@ -98,6 +100,11 @@ def read_run_config(model_dir: Path) -> dict:
 def trained_system_prompt(run_config: dict) -> bool:
     """Whether training merged the baseline system prompt into the user turn (inference must match)."""
     return bool(run_config.get("system_prompt", run_config.get("settings", {}).get("system_prompt", False)))
+
+
+def trained_clean_inputs(run_config: dict) -> bool:
+    """Whether prep.py --clean_inputs cleaned the training conversations (inference must clean the same way)."""
+    return bool(run_config.get("clean_inputs", False))
 
 
 def resolve_model(model: str | None) -> tuple[str, dict]:
@@ -282,35 +289,31 @@ def chat_prompt(tokenizer, record: dict, system_prompt: bool) -> str:
     return tokenizer.apply_chat_template(build_messages(record, system_prompt), tokenize=False, add_generation_prompt=True)
 
 
-def _without_middle(record: dict, turns: list[dict]) -> dict:
+def _with_turns(record: dict, turns: list[dict]) -> dict:
     return {**record, "input": {**record["input"], "conversation": turns}}
 
 
 def shorten_to_fit(record: dict, render: Callable[[dict], str], count_tokens: Callable[[str], int], budget: int) -> tuple[str, bool]:
     """(prompt, shortened?) with the prompt at most `budget` tokens.
 
-    Whole utterances are removed from the middle of the conversation first (its opening and its end
-    carry the topic and the wrap-up); if the first and last utterances alone are still too long, their
-    middles are cut. Nothing is ever dropped entirely: a prompt that cannot fit raises UserError.
+    Whole utterances are removed from the middle of the conversation first, as prep.py cuts training
+    rows (its opening and its end carry the topic and the wrap-up); if the first and last utterances
+    alone are still too long, their middles are cut. A record is never dropped: a prompt that cannot
+    fit at all raises UserError.
     """
     prompt = render(record)
     if count_tokens(prompt) <= budget:
         return prompt, False
     turns = record["input"]["conversation"]
-
-    def keep(n_removed: int) -> list[dict]:
-        head = (len(turns) - n_removed + 1) // 2
-        return turns[:head] + turns[head + n_removed:]
-
-    low, high = 1, max(len(turns) - 2, 0)  # find the fewest removed turns that fit
+    low, high = 1, max(len(turns) - 2, 0)  # fewest middle utterances to drop so that the prompt fits
     while low < high:
         middle = (low + high) // 2
-        if count_tokens(render(_without_middle(record, keep(middle)))) <= budget:
+        if count_tokens(render(drop_middle_utterances(record, middle))) <= budget:
             high = middle
         else:
             low = middle + 1
-    kept = keep(high) if high else turns
-    prompt = render(_without_middle(record, kept))
+    kept = drop_middle_utterances(record, high)["input"]["conversation"]
+    prompt = render(_with_turns(record, kept))
     if count_tokens(prompt) <= budget:
         return prompt, True
 
@@ -326,11 +329,11 @@ def shorten_to_fit(record: dict, render: Callable[[dict], str], count_tokens: Ca
     low_chars, high_chars = 0, 1000  # binary search over the cut share, in 1/1000 steps
     while low_chars < high_chars:
         middle = (low_chars + high_chars) // 2
-        if count_tokens(render(_without_middle(record, cut(middle / 1000)))) <= budget:
+        if count_tokens(render(_with_turns(record, cut(middle / 1000)))) <= budget:
             high_chars = middle
         else:
             low_chars = middle + 1
-    prompt = render(_without_middle(record, cut(high_chars / 1000)))
+    prompt = render(_with_turns(record, cut(high_chars / 1000)))
     if count_tokens(prompt) > budget:
         raise UserError(f"record {record['id']!r}: the prompt cannot fit in {budget} tokens even without its conversation; raise --max_seq_length or lower --max_new_tokens")
     return prompt, True
@@ -584,17 +587,18 @@ def main(cfg: InferSettings) -> None:
     if evaluate and not has_refs:
         raise UserError(f"{cfg.input}: --eval needs every record's 'output' filled (the references)")
     model_name, run_config = resolve_model(cfg.model)
-    system_prompt = trained_system_prompt(run_config)
+    system_prompt, clean_inputs = trained_system_prompt(run_config), trained_clean_inputs(run_config)
     fingerprint = {
         "input_sha256": file_sha256(cfg.input), "model": str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
-        "system_prompt": system_prompt, "max_new_tokens": cfg.max_new_tokens, "repetition_penalty": cfg.repetition_penalty,
+        "system_prompt": system_prompt, "clean_inputs": clean_inputs, "max_new_tokens": cfg.max_new_tokens, "repetition_penalty": cfg.repetition_penalty,
         "max_seq_length": cfg.max_seq_length,
     }
     partial = partial_path(output)
     done = {i: out for i, out in load_partial(partial, fingerprint).items() if i in {r["id"] for r in records}}
 
     table = Table(title="infer.py settings", show_header=False)
-    for key, value in {**asdict(cfg), "model": model_name, "system_prompt (from training)": system_prompt}.items():
+    for key, value in {**asdict(cfg), "model": model_name, "system_prompt (from training)": system_prompt,
+                       "clean_inputs (from training)": clean_inputs}.items():
         table.add_row(key, str(value))
     console.print(table)
     console.print(f"{len(records)} records from {cfg.input}" + (f" ({dropped} empty utterances ignored)" if dropped else "")
@@ -611,6 +615,7 @@ def main(cfg: InferSettings) -> None:
         count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
         prompts, shortened = [], 0
         for record in todo:
+            record = clean_record(record)[0] if clean_inputs else record
             prompt, was_shortened = shorten_to_fit(record, lambda r: chat_prompt(tokenizer, r, system_prompt), count_tokens, budget)
             prompts.append(prompt)
             shortened += was_shortened
