@@ -470,7 +470,7 @@ def build_trainer(cfg: TrainSettings, model, tokenizer, train_rows: list[dict], 
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         eval_strategy=("steps" if cfg.eval_steps else "epoch") if dev_rows else "no",
-        eval_steps=cfg.eval_steps or None,  # None: the "epoch" strategy
+        eval_steps=cfg.eval_steps or None,
         report_to=cfg.report_to,
         max_length=cfg.max_seq_length,
         packing=False,
@@ -514,6 +514,8 @@ def main(cfg: TrainSettings) -> None:
         device = f"CPU ({torch.get_num_threads()} threads)"
         console.print("[yellow]CPU run: no GPU found, so this goes through Unsloth's CPU backend "
                       "(meant for tests and smoke runs on tiny models, not for the 9B model).[/yellow]")
+        if cfg.save_merged and cfg.load_in_4bit:
+            raise UserError("--save_merged on the CPU backend needs --no-load_in_4bit (it cannot merge into 4-bit weights)")
     set_seed(cfg.seed)
 
     try:
@@ -582,8 +584,9 @@ def main(cfg: TrainSettings) -> None:
 
     console.rule("[bold]Done")
     minutes = (time.time() - started) / 60
-    console.print(f"step {trainer.state.global_step}, train loss {run_config['train_loss']}, "
-                  f"eval loss {run_config['eval_loss']}, wall time {minutes:.1f} min")
+    losses = ", ".join(f"{name} {run_config[key]:.4f}" for name, key in (("train loss", "train_loss"), ("eval loss", "eval_loss"))
+                       if run_config[key] is not None)
+    console.print(f"step {trainer.state.global_step}, {losses}, wall time {minutes:.1f} min")
     if on_gpu:
         console.print(f"peak GPU memory {torch.cuda.max_memory_reserved() / 2**30:.1f} GB on {device}")
     console.print(f"next: [bold]python infer.py --model {output_dir / 'final'} --input data/일상대화요약_test.json[/bold]")
