@@ -281,21 +281,27 @@ def test_interrupted_run_resumes_without_regenerating(tmp_path, tiny_model_dir, 
 # End to end with a trained model: memorized summaries come back
 # ---------------------------------------------------------------------------------------------
 
-def test_trained_model_reproduces_memorized_summaries(tmp_path, trained_final_dir):
-    train_file = REPO / "data/sample/train.json"
-    result = run_infer("--model", str(trained_final_dir), "--input", str(train_file), "--output", "train_pred.json",
+def test_trained_model_reproduces_memorized_summaries(tmp_path, memorized_run):
+    """train.py's final/ folder (4-bit, as trained) through infer.py: the memorized summaries come back
+    exactly, which also proves the inference prompt is the one training used."""
+    final = memorized_run["run"] / "final"
+    records = memorized_run["records"]
+    (tmp_path / "memorized.json").write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
+    result = run_infer("--model", str(final), "--input", "memorized.json", "--output", "train_pred.json",
                        "--batch_size", "4", "--max_new_tokens", "256", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     predictions = json.loads((tmp_path / "train_pred.json").read_text(encoding="utf-8"))
-    references, _ = load_competition_file(train_file)
-    assert [p["output"] for p in predictions] == [r["output"].strip() for r in references]
+    assert [p["output"] for p in predictions] == [r["output"].strip() for r in records]
     scores = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
     assert scores["means"]["rouge1"] == pytest.approx(1.0)
     assert "bertscore" in scores["skipped"] and "bleurt" in scores["skipped"]
+    assert "mean of rouge1 only" in result.stdout
 
-    result = run_infer("--model", str(trained_final_dir), "--input", str(REPO / "data/sample/test.json"), "--output", "submission.json",
-                       "--batch_size", "4", "--max_new_tokens", "256", cwd=tmp_path)
+    scores_text = (tmp_path / "scores.json").read_text(encoding="utf-8")
+    test_file = REPO / "data/sample/test.json"
+    result = run_infer("--model", str(final), "--input", str(test_file), "--output", "submission.json",
+                       "--batch_size", "4", "--max_new_tokens", "64", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     submission = json.loads((tmp_path / "submission.json").read_text(encoding="utf-8"))
-    source = json.loads((REPO / "data/sample/test.json").read_text(encoding="utf-8"))
-    infer.check_submission(submission, source, "submission.json")
+    infer.check_submission(submission, json.loads(test_file.read_text(encoding="utf-8")), "submission.json")
+    assert (tmp_path / "scores.json").read_text(encoding="utf-8") == scores_text  # test outputs are empty: no scoring
