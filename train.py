@@ -501,6 +501,7 @@ def main(cfg: TrainSettings) -> None:
     console.rule("[bold]Data")
     train_rows, dev_rows, stats = load_prepared(cfg.data)
     resume = resolve_resume(cfg)
+    console.print(f"{cfg.data}: {len(train_rows)} train rows, {len(dev_rows)} dev rows")
 
     import unsloth  # noqa: F401  (must come first: it patches transformers, TRL and PEFT)
     import torch
@@ -537,7 +538,6 @@ def main(cfg: TrainSettings) -> None:
         "effective batch": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
         "steps per epoch": per_epoch,
         "total steps": total_steps(cfg, per_epoch),
-        "precision": "bf16" if bf16 else "fp16",
         "system prompt (from prep)": bool(stats.get("system_prompt", False)),
         "resume from": str(resume) if resume else "start",
     }))
@@ -545,6 +545,10 @@ def main(cfg: TrainSettings) -> None:
     console.rule("[bold]Model")
     model, model_tokenizer = load_lora_model(cfg)
     trainer = build_trainer(cfg, model, model_tokenizer, train_rows, dev_rows, bf16)
+    # Read back from the trainer: Unsloth's CPU backend may turn fp16 / bf16 off where the CPU lacks them.
+    precision = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"
+    optimizer = getattr(trainer.args.optim, "value", trainer.args.optim)
+    console.print(f"LoRA r {cfg.lora_r} on {', '.join(cfg.target_modules)}; precision {precision}; optimizer {optimizer}")
 
     console.rule("[bold]Train")
     if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
