@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The one test command, on a CPU-only machine with no model hub:
+#
+#     bash tests/run.sh                 # whole suite
+#     bash tests/run.sh -k memorize -x  # extra arguments go to pytest
+#
+# First use builds .venv at the repo root (~2-3 min): a CPU torch, requirements.txt without the
+# GPU-only xformers, the test tools, then unsloth + unsloth_zoo with --no-deps (they pin a certifi
+# newer than some registries hold; requirements.txt pins their dependencies instead). Later runs
+# reuse it while requirements.txt, tests/requirements-test.txt and this file are unchanged.
+# Exit code = pytest's.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+VENV=.venv
+STAMP="$VENV/.tests-run-stamp"
+TORCH_VERSION=2.13.0  # CPU build; unsloth accepts torch<2.15
+wanted_stamp=$(cat requirements.txt tests/requirements-test.txt tests/run.sh | sha256sum | cut -d' ' -f1)
+
+install() {
+    local scratch=$1 pip="$VENV/bin/python -m pip --disable-pip-version-check --no-input"
+    local unsloth_version zoo_version
+    unsloth_version=$(sed -nE 's/^[[:space:]]*unsloth[[:space:]]*==[[:space:]]*([^[:space:]#;]+).*/\1/p' requirements.txt)
+    zoo_version=$(sed -nE 's/^[[:space:]]*unsloth[_-]zoo[[:space:]]*==[[:space:]]*([^[:space:]#;]+).*/\1/p' requirements.txt)
+    if [[ -z $unsloth_version || -z $zoo_version ]]; then
+        echo "tests/run.sh: requirements.txt must pin unsloth==X and unsloth_zoo==X" >&2
+        exit 1
+    fi
+    echo "tests/run.sh: building $VENV (CPU torch $TORCH_VERSION, unsloth $unsloth_version) ..."
+    rm -rf "$VENV"
+    "${PYTHON:-python3}" -m venv "$VENV"
+    $pip install --quiet --progress-bar off "torch==$TORCH_VERSION"
+    # Keep pip from swapping torch for a CUDA build while it resolves the rest.
+    echo "torch==$TORCH_VERSION" > "$scratch/torch-pin.txt"
+    if [[ -f /etc/xdg/pip/constraints.txt ]]; then cat /etc/xdg/pip/constraints.txt >> "$scratch/torch-pin.txt"; fi
+    grep -vE '^[[:space:]]*(unsloth|unsloth[_-]zoo|xformers)[[:space:]]*([=<>!~;[#]|$)' requirements.txt > "$scratch/requirements-cpu.txt"
+    $pip install --quiet --progress-bar off -c "$scratch/torch-pin.txt" -r "$scratch/requirements-cpu.txt" -r tests/requirements-test.txt
+    $pip install --quiet --progress-bar off --no-deps "unsloth==$unsloth_version" "unsloth_zoo==$zoo_version"
+    # torchvision from PyPI does not match the CPU torch and breaks unsloth's import check.
+    if $pip show --quiet torchvision >/dev/null 2>&1; then
+        echo "tests/run.sh: torchvision got installed into $VENV; nothing here needs it and it breaks unsloth on CPU" >&2
+        exit 1
+    fi
+    "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is not None and 'a CUDA torch got installed')"
+    echo "$wanted_stamp" > "$STAMP"
+}
+
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+
+if [[ ! -x $VENV/bin/python || "$(cat "$STAMP" 2>/dev/null)" != "$wanted_stamp" ]]; then
+    install "$scratch"
+fi
+
+# Offline, and every cache in the scratch dir: nothing reaches a hub or writes outside temp dirs
+# (unsloth's GPU path compiles into ./unsloth_compiled_cache unless told otherwise).
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+export TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
+export HF_HOME="$scratch/hf" MPLCONFIGDIR="$scratch/matplotlib" UNSLOTH_COMPILE_LOCATION="$scratch/unsloth_compiled_cache"
+export TRITON_CACHE_DIR="$scratch/triton" TORCHINDUCTOR_CACHE_DIR="$scratch/inductor"
+
+status=0
+"$VENV/bin/python" -m pytest -c tests/pytest.ini --rootdir=. "$@" || status=$?
+exit "$status"
