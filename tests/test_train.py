@@ -137,6 +137,7 @@ def test_final_dir_holds_adapter_tokenizer_run_config_and_plot(memorized, tiny_m
                  "run_config.json", "loss.png"):
         assert (final / name).is_file(), name
     assert "<start_of_turn>" in (final / "chat_template.jinja").read_text(encoding="utf-8")
+    assert (final / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     adapter = json.loads((final / "adapter_config.json").read_text(encoding="utf-8"))
     assert adapter["r"] == 16 and set(adapter["target_modules"]) == set(train.SEVEN_PROJECTIONS)
     config = json.loads((final / "run_config.json").read_text(encoding="utf-8"))
