@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import infer  # noqa: E402  (import-light by design: no torch, no unsloth)
-from prep import UserError, load_competition_file, validate_record  # noqa: E402
+from prep import UserError, validate_record  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"}
 FAST = ["--no-load_in_4bit", "--max_new_tokens", "16"]
