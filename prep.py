@@ -83,7 +83,9 @@ def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
 
 def build_parser(settings_cls: type, description: str) -> argparse.ArgumentParser:
     """One `--field_name` flag per dataclass field, typed from its annotation, help from its metadata."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # allow_abbrev=False: a mistyped flag (--learning_rat) must fail, not silently set another setting.
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     allow_abbrev=False)
     hints = typing.get_type_hints(settings_cls)
     for f in dataclasses.fields(settings_cls):
         annotation, _ = _unwrap_optional(hints[f.name])

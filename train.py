@@ -137,7 +137,7 @@ def load_yaml_config(path: str, settings_cls: type = TrainSettings) -> dict[str,
 
 def parse_train_settings(argv: list[str] | None) -> TrainSettings:
     """Flags over YAML over the dataclass defaults: the YAML values become the parser's defaults."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     parser = build_parser(TrainSettings, DESCRIPTION)

@@ -258,6 +258,8 @@ def test_row_longer_than_max_seq_length_is_refused(tiny_model_dir, prepared, tmp
 
 def test_unknown_flag():
     assert_one_line_error(run_script(["train.py", "--lora_rank", "8"]), "unrecognized arguments: --lora_rank")
+    # A prefix of a real flag is a typo too, not a silent --learning_rate.
+    assert_one_line_error(run_script(["train.py", "--learning_rat", "1"]), "unrecognized arguments: --learning_rat")
 
 
 def test_bad_yaml(tmp_path):
