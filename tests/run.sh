@@ -18,6 +18,7 @@ TORCH_VERSION=2.13.0  # CPU build; unsloth accepts torch<2.15
 wanted_stamp=$(cat requirements.txt tests/requirements-test.txt tests/run.sh | sha256sum | cut -d' ' -f1)
 
 install() {
+    # -qq: the machine-wide pip.conf names index folders that may be absent, one warning per package.
     local scratch=$1 pip="$VENV/bin/python -m pip --disable-pip-version-check --no-input"
     local unsloth_version zoo_version
     unsloth_version=$(sed -nE 's/^[[:space:]]*unsloth[[:space:]]*==[[:space:]]*([^[:space:]#;]+).*/\1/p' requirements.txt)
@@ -29,13 +30,13 @@ install() {
     echo "tests/run.sh: building $VENV (CPU torch $TORCH_VERSION, unsloth $unsloth_version) ..."
     rm -rf "$VENV"
     "${PYTHON:-python3}" -m venv "$VENV"
-    $pip install --quiet --progress-bar off "torch==$TORCH_VERSION"
+    $pip install --quiet --quiet --progress-bar off "torch==$TORCH_VERSION"
     # Keep pip from swapping torch for a CUDA build while it resolves the rest.
     echo "torch==$TORCH_VERSION" > "$scratch/torch-pin.txt"
     if [[ -f /etc/xdg/pip/constraints.txt ]]; then cat /etc/xdg/pip/constraints.txt >> "$scratch/torch-pin.txt"; fi
     grep -vE '^[[:space:]]*(unsloth|unsloth[_-]zoo|xformers)[[:space:]]*([=<>!~;[#]|$)' requirements.txt > "$scratch/requirements-cpu.txt"
-    $pip install --quiet --progress-bar off -c "$scratch/torch-pin.txt" -r "$scratch/requirements-cpu.txt" -r tests/requirements-test.txt
-    $pip install --quiet --progress-bar off --no-deps "unsloth==$unsloth_version" "unsloth_zoo==$zoo_version"
+    $pip install --quiet --quiet --progress-bar off -c "$scratch/torch-pin.txt" -r "$scratch/requirements-cpu.txt" -r tests/requirements-test.txt
+    $pip install --quiet --quiet --progress-bar off --no-deps "unsloth==$unsloth_version" "unsloth_zoo==$zoo_version"
     # torchvision from PyPI does not match the CPU torch and breaks unsloth's import check.
     if $pip show --quiet torchvision >/dev/null 2>&1; then
         echo "tests/run.sh: torchvision got installed into $VENV; nothing here needs it and it breaks unsloth on CPU" >&2
