@@ -20,6 +20,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "data" / "sample"
+sys.path.insert(0, str(REPO_ROOT))  # tests import prep / train / infer; pytest itself only adds tests/
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -159,6 +160,16 @@ def run_script(args, *, cwd=None, env=None, timeout: float = 900, input: str | N
         text=True,
         timeout=timeout,
     )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user error as the scripts promise it: exit 2, one `error: ...` line on stderr holding every fragment."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture(scope="session")

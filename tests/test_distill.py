@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import prep  # noqa: E402
+import prep
+from conftest import REPO_ROOT as REPO
 
 TOPIC = re.compile(r"위 (topic-\d+) 주제")
 

@@ -18,28 +18,16 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import infer  # import-light by design: no torch, no unsloth
+from conftest import OFFLINE_ENV, REPO_ROOT as REPO, assert_one_line_error, run_script
+from prep import UserError, validate_record
 
-import infer  # noqa: E402  (import-light by design: no torch, no unsloth)
-from prep import UserError, validate_record  # noqa: E402
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"}
+ENV = {**os.environ, **OFFLINE_ENV}
 FAST = ["--no-load_in_4bit", "--max_new_tokens", "16"]
 
 
 def run_infer(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "infer.py"), *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    return run_script(["infer.py", *args], cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

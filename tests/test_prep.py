@@ -6,37 +6,23 @@ untouched --out on failure) goes through `python prep.py ...` in a subprocess.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # plain `pytest` puts tests/, not the repo, on the path
-
-import prep  # noqa: E402
-from prep import UserError  # noqa: E402
+import prep
+from conftest import REPO_ROOT as REPO, assert_one_line_error, run_script
+from prep import UserError
 
 SAMPLE = REPO / "data" / "sample"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 OUT_FILES = ("train.jsonl", "dev.jsonl", "stats.json", "lengths.png")
 
 
 def run_prep(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "prep.py"), *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+    return run_script(["prep.py", *args], cwd=cwd, timeout=300)
 
 
 def record(rid: str = "r1", conversation=None, keywords=("여행",), output: str = "요약입니다.") -> dict:

@@ -13,19 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import END_OF_TURN_ID, OFFLINE_ENV, REPO_ROOT, run_script
+import train
+from conftest import END_OF_TURN_ID, MEMORIZE_ROWS, OFFLINE_ENV, REPO_ROOT, run_script
+from prep import UserError
 
-sys.path.insert(0, str(REPO_ROOT))  # plain `pytest` puts tests/, not the repo, on the path
-import train  # noqa: E402
-from prep import UserError  # noqa: E402
-
-# Learns 4 sample summaries token-perfectly well before the last step (found with tests/test_fixture.py).
-MEMORIZE_FLAGS = [
-    "--max_steps", "60", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
-    "--weight_decay", "0", "--lora_r", "16", "--lora_alpha", "16", "--lora_dropout", "0",
-    "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-    "--logging_steps", "10", "--save_total_limit", "1", "--max_seq_length", "1024",
-]
 # 8 rows, micro-batch 2, no accumulation: 4 steps per epoch, 12 in all, a checkpoint every 2.
 RESUME_FLAGS = [
     "--num_train_epochs", "3", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
@@ -98,24 +89,14 @@ def prepared(tiny_model_dir, sample_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prepared_four(prepared, tmp_path_factory) -> Path:
-    """The first 4 train rows and no dev rows: what the memorization run learns (dev loss is covered by the resume runs)."""
-    out = tmp_path_factory.mktemp("prepared_four")
-    lines = (prepared / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-    (out / "train.jsonl").write_text("".join(lines[:4]), encoding="utf-8")
-    (out / "stats.json").write_bytes((prepared / "stats.json").read_bytes())
-    return out
-
-
-@pytest.fixture(scope="module")
-def memorized(tiny_model_dir, prepared_four, tmp_path_factory) -> dict:
+def memorized(memorized_run, tmp_path_factory) -> dict:
+    """conftest's shared train.py run on the first 4 sample rows, plus greedy generations from its final/
+    in a fresh process."""
     out = tmp_path_factory.mktemp("memorize")
-    result = run_script(["train.py", "--model", tiny_model_dir, "--data", prepared_four, "--output_dir", out / "run",
-                         *MEMORIZE_FLAGS], cwd=out)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    generated = python(GENERATE_FROM_FINAL, out / "run" / "final", prepared_four / "train.jsonl", out / "generated.json", cwd=out)
+    prepared_four = memorized_run["prepared"]
+    generated = python(GENERATE_FROM_FINAL, memorized_run["run"] / "final", prepared_four / "train.jsonl", out / "generated.json", cwd=out)
     assert generated.returncode == 0, generated.stdout[-3000:] + generated.stderr[-3000:]
-    return {"result": result, "run": out / "run", "generated": json.loads((out / "generated.json").read_text(encoding="utf-8")),
+    return {**memorized_run, "generated": json.loads((out / "generated.json").read_text(encoding="utf-8")),
             "rows": read_jsonl(prepared_four / "train.jsonl")}
 
 
@@ -144,8 +125,8 @@ def test_final_dir_holds_adapter_tokenizer_run_config_and_plot(memorized, tiny_m
     assert config["base_model"] == str(tiny_model_dir)
     assert config["max_seq_length"] == 1024 and config["system_prompt"] is False
     assert config["settings"]["learning_rate"] == 1e-2 and config["settings"]["max_steps"] == 60
-    assert config["global_step"] == 60 and config["train_rows"] == 4 and config["eval_rows"] == 0
-    assert config["train_loss"] < 3 and config["eval_loss"] is None
+    assert config["global_step"] == 60 and config["train_rows"] == MEMORIZE_ROWS and config["eval_rows"] == 3
+    assert config["train_loss"] < 3 and config["eval_loss"] is not None
     assert {"unsloth", "transformers", "trl", "peft", "torch"} <= set(config["versions"])
     assert config["device"].startswith("CPU")
     checkpoints = train.checkpoint_dirs(memorized["run"])
@@ -161,7 +142,8 @@ def test_console_reports_cpu_preflight_and_next_command(memorized):
     assert f"python infer.py --model {memorized['run'] / 'final'}" in out
 
 
-def test_labels_cover_only_summary_and_end_of_turn(tiny_model_dir, prepared_four, tmp_path):
+def test_labels_cover_only_summary_and_end_of_turn(tiny_model_dir, memorized_run, tmp_path):
+    prepared_four = memorized_run["prepared"]
     dump = tmp_path / "batch.json"
     result = python(DUMP_TRAINING_BATCH, REPO_ROOT, dump, tiny_model_dir, "--model", tiny_model_dir, "--data", prepared_four,
                     "--per_device_train_batch_size", "4", "--max_seq_length", "1024", "--output_dir", tmp_path / "run", cwd=tmp_path)
