@@ -1050,7 +1050,8 @@ def main(cfg: PrepSettings) -> None:
             length_table.add_row(name, *(str(values[k]) for k in ("p50", "p90", "p99", "max")))
     console.print(length_table)
     console.print(f"wrote {len(train_rows)} train and {len(dev_rows)} dev rows, stats.json and lengths.png to {out}/ in {time.time() - started:.1f}s")
-    console.print(f"next: python train.py   (reads {out}/train.jsonl and {out}/dev.jsonl)")
+    data_flag = "" if Path(cfg.out) == Path(PrepSettings.out) else f" --data {cfg.out}"  # train.py reads data/prepared by default
+    console.print(f"next: python train.py{data_flag}")
 
 
 # ---------------------------------------------------------------------------------------------

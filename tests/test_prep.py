@@ -331,6 +331,7 @@ def test_e2e_rows_are_trl_prompt_completion(sample_run):
     assert sample_run["first"].returncode == 0, sample_run["first"].stderr
     out = sample_run["out"]
     assert sorted(p.name for p in out.iterdir()) == sorted(OUT_FILES)
+    assert f"next: python train.py --data {out}" in sample_run["first"].stdout
     train = read_jsonl(out / "train.jsonl")
     raw = json.loads((SAMPLE / "train.json").read_text(encoding="utf-8"))
     competition = [row for row in train if row["source"] == str(SAMPLE / "train.json")]
