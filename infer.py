@@ -48,7 +48,7 @@ from prep import (
 class InferSettings:
     input: str = field(default="data/일상대화요약_test.json", metadata={"help": "competition JSON to summarize (test, dev or train)"})
     model: str | None = field(default=None, metadata={"help": "trained final/ folder, merged model folder or Hub id; default: newest outputs/*/final"})
-    output: str = field(default="submission.json", metadata={"help": "submission file to write (never the input file)"})
+    output: str | None = field(default=None, metadata={"help": "file to write (never the input file); default: submission.json, or <input name>_pred.json when the input has references (dev)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generate() call; halved automatically on CUDA out-of-memory"})
     max_new_tokens: int = field(default=1024, metadata={"help": "generation budget per summary"})
     repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 = off; ~1.1 curbs repetition loops"})
@@ -262,7 +262,7 @@ def generate_texts(
             indices = order[position:position + size]
             try:
                 texts, new_tokens = _generate_batch(model, tokenizer, [encoded[i] for i in indices], stops, generation_kwargs)
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise UserError("CUDA out of memory at batch size 1: lower --max_new_tokens or --max_seq_length") from None
                 size //= 2
@@ -505,7 +505,7 @@ def print_scores(result: dict, console) -> None:
     for name, reason in result["skipped"].items():
         table.add_row(name, "skipped", style="dim")
     if result["mean_of_computed"] is not None:
-        label = "final (mean of all three)" if not result["skipped"] else f"mean of {', '.join(result['computed'])} only"
+        label = "final (mean of all three)" if set(result["computed"]) == set(KNOWN_METRICS) else f"mean of {', '.join(result['computed'])} only"
         table.add_row(label, f"{100 * result['mean_of_computed']:.2f}", style="bold")
     console.print(table)
     lengths = [item["pred_chars"] for item in result["items"]]
@@ -535,6 +535,12 @@ def write_scores(result: dict, path: Path, console) -> None:
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
+
+def default_output(input_path: str | Path, has_refs: bool) -> Path:
+    """submission.json for a test file; `<input>_pred.json` for a file with references, so scoring dev never
+    overwrites the test submission."""
+    return Path(f"{Path(input_path).stem}_pred.json") if has_refs else Path("submission.json")
+
 
 def check_settings(cfg: InferSettings) -> None:
     unknown = [m for m in cfg.metrics if m not in KNOWN_METRICS]
@@ -573,16 +579,16 @@ def main(cfg: InferSettings) -> None:
         return
 
     started = time.perf_counter()
-    output = Path(cfg.output)
-    if output.resolve() == Path(cfg.input).resolve():
-        raise UserError(f"--output {output} is the input file: choose another name (the input is never overwritten)")
-    if output.is_dir():
-        raise UserError(f"--output {output} is a folder: give a file name")
     records, dropped = load_competition_file(cfg.input)
     raw_records = read_json(cfg.input)
     if cfg.limit:
         records, raw_records = records[:cfg.limit], raw_records[:cfg.limit]
     has_refs = all(r["output"].strip() for r in records)
+    output = Path(cfg.output) if cfg.output else default_output(cfg.input, has_refs)
+    if output.resolve() == Path(cfg.input).resolve():
+        raise UserError(f"--output {output} is the input file: choose another name (the input is never overwritten)")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder: give a file name")
     evaluate = has_refs if cfg.eval is None else cfg.eval
     if evaluate and not has_refs:
         raise UserError(f"{cfg.input}: --eval needs every record's 'output' filled (the references)")

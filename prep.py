@@ -904,15 +904,16 @@ def main(cfg: PrepSettings) -> None:
     if cfg.limit:
         train_pairs = [p for source in cfg.train for p in sample_rows([p for p in train_pairs if p[0] == source], cfg.limit, cfg.seed)]
     dev_pairs = dev[0]
-    if cfg.train_on_dev:
-        new_counts(cfg.dev)["loaded"] = len(dev_pairs)
-        train_pairs += dev_pairs
-    for source, _ in train_pairs:
-        counts[source]["sampled"] += 1
     console.print(
         f"train {len(train_pairs)} · dev {len(dev_pairs)} · test {len(test[0])} records"
         f"{' (dev folded into train)' if cfg.train_on_dev else ''} · {empty_dropped} empty utterances dropped"
     )
+    if cfg.train_on_dev:
+        new_counts(cfg.dev)["loaded"] = len(dev_pairs)
+        # dev.jsonl stays empty: a loss on rows the model trained on is no held-out eval loss.
+        train_pairs, dev_pairs = train_pairs + dev_pairs, []
+    for source, _ in train_pairs:
+        counts[source]["sampled"] += 1
     cleaning = {"chars_before": 0, "chars_saved": 0, "utterances_dropped": 0}
     if cfg.clean_inputs:
         cleaned_pairs = {}

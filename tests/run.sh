@@ -4,8 +4,8 @@
 #     bash tests/run.sh                 # whole suite
 #     bash tests/run.sh -k memorize -x  # extra arguments go to pytest
 #
-# First use builds .venv at the repo root (~2-3 min): a CPU torch, requirements.txt without the
-# GPU-only xformers, the test tools, then unsloth + unsloth_zoo with --no-deps (they pin a certifi
+# First use builds .venv at the repo root (~2-3 min): a CPU torch, requirements.txt, the test
+# tools, then unsloth + unsloth_zoo with --no-deps (they pin a certifi
 # newer than some registries hold; requirements.txt pins their dependencies instead). Later runs
 # reuse it while requirements.txt, tests/requirements-test.txt and this file are unchanged.
 # Exit code = pytest's.
@@ -34,7 +34,7 @@ install() {
     # Keep pip from swapping torch for a CUDA build while it resolves the rest.
     echo "torch==$TORCH_VERSION" > "$scratch/torch-pin.txt"
     if [[ -f /etc/xdg/pip/constraints.txt ]]; then cat /etc/xdg/pip/constraints.txt >> "$scratch/torch-pin.txt"; fi
-    grep -vE '^[[:space:]]*(unsloth|unsloth[_-]zoo|xformers)[[:space:]]*([=<>!~;[#]|$)' requirements.txt > "$scratch/requirements-cpu.txt"
+    grep -vE '^[[:space:]]*(unsloth|unsloth[_-]zoo)[[:space:]]*([=<>!~;[#]|$)' requirements.txt > "$scratch/requirements-cpu.txt"
     $pip install --quiet --quiet --progress-bar off -c "$scratch/torch-pin.txt" -r "$scratch/requirements-cpu.txt" -r tests/requirements-test.txt
     $pip install --quiet --quiet --progress-bar off --no-deps "unsloth==$unsloth_version" "unsloth_zoo==$zoo_version"
     # torchvision from PyPI does not match the CPU torch and breaks unsloth's import check.

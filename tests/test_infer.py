@@ -163,6 +163,7 @@ def test_score_mode_scores_a_file_without_torch(tmp_path):
     assert by_id[refs[1]["id"]] == by_id[refs[2]["id"]] == 1.0
     assert 0 < by_id[refs[0]["id"]] < 1
     assert scores["means"]["rouge1"] == pytest.approx(sum(by_id.values()) / 3)
+    assert "mean of rouge1 only" in result.stdout and "mean of all three" not in result.stdout
 
 
 def test_score_mode_reports_id_mismatch(tmp_path):
@@ -292,10 +293,12 @@ def test_trained_model_reproduces_memorized_summaries(tmp_path, memorized_run):
     final = memorized_run["run"] / "final"
     records = memorized_run["records"]
     (tmp_path / "memorized.json").write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
-    result = run_infer("--model", str(final), "--input", "memorized.json", "--output", "train_pred.json",
+    # No --output: an input with references writes <input>_pred.json, never a test submission.json.
+    result = run_infer("--model", str(final), "--input", "memorized.json",
                        "--batch_size", "4", "--max_new_tokens", "256", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    predictions = json.loads((tmp_path / "train_pred.json").read_text(encoding="utf-8"))
+    assert not (tmp_path / "submission.json").exists()
+    predictions = json.loads((tmp_path / "memorized_pred.json").read_text(encoding="utf-8"))
     assert [p["output"] for p in predictions] == [r["output"].strip() for r in records]
     scores = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
     assert scores["means"]["rouge1"] == pytest.approx(1.0)
@@ -304,7 +307,7 @@ def test_trained_model_reproduces_memorized_summaries(tmp_path, memorized_run):
 
     scores_text = (tmp_path / "scores.json").read_text(encoding="utf-8")
     test_file = REPO / "data/sample/test.json"
-    result = run_infer("--model", str(final), "--input", str(test_file), "--output", "submission.json",
+    result = run_infer("--model", str(final), "--input", str(test_file),
                        "--batch_size", "4", "--max_new_tokens", "64", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     submission = json.loads((tmp_path / "submission.json").read_text(encoding="utf-8"))

@@ -375,6 +375,7 @@ def test_e2e_clean_inputs_train_on_dev_limit(tmp_path):
     train = read_jsonl(tmp_path / "o" / "train.jsonl")
     assert len(train) == 5 + 3
     assert {row["source"] for row in train[5:]} == {str(SAMPLE / "dev.json")}
+    assert read_jsonl(tmp_path / "o" / "dev.jsonl") == [], "dev trained on is no held-out eval set"
     texts = [row["prompt"][0]["content"] for row in train]
     assert all(t.startswith(prep.BASELINE_SYSTEM_PROMPT + "\n\n[Conversation]\n") for t in texts)
     assert not any("어~" in t or "음~" in t for t in texts)
