@@ -34,7 +34,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -137,6 +137,18 @@ def read_json(path: str | Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+
+
+def parse_jsonl(text: str, path: str | Path, hint: str = "") -> Iterator[tuple[int, Any]]:
+    """(line number, value) for every non-blank line; a line that is not JSON stops the run naming file and line."""
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: line {line_number} is not valid JSON ({err.msg}, column {err.colno}){hint}") from None
+        yield line_number, value
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -583,15 +595,7 @@ def read_local_rows(path: Path) -> list[dict]:
         except Exception as err:  # pyarrow raises several types for a damaged file
             raise UserError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
     if suffix == ".jsonl":
-        rows = []
-        for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}: line {line_no} is not valid JSON ({err.msg})") from None
-        return rows
+        return [row for _, row in parse_jsonl(path.read_text(encoding="utf-8-sig"), path)]
     if suffix == ".json":
         data = read_json(path)
         if not isinstance(data, list):
@@ -1243,13 +1247,7 @@ def read_done_ids(path: str | Path) -> set[str]:
             handle.truncate(keep)
         data = data[:keep]
     done = set()
-    for line_number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: line {line_number} is not valid JSON ({err.msg}); fix or delete that line, or pick another --output") from None
+    for line_number, row in parse_jsonl(data.decode("utf-8", errors="replace"), path, "; fix or delete that line, or pick another --output"):
         if not isinstance(row, dict) or not isinstance(row.get("id"), str):
             raise UserError(f"{path}: line {line_number}: field 'id' missing; this file was not written by prep.py distill/magpie, pick another --output")
         done.add(row["id"])

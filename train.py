@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prep import UserError, _unwrap_optional, build_parser, read_json, run_cli, write_text_atomic
+from prep import UserError, _unwrap_optional, build_parser, parse_jsonl, read_json, run_cli, write_text_atomic
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -199,16 +199,7 @@ def read_rows(path: Path) -> list[dict]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} line {line_no}: not valid JSON ({err.msg}, column {err.colno})") from None
-        rows.append(validate_row(row, line_no, path))
-    return rows
+    return [validate_row(row, line_no, path) for line_no, row in parse_jsonl(text, path)]
 
 
 def load_prepared(data_dir: str) -> tuple[list[dict], list[dict], dict]:
