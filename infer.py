@@ -40,6 +40,7 @@ from prep import (
     parse_settings,
     read_json,
     run_cli,
+    validate_competition_data,
     write_text_atomic,
 )
 
@@ -579,8 +580,8 @@ def main(cfg: InferSettings) -> None:
         return
 
     started = time.perf_counter()
-    records, dropped = load_competition_file(cfg.input)
-    raw_records = read_json(cfg.input)
+    raw_records = read_json(cfg.input)  # kept as given: the submission changes nothing but `output`
+    records, dropped = validate_competition_data(raw_records, cfg.input)
     if cfg.limit:
         records, raw_records = records[:cfg.limit], raw_records[:cfg.limit]
     has_refs = all(r["output"].strip() for r in records)

@@ -224,7 +224,11 @@ def validate_record(record: Any, index: int, path: str | Path) -> tuple[dict, in
 
 def load_competition_file(path: str | Path) -> tuple[list[dict], int]:
     """Read and validate a competition JSON list; returns (records, empty utterances dropped)."""
-    data = read_json(path)
+    return validate_competition_data(read_json(path), path)
+
+
+def validate_competition_data(data: Any, path: str | Path) -> tuple[list[dict], int]:
+    """Validate an already parsed competition file (for callers that also need the raw list)."""
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     records, dropped, seen = [], 0, {}
