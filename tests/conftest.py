@@ -224,7 +224,7 @@ model.save_pretrained(dst)
 @pytest.fixture(scope="session")
 def chatty_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model after a few steps of plain torch training on CHATTY_TURNS: its turns end, so
-    prep.py magpie and distill's local teacher keep some rows. Trained in a subprocess so this
+    distill.py magpie and distill's local teacher keep some rows. Trained in a subprocess so this
     pytest process never imports transformers ahead of unsloth."""
     out = tmp_path_factory.mktemp("chatty_model")
     subprocess.run([sys.executable, "-c", _TEACH_CHATTY, str(tiny_model_dir), str(out), json.dumps(CHATTY_TURNS, ensure_ascii=False)],

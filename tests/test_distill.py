@@ -1,4 +1,4 @@
-"""`prep.py distill` end to end against a real OpenAI-style HTTP server on 127.0.0.1.
+"""`distill.py distill` end to end against a real OpenAI-style HTTP server on 127.0.0.1.
 
 The server is scripted per row (normal answers, 429s, 500s, a reply slower than the timeout, an
 empty answer, a refusal, a stall) and counts the requests it gets for every row, so the tests can
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import distill
 import prep
 from conftest import REPO_ROOT as REPO
 
@@ -139,7 +140,7 @@ def local_env(**extra: str) -> dict:
 
 def distill_command(input_path: Path, out: Path, url: str, *extra: str) -> list[str]:
     return [
-        sys.executable, str(REPO / "prep.py"), "distill", "--input", str(input_path), "--output", str(out),
+        sys.executable, str(REPO / "distill.py"), "distill", "--input", str(input_path), "--output", str(out),
         "--teacher_url", url, "--teacher_model", "test-teacher", "--backoff_base", "0.05", "--backoff_max", "0.2", *extra,
     ]
 
@@ -255,7 +256,7 @@ def test_local_teacher_and_output_feeds_prep_extra(tmp_path, chatty_model_dir):
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps({"id": f"q{i}", "question": q}, ensure_ascii=False) + "\n" for i, (q, _) in enumerate(CHATTY_TURNS)), encoding="utf-8")
     out = tmp_path / "local.jsonl"
-    command = [sys.executable, str(REPO / "prep.py"), "distill", "--input", str(tmp_path / "comp.json"), str(questions), "--output", str(out),
+    command = [sys.executable, str(REPO / "distill.py"), "distill", "--input", str(tmp_path / "comp.json"), str(questions), "--output", str(out),
                "--teacher_url", "local", "--teacher_model", str(chatty_model_dir), "--no-load_in_4bit", "--max_new_tokens", "24", "--batch_size", "3"]
     result = subprocess.run(command, cwd=REPO, env=local_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -289,7 +290,7 @@ def test_http_output_feeds_prep_extra(tmp_path, server):
 def test_truncated_last_line_from_a_crash_is_dropped(tmp_path):
     out = tmp_path / "o.jsonl"
     out.write_text('{"id": "a", "output": "x"}\n{"id": "b", "outp', encoding="utf-8")
-    assert prep.read_done_ids(out) == {"a"}
+    assert distill.read_done_ids(out) == {"a"}
     assert out.read_text(encoding="utf-8") == '{"id": "a", "output": "x"}\n'
 
 
@@ -297,16 +298,16 @@ def test_backoff_and_retry_after():
     import random
 
     rng = random.Random(0)
-    delays = [prep.backoff_delay(attempt, 1.0, 60.0, None, rng) for attempt in (1, 2, 3, 8)]
+    delays = [distill.backoff_delay(attempt, 1.0, 60.0, None, rng) for attempt in (1, 2, 3, 8)]
     assert 0.5 <= delays[0] <= 1.0 and 1.0 <= delays[1] <= 2.0 and 2.0 <= delays[2] <= 4.0 and 30.0 <= delays[3] <= 60.0
-    assert prep.backoff_delay(3, 1.0, 60.0, 7.0, rng) == 7.0
-    assert prep.parse_retry_after("3") == 3.0 and prep.parse_retry_after(None) is None and prep.parse_retry_after("soon") is None
+    assert distill.backoff_delay(3, 1.0, 60.0, 7.0, rng) == 7.0
+    assert distill.parse_retry_after("3") == 3.0 and distill.parse_retry_after(None) is None and distill.parse_retry_after("soon") is None
 
 
 def test_answer_judging():
     ok = {"choices": [{"message": {"role": "assistant", "content": " 요약 \n"}, "finish_reason": "stop"}]}
-    assert prep.answer_from_completion(ok) == "요약"
+    assert distill.answer_from_completion(ok) == "요약"
     cut = {"choices": [{"message": {"content": "요약"}, "finish_reason": "length"}]}
     for bad, reason in ((cut, "truncated"), ({"choices": []}, "no choices"), ({"choices": [{"message": {"content": "죄송하지만 도와드릴 수 없습니다."}}]}, "refused")):
-        with pytest.raises(prep.RowRejected, match=reason):
-            prep.answer_from_completion(bad)
+        with pytest.raises(distill.RowRejected, match=reason):
+            distill.answer_from_completion(bad)

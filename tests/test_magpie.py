@@ -1,4 +1,4 @@
-"""`prep.py magpie` through its real command line on the tiny Gemma 2 taught a few chat turns
+"""`distill.py magpie` through its real command line on the tiny Gemma 2 taught a few chat turns
 (`chatty_model_dir` in conftest.py). Its text is garbage-ish, so the tests check shapes, resume and
 the filters, and that the output feeds `prep.py --extra`."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ REJECT_REASONS = ("empty instruction", "truncated instruction", "near-duplicate 
 
 
 def run(*args: str):
-    return run_script(["prep.py", *args])
+    return run_script(["distill.py", *args])
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -70,7 +70,7 @@ def test_a_finished_run_loads_no_model(magpie_runs, chatty_model_dir):
 
 def test_output_feeds_prep_extra(magpie_runs, tmp_path):
     rows = read_jsonl(magpie_runs["out"])
-    result = run("--train", "data/sample/train.json", "--dev", "data/sample/dev.json", "--extra", str(magpie_runs["out"]), "--out", str(tmp_path / "prepared"))
+    result = run_script(["prep.py", "--train", "data/sample/train.json", "--dev", "data/sample/dev.json", "--extra", str(magpie_runs["out"]), "--out", str(tmp_path / "prepared")])
     assert result.returncode == 0, result.stderr
     train = read_jsonl(tmp_path / "prepared" / "train.jsonl")
     from_magpie = [row for row in train if row["source"] == str(magpie_runs["out"])]

@@ -1,0 +1,633 @@
+"""Augmentation generators: a teacher's answers (`distill`) and synthetic pairs (`magpie`), as JSONL for prep.py --extra.
+
+Terminal:
+    python distill.py distill --teacher_url http://localhost:8000/v1 --teacher_model MODEL   # teacher answers -> JSONL
+    python distill.py distill --teacher_url local --teacher_model outputs/run/final          # a local model, through infer.py
+    python distill.py magpie --model google/gemma-2-27b-it --n 1000                          # synthetic pairs -> JSONL
+    python prep.py --extra data/distill/teacher.jsonl                                        # then train on them
+
+Colab:
+    !python distill.py distill --teacher_url local --teacher_model google/gemma-2-27b-it --limit 50
+
+Both commands append each finished row to a JSONL file at once (one line, flushed) and, when started
+again, skip every id already in the output or rejects file: an interrupted run resumes where it
+stopped, and nothing finished is lost or generated twice. Both outputs are valid --extra sources.
+
+Imports go one way: this script builds on prep.py (records, prompt, IO, settings) and infer.py
+(model loading, batched generation); nothing imports it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import infer
+from prep import (
+    EXTRA_SHAPES,
+    ROLE_ALIASES,
+    UserError,
+    as_text,
+    build_user_text,
+    conversation_text,
+    detect_shape,
+    keep_first_of_near_duplicates,
+    load_competition_file,
+    load_extra_rows,
+    parse_jsonl,
+    parse_settings,
+    read_json,
+    row_messages,
+    run_cli,
+    simhash_fingerprints,
+)
+REFUSAL_PREFIXES = (
+    "I'm sorry", "I am sorry", "I cannot", "I can't", "As an AI", "Sorry, I",
+    "죄송하지만", "죄송합니다만", "죄송합니다. 저는", "저는 AI", "요청하신 내용은 도와드릴 수 없",
+)
+DISTILL_FORMATS = ("alpaca", "prompt_completion")
+# Columns that hold a prompt in sources that carry no answer yet (what a teacher is asked to write).
+PROMPT_ONLY_KEYS = ("instruction", "prompt", "question")
+
+
+@dataclass
+class DistillSettings:
+    input: list[str] = field(default_factory=lambda: ["data/일상대화요약_train.json"], metadata={"help": "rows for the teacher: competition files (it writes a summary per conversation) or any source --extra accepts"})
+    output: str = field(default="data/distill/teacher.jsonl", metadata={"help": "JSONL the answers are appended to (resumed if it exists)"})
+    rejects: str | None = field(default=None, metadata={"help": "JSONL of refused/empty/truncated rows with the reason (default: <output>.rejects.jsonl)"})
+    teacher_url: str = field(default="http://localhost:8000/v1", metadata={"help": "OpenAI-compatible base URL (…/v1), or 'local' to generate with --teacher_model through infer.py"})
+    teacher_model: str | None = field(default=None, metadata={"help": "model name the server serves, or a local path / hub id with --teacher_url local"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the API key (sent as a Bearer token when set)"})
+    instruction: str | None = field(default=None, metadata={"help": "competition files only: the [Question] line instead of the competition's; {keywords} is replaced by the topic keywords"})
+    format: str = field(default="alpaca", metadata={"help": "output rows for single-turn prompts (multi-turn prompts are always written as messages rows)", "choices": DISTILL_FORMATS})
+    max_new_tokens: int = field(default=1024, metadata={"help": "answer length limit (max_tokens in the request); an answer cut by it is rejected"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (only with temperature > 0)"})
+    concurrency: int = field(default=8, metadata={"help": "requests in flight at once"})
+    request_timeout: float = field(default=300.0, metadata={"help": "seconds to wait for one reply before retrying"})
+    max_retries: int = field(default=6, metadata={"help": "retries per row on 429 / 5xx / timeouts / connection errors"})
+    backoff_base: float = field(default=1.0, metadata={"help": "first retry waits about this many seconds, doubling each time (with jitter); Retry-After wins when sent"})
+    backoff_max: float = field(default=60.0, metadata={"help": "longest wait between two retries, in seconds"})
+    max_consecutive_failures: int = field(default=10, metadata={"help": "stop (keeping all finished rows) after this many rows in a row failed every retry"})
+    batch_size: int = field(default=8, metadata={"help": "--teacher_url local: prompts generated together"})
+    load_in_4bit: bool | None = field(default=None, metadata={"help": "--teacher_url local: load in 4 bit (default: as the model's training run, else on)"})
+    limit: int | None = field(default=None, metadata={"help": "send only the first N input rows (try a run cheaply)"})
+
+
+@dataclass
+class DistillItem:
+    id: str
+    source: str
+    messages: list[dict]
+
+
+class RowRejected(Exception):
+    """The teacher answered, but the answer is unusable (refused, empty, cut short, or the request was invalid)."""
+
+
+class TeacherUnavailable(Exception):
+    """Every retry for one row failed (rate limits, server errors, timeouts, connection errors)."""
+
+
+def distill_user_text(record: dict, instruction: str | None) -> str:
+    """The competition prompt, or the same conversation block with a custom [Question] line."""
+    if instruction is None:
+        return build_user_text(record)
+    keywords = ", ".join(record["input"]["subject_keyword"])
+    return f"[Conversation]\n{conversation_text(record['input']['conversation'])}\n\n[Question]\n{instruction.replace('{keywords}', keywords)}"
+
+
+def is_competition_file(path: str | Path) -> bool:
+    """A JSON list whose records carry input.conversation (the NIKL layout), as opposed to an --extra source."""
+    path = Path(path)
+    if path.suffix.lower() != ".json" or not path.is_file():
+        return False
+    data = read_json(path)
+    return isinstance(data, list) and bool(data) and isinstance(data[0], dict) and isinstance(data[0].get("input"), dict) and "conversation" in data[0]["input"]
+
+
+def chat_completions_url(base_url: str) -> str:
+    """Accept the base URL servers print (http://host:8000/v1) or the full endpoint."""
+    base_url = base_url.rstrip("/")
+    return base_url if base_url.endswith("/chat/completions") else f"{base_url}/chat/completions"
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds (the form rate limiters send) or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    import email.utils
+    import time
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None, rng: Any) -> float:
+    """Seconds before retry number `attempt` (1, 2, ...): the server's Retry-After when given, else
+    exponential with jitter so that many workers hit by the same 429 do not retry in lockstep."""
+    if retry_after is not None:
+        return min(retry_after, cap)
+    ceiling = min(cap, base * 2 ** (attempt - 1))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+def answer_from_completion(data: Any) -> str:
+    """The assistant text of an OpenAI chat-completions response, or RowRejected with the reason."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise RowRejected("response has no choices")
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    if message.get("refusal"):
+        raise RowRejected(f"refused: {str(message['refusal'])[:200]}")
+    if choice.get("finish_reason") == "content_filter":
+        raise RowRejected("refused: finish_reason content_filter")
+    if choice.get("finish_reason") == "length":
+        raise RowRejected("truncated: the answer hit max_new_tokens")
+    return judge_answer(message.get("content"))
+
+
+def judge_answer(text: Any) -> str:
+    """Strip the answer; empty answers and refusals are rejected."""
+    text = text.strip() if isinstance(text, str) else ""
+    if not text:
+        raise RowRejected("empty answer")
+    if text.startswith(REFUSAL_PREFIXES):
+        raise RowRejected(f"refused: {text[:200]}")
+    return text
+
+
+def distill_row(item: DistillItem, answer: str, teacher: str, fmt: str) -> dict:
+    """One output row in a shape --extra reads: alpaca or prompt/completion for a single user turn,
+    messages when the prompt is multi-turn (neither flat shape can hold earlier turns)."""
+    if len(item.messages) > 1:
+        row = {"messages": [*item.messages, {"role": "assistant", "content": answer}]}
+    elif fmt == "alpaca":
+        row = {"instruction": item.messages[0]["content"], "input": "", "output": answer}
+    else:
+        row = {"prompt": item.messages[0]["content"], "completion": answer}
+    return {**row, "id": item.id, "teacher": teacher, "source": item.source}
+
+
+def prompt_messages(row: dict) -> list[dict] | None:
+    """The turns a teacher answers: an --extra row without its final answer, or a prompt-only row
+    (instruction[/input], prompt or question; messages ending with a user turn). None if unusable."""
+    shape = detect_shape(row)
+    if shape in ("messages", "conversations") and row[shape] and isinstance(row[shape][-1], dict):
+        last = row[shape][-1]
+        if ROLE_ALIASES.get(str(last.get("role", last.get("from", ""))).lower()) == "user":
+            # row_messages drops a trailing unanswered turn; a stand-in answer keeps it, then goes.
+            messages = row_messages({shape: [*row[shape], {"role": "assistant", "content": "-"}]}, shape, False)
+            return messages[:-1] if messages else None
+    if shape is not None:
+        messages = row_messages(row, shape, False)
+        return messages[:-1] if messages else None
+    for key in PROMPT_ONLY_KEYS:
+        if as_text(row.get(key)):
+            extra_input = as_text(row.get("input")) if key == "instruction" else ""
+            return [{"role": "user", "content": f"{as_text(row[key])}\n\n{extra_input}" if extra_input else as_text(row[key])}]
+    return None
+
+
+def extra_source_items(source: str) -> list[DistillItem]:
+    """An --extra source (file or Hub id) as teacher prompts; ids are the row's own `id` or `source:index`."""
+    items = []
+    for index, row in enumerate(load_extra_rows(source)):
+        messages = prompt_messages(row)
+        if messages is None:
+            columns = ", ".join(sorted(map(str, row))) or "(none)"
+            raise UserError(f"{source}: row {index} has no usable prompt; found columns: {columns}; expected one of: {'; '.join(EXTRA_SHAPES)}, or a prompt-only row ({', '.join(PROMPT_ONLY_KEYS)})")
+        row_id = row.get("id")
+        items.append(DistillItem(str(row_id) if isinstance(row_id, (str, int)) and str(row_id).strip() else f"{source}:{index}", source, messages))
+    return items
+
+
+def read_done_ids(path: str | Path) -> set[str]:
+    """Ids in a JSONL file this section writes. A last line cut off by a kill mid-write was never
+    finished, so it is removed; any other unreadable line is the user's to fix."""
+    path = Path(path)
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as handle:
+            handle.truncate(keep)
+        data = data[:keep]
+    done = set()
+    for line_number, row in parse_jsonl(data.decode("utf-8", errors="replace"), path, "; fix or delete that line, or pick another --output"):
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            raise UserError(f"{path}: line {line_number}: field 'id' missing; this file was not written by prep.py distill/magpie, pick another --output")
+        done.add(row["id"])
+    return done
+
+
+class JsonlAppender:
+    """Append-only JSONL writer: each row is one complete line, flushed the moment it is written."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.handle = None
+        self.count = 0
+
+    def write(self, row: dict) -> None:
+        if self.handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.path, "a", encoding="utf-8")
+        self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.handle.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+def load_distill_items(cfg: DistillSettings) -> list[DistillItem]:
+    """Every input row as the chat messages the teacher will see, with a stable id for resuming."""
+    items: list[DistillItem] = []
+    seen: dict[str, str] = {}
+    for path in cfg.input:
+        if is_competition_file(path):
+            records, _ = load_competition_file(path)
+            new = [DistillItem(r["id"], str(path), [{"role": "user", "content": distill_user_text(r, cfg.instruction)}]) for r in records]
+        else:
+            if cfg.instruction is not None:
+                raise UserError(f"{path}: --instruction applies to competition files only; this source already carries its prompts")
+            new = extra_source_items(path)
+        for item in new:
+            if item.id in seen:
+                raise UserError(f"{path}: id {item.id!r} also appears in {seen[item.id]}; ids must be unique across --input files")
+            seen[item.id] = str(path)
+        items.extend(new)
+    return items[: cfg.limit] if cfg.limit is not None else items
+
+
+async def ask_teacher(client: Any, url: str, payload: dict, cfg: DistillSettings, rng: Any) -> str:
+    """One row's chat completion, retried on 429 / 408 / 5xx / timeouts / connection errors."""
+    import asyncio
+
+    import httpx
+
+    last_problem = ""
+    retry_after = None
+    for attempt in range(cfg.max_retries + 1):
+        if attempt:
+            await asyncio.sleep(backoff_delay(attempt, cfg.backoff_base, cfg.backoff_max, retry_after, rng))
+        retry_after = None
+        try:
+            response = await client.post(url, json=payload)
+        except httpx.TimeoutException:
+            last_problem = f"no reply within {cfg.request_timeout:g}s"
+            continue
+        except httpx.TransportError as err:
+            last_problem = f"connection error ({type(err).__name__}: {err})"
+            continue
+        status = response.status_code
+        if status in (408, 429) or status >= 500:
+            last_problem = f"HTTP {status}"
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            continue
+        detail = response.text[:200].replace("\n", " ")
+        if status in (401, 403):
+            raise UserError(f"{url}: HTTP {status} ({detail}); set the API key in the environment variable {cfg.api_key_env}")
+        if status == 404:
+            raise UserError(f"{url}: HTTP 404 ({detail}); check --teacher_url (the base URL ending in /v1) and --teacher_model")
+        if status >= 400:
+            raise RowRejected(f"HTTP {status}: {detail}")
+        try:
+            data = response.json()
+        except ValueError:
+            last_problem = f"HTTP {status} with a body that is not JSON ({detail})"
+            continue
+        return answer_from_completion(data)
+    raise TeacherUnavailable(f"{last_problem} (after {cfg.max_retries + 1} attempts)")
+
+
+async def distill_over_http(items: list[DistillItem], cfg: DistillSettings, output: JsonlAppender, rejects: JsonlAppender, stats: dict, progress: Any) -> None:
+    """Send every item with `concurrency` requests in flight; each result is written as it arrives."""
+    import asyncio
+    import random
+
+    import httpx
+
+    url = chat_completions_url(cfg.teacher_url)
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get(cfg.api_key_env):
+        headers["Authorization"] = f"Bearer {os.environ[cfg.api_key_env]}"
+    rng = random.Random()
+    pending = iter(items)  # shared by all workers: each row is taken exactly once
+    failures_in_a_row = 0
+    last_failure = ""
+
+    async def worker(client: Any) -> None:
+        nonlocal failures_in_a_row, last_failure
+        for item in pending:
+            payload = {"model": cfg.teacher_model, "messages": item.messages, "max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
+            if cfg.temperature > 0:
+                payload["top_p"] = cfg.top_p
+            try:
+                answer = await ask_teacher(client, url, payload, cfg, rng)
+            except RowRejected as reason:
+                rejects.write(reject_row(item.id, reason, cfg.teacher_model, item.source))
+                stats["rejected"] += 1
+                failures_in_a_row = 0
+            except TeacherUnavailable as problem:
+                stats["failed"] += 1
+                failures_in_a_row += 1
+                last_failure = f"row {item.id!r}: {problem}"
+                if failures_in_a_row >= cfg.max_consecutive_failures:
+                    raise UserError(
+                        f"{url}: stopped after {failures_in_a_row} rows in a row failed every retry (last: {last_failure}); "
+                        f"{stats['written']} answers are kept in {cfg.output}; run the same command again to resume"
+                    ) from None
+            else:
+                output.write(distill_row(item, answer, cfg.teacher_model, cfg.format))
+                stats["written"] += 1
+                failures_in_a_row = 0
+            progress()
+
+    timeout = httpx.Timeout(cfg.request_timeout, connect=min(cfg.request_timeout, 30.0))
+    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+    async with httpx.AsyncClient(timeout=timeout, headers=headers, limits=limits) as client:
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(cfg.concurrency):
+                    group.create_task(worker(client))
+        except BaseExceptionGroup as group_error:
+            raise group_error.exceptions[0] from None
+
+
+def hit_token_limit(tokenizer: Any, text: str, max_new_tokens: int) -> bool:
+    """infer.generate_texts returns decoded, stripped text, so the tokens are counted again; one token
+    of slack covers the whitespace the strip removed."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 1
+
+
+def reject_row(item_id: str, reason: Any, model: str, source: str) -> dict:
+    return {"id": item_id, "reason": str(reason), "teacher": model, "source": source}
+
+
+def distill_locally(items: list[DistillItem], cfg: DistillSettings, output: JsonlAppender, rejects: JsonlAppender, stats: dict, console: Any) -> None:
+    """--teacher_url local: the same batched generation infer.py uses; each batch is written as it finishes."""
+
+    model, tokenizer, run_config = infer.load_model(cfg.teacher_model, load_in_4bit=cfg.load_in_4bit)
+    budget = run_config["max_seq_length"] - cfg.max_new_tokens
+    ready, prompts = [], []
+    for item in items:
+        prompt = tokenizer.apply_chat_template(item.messages, tokenize=False, add_generation_prompt=True)
+        if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > budget:
+            rejects.write(reject_row(item.id, f"prompt longer than max_seq_length - max_new_tokens ({budget} tokens)", cfg.teacher_model, item.source))
+            stats["rejected"] += 1
+        else:
+            ready.append(item)
+            prompts.append(prompt)
+
+    def save_batch(indices: list[int], texts: list[str], _new_tokens: int) -> None:
+        for index, text in zip(indices, texts):
+            item = ready[index]
+            try:
+                answer = judge_answer(text)
+                if hit_token_limit(tokenizer, answer, cfg.max_new_tokens):
+                    raise RowRejected("truncated: the answer hit max_new_tokens")
+            except RowRejected as reason:
+                rejects.write(reject_row(item.id, reason, cfg.teacher_model, item.source))
+                stats["rejected"] += 1
+            else:
+                output.write(distill_row(item, answer, cfg.teacher_model, cfg.format))
+                stats["written"] += 1
+
+    if prompts:
+        infer.generate_texts(
+            model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+            do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p, on_batch=save_batch, console=console,
+        )
+
+
+def check_output_format(path: str | Path, fmt: str) -> None:
+    """Resuming must not mix alpaca and prompt/completion rows in one file."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8") as handle:
+        first = handle.readline()
+    if first.strip():
+        row = json.loads(first)
+        found = "alpaca" if "instruction" in row else "prompt_completion" if "prompt" in row else fmt
+        if found != fmt:
+            raise UserError(f"{path}: holds {found} rows; pass --format {found} to resume it, or pick another --output")
+
+
+def print_settings(console: Any, title: str, cfg: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    for f in dataclasses.fields(cfg):
+        table.add_row(f.name, str(getattr(cfg, f.name)))
+    console.print(table)
+
+
+def distill_main(cfg: DistillSettings) -> None:
+    import asyncio
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console()
+    local = cfg.teacher_url == "local"
+    if not cfg.teacher_model:
+        raise UserError("--teacher_model is required: the model name the server serves, or a local path with --teacher_url local")
+    if not local and not cfg.teacher_url.startswith(("http://", "https://")):
+        raise UserError(f"--teacher_url {cfg.teacher_url!r}: expected an http(s):// base URL such as http://localhost:8000/v1, or 'local'")
+    for name in ("concurrency", "batch_size", "max_new_tokens", "max_consecutive_failures"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if cfg.max_retries < 0 or cfg.request_timeout <= 0 or cfg.backoff_base < 0:
+        raise UserError("--max_retries must be >= 0, --request_timeout > 0 and --backoff_base >= 0")
+    cfg.rejects = cfg.rejects or str(Path(cfg.output).with_suffix("")) + ".rejects.jsonl"
+    if Path(cfg.rejects).resolve() == Path(cfg.output).resolve():
+        raise UserError(f"--rejects {cfg.rejects}: must differ from --output")
+    started = time.time()
+    console.rule("[bold]prep.py distill")
+    print_settings(console, "settings", cfg)
+
+    items = load_distill_items(cfg)
+    done = read_done_ids(cfg.output) | read_done_ids(cfg.rejects)
+    check_output_format(cfg.output, cfg.format)
+    todo = [item for item in items if item.id not in done]
+    console.print(f"{len(items)} input rows: {len(items) - len(todo)} already done (resumed), {len(todo)} to send to {cfg.teacher_model}")
+    stats = {"written": 0, "rejected": 0, "failed": 0}
+    output, rejects = JsonlAppender(cfg.output), JsonlAppender(cfg.rejects)
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        if local and todo:
+            distill_locally(todo, cfg, output, rejects, stats, console)
+        elif todo:
+            with Progress(*columns, console=console) as progress:
+                task = progress.add_task("teacher answers", total=len(todo))
+
+                def advance() -> None:
+                    progress.update(task, advance=1, description=f"ok {stats['written']} · rejected {stats['rejected']} · failed {stats['failed']}")
+
+                asyncio.run(distill_over_http(todo, cfg, output, rejects, stats, advance))
+    finally:
+        output.close()
+        rejects.close()
+    console.print(f"written {stats['written']} → {cfg.output}; rejected {stats['rejected']} → {cfg.rejects}; failed {stats['failed']}; {time.time() - started:.1f}s")
+    if stats["failed"]:
+        raise UserError(f"{stats['failed']} rows failed every retry and were not written; run the same command again to retry them")
+    console.print(f"next: python prep.py --extra {cfg.output}")
+
+
+@dataclass
+class MagpieSettings:
+    model: str = field(default="google/gemma-2-9b-it", metadata={"help": "aligned chat model (local path or Hub id) that writes both the instructions and the answers"})
+    output: str = field(default="data/magpie/magpie.jsonl", metadata={"help": "JSONL the kept pairs are appended to (resumed if it exists)"})
+    rejects: str | None = field(default=None, metadata={"help": "JSONL of empty/truncated/near-duplicate pairs with the reason (default: <output>.rejects.jsonl)"})
+    n: int = field(default=1000, metadata={"help": "pairs to generate in all, kept plus rejected; run again with a larger --n to add more"})
+    instruction_max_new_tokens: int = field(default=256, metadata={"help": "instruction length limit; an instruction cut by it is rejected"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "answer length limit; an answer cut by it is rejected"})
+    temperature: float = field(default=1.0, metadata={"help": "instruction sampling temperature (0 = greedy: every instruction the same)"})
+    top_p: float = field(default=1.0, metadata={"help": "instruction nucleus sampling"})
+    response_temperature: float = field(default=0.0, metadata={"help": "answer sampling temperature (0 = greedy)"})
+    response_top_p: float = field(default=1.0, metadata={"help": "answer nucleus sampling (only with response_temperature > 0)"})
+    batch_size: int = field(default=8, metadata={"help": "pairs generated together"})
+    load_in_4bit: bool | None = field(default=None, metadata={"help": "load the model in 4 bit (default: as its training run, else on)"})
+    dedup_distance: int = field(default=3, metadata={"help": "SimHash near-duplicate threshold for instructions, in bits of 64 (as prep.py --dedup_distance)"})
+    seed: int = field(default=42, metadata={"help": "sampling seed (each batch is seeded from it and its first pair number)"})
+
+
+def magpie_id(index: int) -> str:
+    return f"magpie-{index:06d}"
+
+
+def user_turn_prefix(tokenizer: Any) -> str:
+    """What the chat template puts before a user's text (Gemma 2: `<bos><start_of_turn>user\n`):
+    given only this, an aligned model writes a user instruction itself (Magpie)."""
+    marker = "MAGPIEUSERTEXTMARKER"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    if marker not in rendered:
+        raise UserError("the model's chat template does not show the user's text verbatim; Magpie needs a template that does")
+    return rendered.split(marker)[0]
+
+
+def read_kept_instructions(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line)["instruction"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def magpie_main(cfg: MagpieSettings) -> None:
+    import time
+
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    for name in ("n", "batch_size", "max_new_tokens", "instruction_max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if not 0 <= cfg.dedup_distance <= 16:
+        raise UserError("--dedup_distance must be between 0 and 16 bits")
+    cfg.rejects = cfg.rejects or str(Path(cfg.output).with_suffix("")) + ".rejects.jsonl"
+    if Path(cfg.rejects).resolve() == Path(cfg.output).resolve():
+        raise UserError(f"--rejects {cfg.rejects}: must differ from --output")
+    started = time.time()
+    console.rule("[bold]prep.py magpie")
+    print_settings(console, "settings", cfg)
+    done = read_done_ids(cfg.output) | read_done_ids(cfg.rejects)
+    check_output_format(cfg.output, "alpaca")
+    todo = [index for index in range(cfg.n) if magpie_id(index) not in done]
+    console.print(f"{cfg.n} pairs wanted: {cfg.n - len(todo)} already done (resumed), {len(todo)} to generate")
+    if not todo:
+        console.print(f"next: python prep.py --extra {cfg.output}")
+        return
+
+    import torch
+
+    model, tokenizer, _ = infer.load_model(cfg.model, load_in_4bit=cfg.load_in_4bit)
+    prefix = user_turn_prefix(tokenizer)
+    kept_instructions = read_kept_instructions(cfg.output)
+    kept_fingerprints = simhash_fingerprints(kept_instructions)
+    output, rejects = JsonlAppender(cfg.output), JsonlAppender(cfg.rejects)
+
+    def reject(index: int, reason: str) -> None:
+        rejects.write(reject_row(magpie_id(index), reason, cfg.model, "magpie"))
+
+    try:
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start:start + cfg.batch_size]
+            torch.manual_seed(cfg.seed + batch[0])
+            instructions = infer.generate_texts(
+                model, tokenizer, [prefix] * len(batch), batch_size=cfg.batch_size, max_new_tokens=cfg.instruction_max_new_tokens,
+                do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p, console=console,
+            )
+            fresh = []
+            for index, instruction in zip(batch, instructions):
+                if not instruction:
+                    reject(index, "empty instruction")
+                elif hit_token_limit(tokenizer, instruction, cfg.instruction_max_new_tokens):
+                    reject(index, "truncated instruction: it hit instruction_max_new_tokens")
+                else:
+                    fresh.append((index, instruction))
+            # The same dedup as prep's main run, over the kept instructions first, then this batch.
+            fingerprints = simhash_fingerprints([instruction for _, instruction in fresh])
+            texts = kept_instructions + [instruction for _, instruction in fresh]
+            novel = keep_first_of_near_duplicates(np.concatenate([kept_fingerprints, fingerprints]), cfg.dedup_distance, texts)[len(kept_instructions):]
+            for (index, _), is_novel in zip(fresh, novel):
+                if not is_novel:
+                    reject(index, "near-duplicate instruction (SimHash)")
+            fresh = [pair for pair, is_novel in zip(fresh, novel) if is_novel]
+            kept_fingerprints = np.concatenate([kept_fingerprints, fingerprints[novel]])
+            kept_instructions += [instruction for _, instruction in fresh]
+            if fresh:
+                prompts = [tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True) for _, instruction in fresh]
+                answers = infer.generate_texts(
+                    model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                    do_sample=cfg.response_temperature > 0, temperature=cfg.response_temperature or 1.0, top_p=cfg.response_top_p, console=console,
+                )
+                for (index, instruction), answer in zip(fresh, answers):
+                    if not answer:
+                        reject(index, "empty answer")
+                    elif hit_token_limit(tokenizer, answer, cfg.max_new_tokens):
+                        reject(index, "truncated answer: it hit max_new_tokens")
+                    else:
+                        output.write({"instruction": instruction, "input": "", "output": answer, "id": magpie_id(index), "model": cfg.model})
+            console.print(f"pairs {start + len(batch)}/{len(todo)}: kept {output.count}, rejected {rejects.count}")
+    finally:
+        output.close()
+        rejects.close()
+    console.print(f"kept {output.count} → {cfg.output}; rejected {rejects.count} → {cfg.rejects}; {time.time() - started:.1f}s")
+    console.print(f"next: python prep.py --extra {cfg.output}")
+
+
+def run_generator_command(argv: list[str]) -> None:
+    """`prep.py distill ...` / `prep.py magpie ...`: each subcommand has its own settings and flags."""
+    settings_cls, main_fn, description = GENERATOR_COMMANDS[argv[0]]
+    run_cli(main_fn, parse_settings(settings_cls, argv[1:], description))
+
+
+GENERATOR_COMMANDS = {
+    "distill": (DistillSettings, distill_main, "Have a teacher model (OpenAI-compatible server or local) answer every input row; append to JSONL, resumably."),
+    "magpie": (MagpieSettings, magpie_main, "Synthesize instruction/answer pairs from an aligned chat model given only its user-turn prefix (Magpie); append to JSONL, resumably."),
+}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in GENERATOR_COMMANDS:
+        print(f"usage: python distill.py {{{','.join(GENERATOR_COMMANDS)}}} [--help | settings]", file=sys.stderr)
+        sys.exit(2)
+    run_generator_command(sys.argv[1:])

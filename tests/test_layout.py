@@ -1,0 +1,32 @@
+"""The scripts import one way: prep.py is the base, train.py and infer.py build on it, distill.py on infer.py."""
+import ast
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+SCRIPTS = ("prep", "train", "infer", "distill")
+ALLOWED = {"prep": set(), "train": {"prep"}, "infer": {"prep"}, "distill": {"prep", "infer"}}
+
+
+def project_imports(script: str) -> set[str]:
+    """Every project script that `script` imports, at module level or inside a function."""
+    tree = ast.parse((REPO_ROOT / f"{script}.py").read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(SCRIPTS)
+
+
+def test_imports_go_one_way():
+    assert {script: project_imports(script) for script in SCRIPTS} == ALLOWED
+
+
+def test_old_generator_spelling_names_the_new_script():
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "prep.py"), "distill", "--limit", "3"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip() == "error: the generators moved to their own script: python distill.py distill --limit 3"
