@@ -1,12 +1,12 @@
-"""The scripts import one way: prep.py is the base, train.py and infer.py build on it, distill.py on infer.py."""
+"""The scripts import one way: prep.py is the base; score.py, train.py and infer.py build on it; distill.py on infer.py."""
 import ast
 import subprocess
 import sys
 
 from conftest import REPO_ROOT
 
-SCRIPTS = ("prep", "train", "infer", "distill")
-ALLOWED = {"prep": set(), "train": {"prep"}, "infer": {"prep"}, "distill": {"prep", "infer"}}
+SCRIPTS = ("prep", "score", "train", "infer", "distill")
+ALLOWED = {"prep": set(), "score": {"prep"}, "train": {"prep"}, "infer": {"prep", "score"}, "distill": {"prep", "infer"}}
 
 
 def project_imports(script: str) -> set[str]:
