@@ -5,19 +5,25 @@ Terminal:
     python infer.py --input data/일상대화요약_dev.json --output dev_pred.json   # dev has outputs: scored too
     python infer.py --model outputs/run1/final --input data/일상대화요약_test.json --batch_size 16
     python infer.py --score dev_pred.json --ref data/일상대화요약_dev.json    # score a file, no model loaded
+    python infer.py --select a.json b.json c.json --output best.json      # per record, the consensus output
+    python infer.py --input data/일상대화요약_test.json --num_samples 8      # greedy + 8 samples, consensus kept
 
 Colab:
     !python infer.py --input data/일상대화요약_test.json --output submission.json
 
-An interrupted run keeps every finished batch in `<output>.partial.jsonl`; the same command resumes.
+An interrupted run keeps every finished batch in `<output>.partial.jsonl` (and, with --num_samples, every
+finished record's candidates in `<output>.candidates.jsonl`); the same command resumes.
 The prompt comes from prep.py (`build_messages`), the same function training used, so the two cannot drift.
 
 Reusable from other scripts (nothing heavy is imported at module level):
     model, tokenizer, run_config = load_model("outputs/run1/final")
     texts = generate_texts(model, tokenizer, chat_prompts, batch_size=8, max_new_tokens=1024)
+    samples = sample_texts(model, tokenizer, chat_prompts, num_samples=4, temperature=0.7, top_p=0.95,
+                           batch_size=8, max_new_tokens=1024)  # 4 texts per prompt
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -41,7 +47,21 @@ from prep import (
     validate_competition_data,
     write_text_atomic,
 )
-from score import KNOWN_METRICS, pair_by_id, print_scores, score_predictions, write_scores
+from score import (
+    BERTSCORE_LAYERS,
+    BERTSCORE_MODEL,
+    BLEURT_MODEL,
+    KNOWN_METRICS,
+    MetricModels,
+    load_scorers,
+    pair_by_id,
+    print_scores,
+    read_candidate_files,
+    score_predictions,
+    score_with,
+    select_candidates,
+    write_scores,
+)
 
 
 @dataclass
@@ -57,8 +77,17 @@ class InferSettings:
     load_in_4bit: bool | None = field(default=None, metadata={"help": "load the base model in 4 bit; default: as in training, else on"})
     eval: bool | None = field(default=None, metadata={"help": "score against the input's outputs; default: on when every output is non-empty"})
     score: str | None = field(default=None, metadata={"help": "score this existing prediction file against --ref (no model is loaded)"})
-    ref: str | None = field(default=None, metadata={"help": "reference file for --score"})
-    metrics: list[str] = field(default_factory=lambda: ["rouge1", "bertscore", "bleurt"], metadata={"help": "metrics to compute; bertscore/bleurt are skipped with a note when unavailable"})
+    ref: str | None = field(default=None, metadata={"help": "reference file for --score (and for --select: score each file and the selection)"})
+    metrics: list[str] = field(default_factory=lambda: ["rouge1", "bertscore", "bleurt"], metadata={"help": "metrics to compute; bertscore/bleurt are skipped with the reason when their model cannot be loaded"})
+    bertscore_model: str = field(default=BERTSCORE_MODEL, metadata={"help": "BERTScore model, Hub id or local folder (the official scorer's)"})
+    bertscore_layers: int = field(default=BERTSCORE_LAYERS, metadata={"help": "BERTScore uses this layer's embeddings (the official scorer: 9)"})
+    bleurt_model: str = field(default=BLEURT_MODEL, metadata={"help": "BLEURT-20 in the bleurt-pytorch port's format (config.json, spm.model, weights), Hub id or local folder"})
+    select: list[str] | None = field(default=None, metadata={"help": "prediction files of one input: per record keep the output that agrees most with the others' (minimum Bayes risk) and write it to --output; ties go to the earlier file; no generation model is loaded"})
+    select_metric: list[str] = field(default_factory=lambda: ["rouge1", "bertscore"], metadata={"help": "agreement measure for --select / --num_samples: the mean of these metrics (bertscore when its model loads)"})
+    num_samples: int = field(default=0, metadata={"help": "also sample N summaries per record and keep, among them and the greedy one, the one that agrees most with the others (0 = greedy only)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature for --num_samples"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling for --num_samples"})
+    seed: int = field(default=42, metadata={"help": "random seed for --num_samples (a resumed run samples the rest afresh)"})
     scores_file: str | None = field(default=None, metadata={"help": "per-item scores JSON; default: scores.json next to the output (or the --score file)"})
 
 
@@ -277,6 +306,29 @@ def generate_texts(
     return [text or "" for text in results]
 
 
+def sample_texts(model, tokenizer, prompts: list[str], *, num_samples: int,
+                 on_prompt: Callable[[int, list[str]], None] | None = None, **generation: Any) -> list[list[str]]:
+    """`num_samples` sampled completions per prompt: texts per prompt, in input order.
+
+    Each prompt is repeated `num_samples` times and goes through generate_texts with do_sample=True
+    (`generation`: batch_size, max_new_tokens, temperature, top_p, repetition_penalty, console); the
+    repeats of one prompt sort next to each other, so `on_prompt(index, texts)` fires as soon as all of a
+    prompt's samples are done, e.g. to save progress. Seed the run (transformers.set_seed) to repeat it.
+    """
+    results: list[list[str]] = [[] for _ in prompts]
+
+    def collect(indices: list[int], texts: list[str], new_tokens: int) -> None:
+        for index, text in zip(indices, texts):
+            prompt_index = index // num_samples
+            results[prompt_index].append(text)
+            if len(results[prompt_index]) == num_samples and on_prompt is not None:
+                on_prompt(prompt_index, results[prompt_index])
+
+    repeated = [prompt for prompt in prompts for _ in range(num_samples)]
+    generate_texts(model, tokenizer, repeated, do_sample=True, on_batch=collect, **generation)
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
 # Prompts that fit
 # ---------------------------------------------------------------------------------------------
@@ -349,8 +401,13 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def load_partial(path: Path, fingerprint: dict) -> dict[str, str]:
-    """Finished {id: output} from an earlier run of the same command; a torn last line is ignored."""
+def candidates_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".candidates.jsonl")
+
+
+def load_partial(path: Path, fingerprint: dict, field: str = "output") -> dict[str, Any]:
+    """Finished {id: row[field]} from an earlier run of the same command; a torn last line is ignored."""
     if not path.is_file():
         return {}
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -366,7 +423,7 @@ def load_partial(path: Path, fingerprint: dict) -> dict[str, str]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a batch cut off mid-write by a kill: it is generated again
-        done[row["id"]] = row["output"]
+        done[row["id"]] = row[field]
     return done
 
 
@@ -411,9 +468,14 @@ def default_output(input_path: str | Path, has_refs: bool) -> Path:
 
 
 def check_settings(cfg: InferSettings) -> None:
-    unknown = [m for m in cfg.metrics if m not in KNOWN_METRICS]
-    if unknown:
-        raise UserError(f"--metrics: unknown {unknown}; choose from {list(KNOWN_METRICS)}")
+    for name in ("metrics", "select_metric"):
+        unknown = [m for m in getattr(cfg, name) if m not in KNOWN_METRICS]
+        if unknown:
+            raise UserError(f"--{name}: unknown {unknown}; choose from {list(KNOWN_METRICS)}")
+    if cfg.num_samples < 0:
+        raise UserError("--num_samples must be 0 (greedy only) or more")
+    if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
+        raise UserError("--temperature must be positive and --top_p in (0, 1]")
     for name in ("batch_size", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1")
@@ -431,9 +493,101 @@ def score_only(cfg: InferSettings, console) -> None:
     references, _ = load_competition_file(cfg.ref)
     ids, preds, refs = pair_by_id(predictions, references, cfg.score, cfg.ref)
     console.rule(f"scoring {cfg.score} against {cfg.ref} ({len(ids)} items)")
-    result = score_predictions(ids, preds, refs, cfg.metrics, console)
+    result = score_predictions(ids, preds, refs, cfg.metrics, console, metric_models(cfg))
     print_scores(result, console)
     write_scores(result, Path(cfg.scores_file or Path(cfg.score).with_name("scores.json")), console)
+
+
+def metric_models(cfg: InferSettings) -> MetricModels:
+    return MetricModels(cfg.bertscore_model, cfg.bertscore_layers, cfg.bleurt_model)
+
+
+def selection_scorers(cfg: InferSettings, console, with_references: bool) -> tuple[dict, dict, dict]:
+    """(scorers for reporting, what was skipped, the agreement scorers among them): every model loads once."""
+    wanted = {*cfg.select_metric, *(cfg.metrics if with_references else [])}
+    scorers, skipped = load_scorers([m for m in KNOWN_METRICS if m in wanted], metric_models(cfg), console)
+    agreement = {name: scorers[name] for name in cfg.select_metric if name in scorers}
+    if not agreement:
+        raise UserError(f"--select_metric {' '.join(cfg.select_metric)}: none of them could be loaded")
+    return scorers, skipped, agreement
+
+
+def print_selection(sources: list[str], chosen: list[int], results: list[dict] | None, agreement: list[str], console) -> None:
+    """How often each source won and, with references, each source's scores next to the selection's."""
+    from rich.table import Table
+
+    table = Table(title=f"minimum Bayes risk selection (agreement: mean of {', '.join(agreement)})")
+    for column in ("candidates", "chosen", *(results[0]["means"] if results else []), *([results[0]["label"]] if results else [])):
+        table.add_column(column, justify="left" if column == "candidates" else "right")
+    for index, source in enumerate([*sources, "selection"]):
+        wins = chosen.count(index) if index < len(sources) else len(chosen)
+        row = [source, f"{wins} ({100 * wins / len(chosen):.0f}%)"]
+        if results:
+            row += [f"{100 * value:.2f}" for value in results[index]["means"].values()] + [f"{100 * results[index]['mean_of_computed']:.2f}"]
+        table.add_row(*row, style="bold" if index == len(sources) else None)
+    console.print(table)
+
+
+def select_only(cfg: InferSettings, console) -> None:
+    """`--select A B ... --output OUT [--ref REF]`: per record the candidate that agrees most with the others."""
+    if len(cfg.select) < 2:
+        raise UserError("--select needs two or more prediction files")
+    if not cfg.output:
+        raise UserError("--select needs --output FILE for the selected predictions")
+    output = Path(cfg.output)
+    if any(output.resolve() == Path(path).resolve() for path in [*cfg.select, *([cfg.ref] if cfg.ref else [])]):
+        raise UserError(f"--output {output} is one of the input files: choose another name (inputs are never overwritten)")
+    records, candidates = read_candidate_files(cfg.select)
+    ids = [record["id"] for record in records]
+    references = pair_by_id(records, load_competition_file(cfg.ref)[0], cfg.select[0], cfg.ref)[2] if cfg.ref else None
+    console.rule(f"selecting among {len(cfg.select)} files ({len(ids)} records)")
+    scorers, skipped, agreement = selection_scorers(cfg, console, with_references=references is not None)
+    chosen, _ = select_candidates(candidates, agreement)
+    raw_records = read_json(cfg.select[0])
+    submission = build_submission(raw_records, {i: candidates[k][chosen[k]] for k, i in enumerate(ids)})
+    check_submission(submission, raw_records, output)
+    write_text_atomic(output, dump_submission_json(submission))
+    results = None
+    if references is not None:
+        reporting = {name: scorer for name, scorer in scorers.items() if name in cfg.metrics}
+        columns = [[row[f] for row in candidates] for f in range(len(cfg.select))] + [[r["output"] for r in submission]]
+        results = [score_with(reporting, skipped, ids, column, references) for column in columns]
+        write_scores(results[-1], Path(cfg.scores_file or output.with_name("scores.json")), console)
+    print_selection(cfg.select, chosen, results, sorted(agreement), console)
+    console.print(f"{len(submission)} selected summaries -> {output}")
+
+
+def sample_and_select(cfg: InferSettings, records: list[dict], greedy: dict[str, str], sampled: dict[str, list[str]],
+                      generator: Callable[[list[dict]], tuple[Any, Any, list[str]]], fingerprint: dict, path: Path, console) -> dict[str, str]:
+    """--num_samples: sample the records not yet in `sampled` (each finished record's greedy output + samples
+    is appended to the candidates file at once), then keep per record the candidate that agrees most with the
+    others; the file is rewritten with each record's `chosen` index. Returns {id: chosen output}."""
+    todo = [r for r in records if r["id"] not in sampled]
+    if todo:
+        from transformers import set_seed
+
+        model, tokenizer, prompts = generator(todo)
+        set_seed(cfg.seed)
+
+        def save(index: int, texts: list[str]) -> None:
+            row = {"id": todo[index]["id"], "candidates": [greedy.get(todo[index]["id"], ""), *texts]}
+            append_partial(path, fingerprint, [row])
+            sampled[row["id"]] = row["candidates"]
+
+        console.rule(f"sampling {cfg.num_samples} more summaries for {len(todo)} records (temperature {cfg.temperature}, top_p {cfg.top_p})")
+        sample_texts(model, tokenizer, prompts, num_samples=cfg.num_samples, on_prompt=save, batch_size=cfg.batch_size,
+                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                     repetition_penalty=cfg.repetition_penalty, console=console)
+    candidates = [sampled[r["id"]] for r in records]
+    _, _, agreement = selection_scorers(cfg, console, with_references=False)
+    chosen, utilities = select_candidates(candidates, agreement)
+    rows = [{"id": r["id"], "candidates": texts, "chosen": index, "agreement": row}
+            for r, texts, index, row in zip(records, candidates, chosen, utilities)]
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in [{"fingerprint": fingerprint}, *rows]))
+    greedy_kept = chosen.count(0)
+    console.print(f"minimum Bayes risk ({', '.join(sorted(agreement))}): the greedy summary kept for {greedy_kept} of {len(chosen)} records, "
+                  f"a sample for {len(chosen) - greedy_kept}; candidates -> {path}")
+    return {r["id"]: texts[index] for r, texts, index in zip(records, candidates, chosen)}
 
 
 def main(cfg: InferSettings) -> None:
@@ -444,6 +598,9 @@ def main(cfg: InferSettings) -> None:
     check_settings(cfg)
     if cfg.score:
         score_only(cfg, console)
+        return
+    if cfg.select:
+        select_only(cfg, console)
         return
 
     started = time.perf_counter()
@@ -469,6 +626,9 @@ def main(cfg: InferSettings) -> None:
     }
     partial = partial_path(output)
     done = {i: out for i, out in load_partial(partial, fingerprint).items() if i in {r["id"] for r in records}}
+    sampling = {**fingerprint, "num_samples": cfg.num_samples, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
+    sampled = load_partial(candidates_path(output), sampling, field="candidates") if cfg.num_samples else {}
+    done.update({i: texts[0] for i, texts in sampled.items() if i not in done and texts[0]})  # the greedy one comes first
 
     table = Table(title="infer.py settings", show_header=False)
     for key, value in {**asdict(cfg), "model": model_name, "system_prompt (from training)": system_prompt,
@@ -478,24 +638,37 @@ def main(cfg: InferSettings) -> None:
     console.print(f"{len(records)} records from {cfg.input}" + (f" ({dropped} empty utterances ignored)" if dropped else "")
                   + (f"; resuming: {len(done)} already finished in {partial}" if done else ""))
 
-    todo = [r for r in records if r["id"] not in done]
-    peak_memory, totals = "n/a (no GPU)", {"tokens": 0, "shortened": 0}
-    if todo:
+    totals = {"tokens": 0, "shortened": 0, "loaded": False}
+
+    @functools.cache
+    def model_and_budget() -> tuple[Any, Any, int]:
+        """Loaded on first use: a resumed run with nothing left to generate loads no model."""
         console.rule("loading model")
         model, tokenizer, loaded = load_model(model_name, cfg.max_seq_length, cfg.load_in_4bit)
         budget = loaded["max_seq_length"] - cfg.max_new_tokens
         if budget < 64:
             raise UserError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for the prompt in max_seq_length {loaded['max_seq_length']}")
+        totals["loaded"] = True
+        return model, tokenizer, budget
+
+    def generator(todo_records: list[dict]) -> tuple[Any, Any, list[str]]:
+        """(model, tokenizer, the records' prompts, shortened to fit where needed)."""
+        model, tokenizer, budget = model_and_budget()
         count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
         prompts, shortened = [], 0
-        for record in todo:
+        for record in todo_records:
             record = clean_record(record)[0] if clean_inputs else record
             prompt, was_shortened = shorten_to_fit(record, lambda r: chat_prompt(tokenizer, r, system_prompt), count_tokens, budget)
             prompts.append(prompt)
             shortened += was_shortened
-        totals["shortened"] = shortened
+        totals["shortened"] += shortened
         if shortened:
             console.print(f"[yellow]{shortened} prompt(s) longer than {budget} tokens were shortened in the middle of the conversation")
+        return model, tokenizer, prompts
+
+    todo = [r for r in records if r["id"] not in done]
+    if todo:
+        model, tokenizer, prompts = generator(todo)
 
         def save_batch(indices: list[int], texts: list[str], new_tokens: int) -> None:
             rows = [{"id": todo[i]["id"], "output": text} for i, text in zip(indices, texts) if text]
@@ -507,6 +680,10 @@ def main(cfg: InferSettings) -> None:
         console.rule(f"generating {len(todo)} summaries (batch {cfg.batch_size}, greedy, max_new_tokens {cfg.max_new_tokens})")
         generate_texts(model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                        repetition_penalty=cfg.repetition_penalty, on_batch=save_batch, console=console)
+    if cfg.num_samples:
+        done = sample_and_select(cfg, records, done, sampled, generator, sampling, candidates_path(output), console)
+    peak_memory = "n/a (no GPU)"
+    if totals["loaded"]:
         import torch
 
         if torch.cuda.is_available():
@@ -530,7 +707,7 @@ def main(cfg: InferSettings) -> None:
     if evaluate:
         console.rule("scoring against the input's outputs")
         result = score_predictions([r["id"] for r in submission], [r["output"] for r in submission],
-                                   [r["output"] for r in records], cfg.metrics, console)
+                                   [r["output"] for r in records], cfg.metrics, console, metric_models(cfg))
         print_scores(result, console)
         write_scores(result, Path(cfg.scores_file or output.with_name("scores.json")), console)
     else:

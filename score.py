@@ -1,10 +1,19 @@
-"""The competition's score: ROUGE-1, BERTScore and BLEURT as teddysum/korean_evaluation computes them.
+"""The competition's score: ROUGE-1, BERTScore and BLEURT as teddysum/korean_evaluation computes them,
+and minimum-Bayes-risk selection among candidate summaries by the same metrics.
 
-infer.py scores with these functions (`python infer.py --score pred.json --ref dev.json`); they import
-nothing heavy at module level, and each metric loads its model only when asked for.
+infer.py scores with these functions (`python infer.py --score pred.json --ref dev.json`) and selects with
+them (`python infer.py --select a.json b.json --output best.json`); they import nothing heavy at module
+level, and each learned metric loads its model only when asked for.
 
-ROUGE-1 is exactly the official scorer's (lowercase, non-[A-Za-z0-9가-힣] -> space, Mecab morphemes,
-clipped unigram F1); BERTScore and BLEURT are computed when their packages and models are available.
+- ROUGE-1 is exactly the official scorer's (lowercase, non-[A-Za-z0-9가-힣] -> space, Mecab morphemes,
+  clipped unigram F1).
+- BERTScore is bert_score's own computation with the official settings (bert-base-multilingual-cased,
+  layer 9, no idf, no baseline rescaling, batch 64, the slow BERT tokenizer); an empty candidate scores 0.
+- BLEURT runs the PyTorch port of BLEURT-20 (lucadiliello/BLEURT-20) on transformers' RemBERT, the same
+  architecture, with the original's tokenization and activation (see bleurt_scorer).
+
+    result = score_predictions(ids, predictions, references, ["rouge1", "bertscore", "bleurt"], console)
+    result["means"], result["final"], result["items"]
 """
 from __future__ import annotations
 
@@ -12,14 +21,29 @@ import collections
 import importlib.util
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from prep import UserError, write_text_atomic
+from prep import UserError, load_competition_file, write_text_atomic
 
 KNOWN_METRICS = ("rouge1", "bertscore", "bleurt")
 BERTSCORE_MODEL = "bert-base-multilingual-cased"
-BLEURT_MODEL = "lucadiliello/BLEURT-20"  # PyTorch port of BLEURT-20 (pip install git+https://github.com/lucadiliello/bleurt-pytorch)
+BERTSCORE_LAYERS = 9  # bert_score's tuned layer for bert-base-multilingual-cased, which the official scorer uses
+BERTSCORE_BATCH = 64  # bert_score's default, as evaluate.load("bertscore") runs it
+BLEURT_MODEL = "lucadiliello/BLEURT-20"  # PyTorch port of Google's BLEURT-20 (the official checkpoint)
+BLEURT_BATCH = 16
+LEADERBOARD_LABEL = "final (R1 + BERTScore + BLEURT) / 3"
+
+Scorer = Callable[[list[str], list[str]], list[float]]  # (hypotheses, references) -> one value per pair
+
+
+@dataclass(frozen=True)
+class MetricModels:
+    """Which models the learned metrics load (infer.py's --bertscore_model, --bertscore_layers, --bleurt_model)."""
+    bertscore_model: str = BERTSCORE_MODEL
+    bertscore_layers: int = BERTSCORE_LAYERS
+    bleurt_model: str = BLEURT_MODEL
 
 
 NON_SCORED_CHARS = re.compile(r"[^A-Za-z0-9가-힣]")
@@ -51,62 +75,215 @@ def mecab_morphs() -> Callable[[str], list[str]]:
 
 def rouge1_scores(predictions: list[str], references: list[str]) -> list[float]:
     morphs = mecab_morphs()
-    return [rouge1_f1(rouge_tokens(p, morphs), rouge_tokens(r, morphs)) for p, r in zip(predictions, references)]
+    tokens = {text: rouge_tokens(text, morphs) for text in {*predictions, *references}}  # MBR pairs repeat texts
+    return [rouge1_f1(tokens[p], tokens[r]) for p, r in zip(predictions, references)]
 
 
-def bertscore_scores(predictions: list[str], references: list[str]) -> list[float]:
-    import bert_score
-
-    _, _, f1 = bert_score.score(predictions, references, model_type=BERTSCORE_MODEL, idf=False, rescale_with_baseline=False, verbose=False)
-    return [float(x) for x in f1]
-
-
-def bleurt_scores(predictions: list[str], references: list[str], batch_size: int = 16) -> list[float]:
+def torch_device() -> str:
     import torch
-    from bleurt_pytorch import BleurtForSequenceClassification, BleurtTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = BleurtTokenizer.from_pretrained(BLEURT_MODEL)
-    model = BleurtForSequenceClassification.from_pretrained(BLEURT_MODEL).to(device).eval()
-    scores: list[float] = []
-    with torch.inference_mode():
-        for start in range(0, len(predictions), batch_size):
-            inputs = tokenizer(references[start:start + batch_size], predictions[start:start + batch_size], padding="longest", truncation=True, max_length=512, return_tensors="pt").to(device)
-            scores += model(**inputs).logits.flatten().tolist()
-    return scores
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-OPTIONAL_METRICS = {  # name -> (python module it needs, install hint, scorer)
-    "bertscore": ("bert_score", "pip install bert-score", bertscore_scores),
-    "bleurt": ("bleurt_pytorch", "pip install git+https://github.com/lucadiliello/bleurt-pytorch", bleurt_scores),
+def bertscore_tokenizer(name: str, config):
+    """The tokenizer the official scorer used: for BERT models the slow (pure Python) BertTokenizer of
+    transformers 4, kept in transformers 5 as BertTokenizerLegacy (AutoTokenizer now always returns the fast
+    one). A tokenizer saved without model_max_length reports 1e30, which bert_score passes on as the
+    truncation length (OverflowError in transformers 5): cap it at the model's positions, as transformers 4's
+    built-in table did for the Hub models (512)."""
+    from transformers import AutoTokenizer
+    from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
+
+    tokenizer = (BertTokenizerLegacy if config.model_type == "bert" else AutoTokenizer).from_pretrained(name)
+    tokenizer.model_max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
+    return tokenizer
+
+
+def bertscore_scorer(models: MetricModels) -> Scorer:
+    """F1 of bert_score (idf off, no rescaling, batch 64) with models.bertscore_layers layers.
+
+    Empty candidates are scored 0 here, bert_score's own rule, without passing them in: bert_score 0.3.13
+    builds their input with build_inputs_with_special_tokens, which transformers 5's fast tokenizers lack."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(models.bertscore_model)
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is not None and not 1 <= models.bertscore_layers <= layers:
+        raise UserError(f"--bertscore_layers {models.bertscore_layers}: {models.bertscore_model} has layers 1..{layers}")
+    from bert_score.utils import bert_cos_score_idf, get_model
+
+    tokenizer = bertscore_tokenizer(models.bertscore_model, config)
+    device = torch_device()
+    model = get_model(models.bertscore_model, models.bertscore_layers).to(device)
+    idf_weights = collections.defaultdict(lambda: 1.0)  # bert_score's idf=False: every token 1, [CLS]/[SEP] 0
+    idf_weights[tokenizer.sep_token_id] = idf_weights[tokenizer.cls_token_id] = 0
+
+    def score(hypotheses: list[str], references: list[str]) -> list[float]:
+        scored = [i for i, text in enumerate(hypotheses) if text.strip()]
+        f1 = [0.0] * len(hypotheses)
+        if scored:
+            values = bert_cos_score_idf(model, [references[i] for i in scored], [hypotheses[i] for i in scored],
+                                        tokenizer, idf_weights, batch_size=BERTSCORE_BATCH, device=device)[:, 2]
+            for i, value in zip(scored, values.tolist()):
+                f1[i] = value
+        return f1
+
+    return score
+
+
+def model_file(model: str, *names: str) -> Path:
+    """The first of `names` in a local model folder, else from the Hub (its cache, or a download)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    if not Path(model).is_dir() and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
+        raise FileNotFoundError(f"{model}: model folder not found (and not a Hub id)")
+    missing: Exception | None = None
+    for name in names:
+        if Path(model).is_dir():
+            if (Path(model) / name).is_file():
+                return Path(model) / name
+            missing = FileNotFoundError(f"{model}/{name} not found")
+            continue
+        try:
+            return Path(hf_hub_download(model, name))
+        except EntryNotFoundError as err:
+            missing = err
+    raise missing
+
+
+def bleurt_rembert_weights(port_weights: dict, hidden_size: int) -> dict:
+    """The port's state dict under transformers' RemBERT names: the architecture is the same (BERT layers
+    behind a projection of smaller embeddings); a port without that projection gets the identity."""
+    import torch
+
+    weights = {}
+    for name, tensor in port_weights.items():
+        if name.endswith("position_ids"):
+            continue  # a buffer the port saved, not a weight
+        name = name.replace("bleurt.", "rembert.", 1).replace(".embedding_projection.", ".embedding_hidden_mapping_in.")
+        weights[name] = tensor
+    weights.setdefault("rembert.encoder.embedding_hidden_mapping_in.weight", torch.eye(hidden_size))
+    weights.setdefault("rembert.encoder.embedding_hidden_mapping_in.bias", torch.zeros(hidden_size))
+    return weights
+
+
+def bleurt_pair_ids(reference: list[int], candidate: list[int], max_length: int, cls: int, sep: int) -> tuple[list[int], list[int]]:
+    """(input ids, segment ids) as the original's encode_example builds them: the longer side loses its last
+    token until both fit, then [CLS] reference [SEP] candidate [SEP]."""
+    reference, candidate = list(reference), list(candidate)
+    while len(reference) + len(candidate) > max_length - 3:
+        (reference if len(reference) > len(candidate) else candidate).pop()
+    ids = [cls, *reference, sep, *candidate, sep]
+    return ids, [0] * (len(reference) + 2) + [1] * (len(candidate) + 1)
+
+
+def bleurt_scorer(models: MetricModels) -> Scorer:
+    """BLEURT scores from the PyTorch port's files (config.json, spm.model, weights), run as the TF original.
+
+    bleurt-pytorch itself no longer imports under transformers 5 (find_pruneable_heads_and_indices,
+    tokenization_bert_fast, get_extended_attention_mask and get_head_mask are gone), so its weights are
+    loaded into transformers' RemBERT. Two choices follow the TF original rather than the port: the
+    SentencePiece pieces come straight from spm.model (the port converts it to a `tokenizers` pipeline), and
+    GELU is the tanh approximation of bleurt/lib/modeling.py (the port's config says the exact erf GELU).
+    Predictions are reference-candidate pairs exactly as BleurtScorer.score encodes them (max length = the
+    model's positions, 512 for BLEURT-20); an empty candidate is scored by the model, as the original does.
+    """
+    import sentencepiece
+    import torch
+    from transformers import RemBertConfig, RemBertForSequenceClassification
+
+    config = json.loads(model_file(models.bleurt_model, "config.json").read_text(encoding="utf-8"))
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(model_file(models.bleurt_model, "spm.model")))
+    weights_path = model_file(models.bleurt_model, "model.safetensors", "pytorch_model.bin")
+    if weights_path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        port_weights = load_file(str(weights_path))
+    else:
+        port_weights = torch.load(weights_path, map_location="cpu", weights_only=True)
+    hidden = config["hidden_size"]
+    model = RemBertForSequenceClassification(RemBertConfig(
+        vocab_size=config["vocab_size"], hidden_size=hidden, num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
+        input_embedding_size=config.get("embedding_size") or hidden, hidden_act="gelu_new",
+        max_position_embeddings=config["max_position_embeddings"], type_vocab_size=config.get("type_vocab_size", 2),
+        layer_norm_eps=config.get("layer_norm_eps", 1e-12), pad_token_id=config.get("pad_token_id", 0), num_labels=1,
+    ))
+    model.load_state_dict(bleurt_rembert_weights(port_weights, hidden), strict=True)
+    device = torch_device()
+    model.to(device).eval()
+    cls, sep, max_length = pieces.piece_to_id("[CLS]"), pieces.piece_to_id("[SEP]"), config["max_position_embeddings"]
+
+    def score(hypotheses: list[str], references: list[str]) -> list[float]:
+        pairs = [bleurt_pair_ids(pieces.encode(r), pieces.encode(h), max_length, cls, sep) for h, r in zip(hypotheses, references)]
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))  # similar lengths share a batch: less padding
+        scores = [0.0] * len(pairs)
+        with torch.inference_mode():
+            for start in range(0, len(order), BLEURT_BATCH):
+                batch = order[start:start + BLEURT_BATCH]
+                width = max(len(pairs[i][0]) for i in batch)
+                ids = torch.tensor([pairs[i][0] + [0] * (width - len(pairs[i][0])) for i in batch], device=device)
+                segments = torch.tensor([pairs[i][1] + [0] * (width - len(pairs[i][1])) for i in batch], device=device)
+                mask = torch.tensor([[1] * len(pairs[i][0]) + [0] * (width - len(pairs[i][0])) for i in batch], device=device)
+                logits = model(input_ids=ids, token_type_ids=segments, attention_mask=mask).logits[:, 0]
+                for i, value in zip(batch, logits.tolist()):
+                    scores[i] = value
+        return scores
+
+    return score
+
+
+LEARNED_METRICS = {  # name -> (python module it needs, install hint, loader of its scorer)
+    "bertscore": ("bert_score", "pip install bert-score==0.3.13", bertscore_scorer),
+    "bleurt": ("sentencepiece", "pip install sentencepiece", bleurt_scorer),
 }
 
 
-def score_predictions(ids: list[str], predictions: list[str], references: list[str], metrics: list[str], console) -> dict:
-    """Per-item and mean scores; a metric whose package or model is unavailable is skipped with the reason."""
-    per_metric: dict[str, list[float]] = {}
+def load_scorers(metrics: list[str], models: MetricModels, console) -> tuple[dict[str, Scorer], dict[str, str]]:
+    """({metric: scorer}, {metric: why it was skipped}); a learned metric is skipped only when its package is
+    missing or its model cannot be loaded (offline, not on the Hub, missing files), and the reason says which."""
+    scorers: dict[str, Scorer] = {"rouge1": rouge1_scores} if "rouge1" in metrics else {}
     skipped: dict[str, str] = {}
-    if "rouge1" in metrics:
-        per_metric["rouge1"] = rouge1_scores(predictions, references)
-    for name, (module, hint, scorer) in OPTIONAL_METRICS.items():
+    for name, (module, hint, load) in LEARNED_METRICS.items():
         if name not in metrics:
             continue
         if importlib.util.find_spec(module) is None:
             skipped[name] = f"package {module} not installed ({hint})"
             continue
+        model = models.bertscore_model if name == "bertscore" else models.bleurt_model
         try:
-            per_metric[name] = scorer(predictions, references)
-        except Exception as err:  # offline or no hub access: the model cannot be fetched; ROUGE-1 still stands
-            skipped[name] = f"model could not be loaded ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+            scorers[name] = load(models)
+        except (OSError, ValueError) as err:  # offline / not cached / no such repo or file: ROUGE-1 still stands
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            skipped[name] = f"model {model} could not be loaded ({type(err).__name__}: {first_line})"
     for name, reason in skipped.items():
         console.print(f"[yellow]{name} skipped: {reason}")
+    return scorers, skipped
+
+
+def score_with(scorers: dict[str, Scorer], skipped: dict[str, str], ids: list[str], predictions: list[str], references: list[str]) -> dict:
+    """Per-item and mean scores from loaded scorers; "final" is the leaderboard's mean only when all three ran."""
+    per_metric = {name: scorer(predictions, references) for name, scorer in scorers.items()}
     means = {name: sum(values) / len(values) for name, values in per_metric.items()}
     items = [
         {"id": i, **{name: values[k] for name, values in per_metric.items()}, "pred_chars": len(p), "ref_chars": len(r)}
         for k, (i, p, r) in enumerate(zip(ids, predictions, references))
     ]
-    return {"means": means, "mean_of_computed": sum(means.values()) / len(means) if means else None,
+    complete = set(means) == set(KNOWN_METRICS)
+    mean = sum(means.values()) / len(means) if means else None
+    return {"means": means, "final": mean if complete else None, "mean_of_computed": mean,
+            "label": LEADERBOARD_LABEL if complete else f"mean of {', '.join(sorted(means))} only",
             "computed": sorted(means), "skipped": skipped, "items": items}
+
+
+def score_predictions(ids: list[str], predictions: list[str], references: list[str], metrics: list[str], console,
+                      models: MetricModels = MetricModels()) -> dict:
+    """Per-item and mean scores for `metrics`; a learned metric whose package or model is unavailable is
+    skipped with the reason. Returns {"means", "final" (the leaderboard score, None unless all three ran),
+    "mean_of_computed", "label", "computed", "skipped", "items" (id, each metric, pred_chars, ref_chars)}."""
+    scorers, skipped = load_scorers(metrics, models, console)
+    return score_with(scorers, skipped, ids, predictions, references)
 
 
 def print_scores(result: dict, console) -> None:
@@ -117,25 +294,82 @@ def print_scores(result: dict, console) -> None:
     table.add_column("score", justify="right")
     for name, value in result["means"].items():
         table.add_row(name, f"{100 * value:.2f}")
-    for name, reason in result["skipped"].items():
+    for name in result["skipped"]:
         table.add_row(name, "skipped", style="dim")
     if result["mean_of_computed"] is not None:
-        label = "final (mean of all three)" if set(result["computed"]) == set(KNOWN_METRICS) else f"mean of {', '.join(result['computed'])} only"
-        table.add_row(label, f"{100 * result['mean_of_computed']:.2f}", style="bold")
+        table.add_row(result["label"], f"{100 * result['mean_of_computed']:.2f}", style="bold")
     console.print(table)
     lengths = [item["pred_chars"] for item in result["items"]]
     console.print(f"summary length: mean {sum(lengths) / len(lengths):.0f} chars (references "
                   f"{sum(i['ref_chars'] for i in result['items']) / len(lengths):.0f})")
 
 
+# ---------------------------------------------------------------------------------------------
+# Minimum Bayes risk: per item, the candidate that agrees most with the others
+# ---------------------------------------------------------------------------------------------
+
+def mbr_utilities(candidates: list[list[str]], utility: Scorer) -> list[list[float]]:
+    """For every item, each candidate's mean utility against the item's other candidates.
+
+    ROUGE-1 F1 and BERTScore F1 are symmetric, so each unordered pair is scored once, in one call for all
+    items (one model pass). A lone candidate gets 0."""
+    pairs = [(item, i, j) for item, texts in enumerate(candidates) for i in range(len(texts)) for j in range(i + 1, len(texts))]
+    values = utility([candidates[k][i] for k, i, _ in pairs], [candidates[k][j] for k, _, j in pairs]) if pairs else []
+    totals = [[0.0] * len(texts) for texts in candidates]
+    for (item, i, j), value in zip(pairs, values):
+        totals[item][i] += value
+        totals[item][j] += value
+    return [[total / max(len(row) - 1, 1) for total in row] for row in totals]
+
+
+def mbr_choice(utilities: list[float]) -> int:
+    """Index of the highest mean utility; a tie goes to the earliest candidate."""
+    return max(range(len(utilities)), key=utilities.__getitem__)
+
+
+def mean_utility(scorers: dict[str, Scorer]) -> Scorer:
+    """One utility per pair: the mean of the given metrics."""
+    def utility(hypotheses: list[str], references: list[str]) -> list[float]:
+        per_metric = [scorer(hypotheses, references) for scorer in scorers.values()]
+        return [sum(values) / len(values) for values in zip(*per_metric)]
+
+    return utility
+
+
+def select_candidates(candidates: list[list[str]], scorers: dict[str, Scorer]) -> tuple[list[int], list[list[float]]]:
+    """(chosen index per item, each candidate's mean utility): minimum-Bayes-risk selection with the mean of
+    `scorers` (from load_scorers) as the utility."""
+    utilities = mbr_utilities(candidates, mean_utility(scorers))
+    return [mbr_choice(row) for row in utilities], utilities
+
+
+def read_candidate_files(paths: list[str]) -> tuple[list[dict], list[list[str]]]:
+    """(records of the first file, per record the outputs of every file in the given order); ids are matched
+    to the first file's, and any mismatch names the file."""
+    files = [load_competition_file(path)[0] for path in paths]
+    first_ids = [record["id"] for record in files[0]]
+    candidates: list[list[str]] = [[] for _ in first_ids]
+    for path, records in zip(paths, files):
+        by_id = {record["id"]: record["output"] for record in records}
+        check_same_ids(path, list(by_id), paths[0], first_ids)
+        for row, record_id in zip(candidates, first_ids):
+            row.append(by_id[record_id])
+    return files[0], candidates
+
+
+def check_same_ids(path: str, ids: list[str], expected_path: str, expected_ids: list[str]) -> None:
+    """Refuse a file whose ids differ from another's, counting both kinds of mismatch."""
+    missing = [i for i in expected_ids if i not in set(ids)]
+    extra = [i for i in ids if i not in set(expected_ids)]
+    if missing or extra:
+        raise UserError(f"{path}: ids do not match {expected_path}: {len(missing)} missing (first {missing[:1]}), {len(extra)} not in {expected_path} (first {extra[:1]})")
+
+
 def pair_by_id(predictions: list[dict], references: list[dict], pred_path: str, ref_path: str) -> tuple[list[str], list[str], list[str]]:
     """(ids, predicted outputs, reference outputs) matched by id; every mismatch is reported."""
     ref_by_id = {r["id"]: r["output"] for r in references}
     pred_ids = [p["id"] for p in predictions]
-    missing = [i for i in ref_by_id if i not in set(pred_ids)]
-    extra = [i for i in pred_ids if i not in ref_by_id]
-    if missing or extra:
-        raise UserError(f"{pred_path}: ids do not match {ref_path}: {len(missing)} missing (first {missing[:1]}), {len(extra)} not in the reference (first {extra[:1]})")
+    check_same_ids(pred_path, pred_ids, ref_path, list(ref_by_id))
     empty_refs = [i for i, out in ref_by_id.items() if not out.strip()]
     if empty_refs:
         raise UserError(f"{ref_path}: record id {empty_refs[0]!r}: field 'output' is empty; references need summaries to score against")
