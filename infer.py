@@ -564,9 +564,9 @@ def sample_and_select(cfg: InferSettings, records: list[dict], greedy: dict[str,
     others; the file is rewritten with each record's `chosen` index. Returns {id: chosen output}."""
     todo = [r for r in records if r["id"] not in sampled]
     if todo:
-        from transformers import set_seed
-
         model, tokenizer, prompts = generator(todo)
+        from transformers import set_seed  # after the generator: unsloth must patch transformers first
+
         set_seed(cfg.seed)
 
         def save(index: int, texts: list[str]) -> None:

@@ -263,14 +263,17 @@ def load_scorers(metrics: list[str], models: MetricModels, console) -> tuple[dic
 
 
 def score_with(scorers: dict[str, Scorer], skipped: dict[str, str], ids: list[str], predictions: list[str], references: list[str]) -> dict:
-    """Per-item and mean scores from loaded scorers; "final" is the leaderboard's mean only when all three ran."""
+    """Per-item and mean scores from loaded scorers; "final" (overall and per item) is the leaderboard's mean,
+    present only when all three metrics ran."""
     per_metric = {name: scorer(predictions, references) for name, scorer in scorers.items()}
     means = {name: sum(values) / len(values) for name, values in per_metric.items()}
+    complete = set(means) == set(KNOWN_METRICS)
     items = [
         {"id": i, **{name: values[k] for name, values in per_metric.items()}, "pred_chars": len(p), "ref_chars": len(r)}
         for k, (i, p, r) in enumerate(zip(ids, predictions, references))
     ]
-    complete = set(means) == set(KNOWN_METRICS)
+    for item in items if complete else []:  # the item's own leaderboard-style score, for error analysis
+        item["final"] = sum(item[name] for name in KNOWN_METRICS) / len(KNOWN_METRICS)
     mean = sum(means.values()) / len(means) if means else None
     return {"means": means, "final": mean if complete else None, "mean_of_computed": mean,
             "label": LEADERBOARD_LABEL if complete else f"mean of {', '.join(sorted(means))} only",

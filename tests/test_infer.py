@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import infer  # import-light by design: no torch, no unsloth
+import score
 from conftest import OFFLINE_ENV, REPO_ROOT as REPO, assert_one_line_error, run_script
 from prep import UserError, validate_record
 
@@ -269,3 +270,43 @@ def test_trained_model_reproduces_memorized_summaries(tmp_path, memorized_run):
     submission = json.loads((tmp_path / "submission.json").read_text(encoding="utf-8"))
     infer.check_submission(submission, json.loads(test_file.read_text(encoding="utf-8")), "submission.json")
     assert (tmp_path / "scores.json").read_text(encoding="utf-8") == scores_text  # test outputs are empty: no scoring
+
+
+# ---------------------------------------------------------------------------------------------
+# --num_samples: greedy + sampled candidates, minimum Bayes risk, resumable candidates file
+# ---------------------------------------------------------------------------------------------
+
+def test_num_samples_selects_by_agreement_and_resumes(tmp_path, memorized_run):
+    records = memorized_run["records"]
+    (tmp_path / "in.json").write_text(json.dumps([{**r, "output": ""} for r in records], ensure_ascii=False), encoding="utf-8")
+    args = ["--model", str(memorized_run["run"] / "final"), "--input", "in.json", "--output", "sub.json", "--batch_size", "8",
+            "--no-load_in_4bit", "--max_new_tokens", "24", "--num_samples", "2", "--temperature", "2.0", "--top_p", "1.0",
+            "--select_metric", "rouge1"]
+    result = run_infer(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = (tmp_path / "sub.json.candidates.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines[1:]]
+    assert [row["id"] for row in rows] == [r["id"] for r in records]
+    assert all(len(row["candidates"]) == 3 for row in rows)
+    assert any(text != row["candidates"][0] for row in rows for text in row["candidates"][1:]), "nothing was sampled"
+    morphs = score.mecab_morphs()
+
+    def rouge1(a: str, b: str) -> float:
+        return score.rouge1_f1(score.rouge_tokens(a, morphs), score.rouge_tokens(b, morphs))
+
+    for row in rows:
+        means = [sum(rouge1(c, o) for j, o in enumerate(row["candidates"]) if j != i) / 2 for i, c in enumerate(row["candidates"])]
+        assert row["chosen"] == means.index(max(means))
+    submission = json.loads((tmp_path / "sub.json").read_text(encoding="utf-8"))
+    assert [r["output"] for r in submission] == [row["candidates"][row["chosen"]] for row in rows]
+    assert not (tmp_path / "sub.json.partial.jsonl").exists()
+
+    # A run killed before the last record's samples were written: only that record is generated again.
+    (tmp_path / "sub.json.candidates.jsonl").write_text("".join(line + "\n" for line in lines[:-1]), encoding="utf-8")
+    (tmp_path / "sub.json").unlink()
+    result = run_infer(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "generating 1 summaries" in result.stdout and "sampling 2 more summaries for 1 records" in result.stdout
+    resumed = [json.loads(line) for line in (tmp_path / "sub.json.candidates.jsonl").read_text(encoding="utf-8").splitlines()[1:]]
+    assert [row["candidates"] for row in resumed[:-1]] == [row["candidates"] for row in rows[:-1]]
+    assert resumed[-1]["candidates"][0] == rows[-1]["candidates"][0]  # greedy is deterministic

@@ -218,6 +218,7 @@ def test_full_score_through_the_command_line(tmp_path, tiny_bert_dir, tiny_bleur
     for name in ("rouge1", "bertscore", "bleurt"):
         assert scores["means"][name] == pytest.approx(sum(item[name] for item in items) / 3)
     assert scores["final"] == pytest.approx(sum(scores["means"].values()) / 3)
+    assert [item["final"] for item in items] == pytest.approx([(i["rouge1"] + i["bertscore"] + i["bleurt"]) / 3 for i in items])
     assert scores["label"] == "final (R1 + BERTScore + BLEURT) / 3" and scores["label"] in result.stdout
 
 
