@@ -35,8 +35,10 @@ from prep import (
     UserError,
     as_text,
     build_user_text,
+    check_environment,
     conversation_text,
     detect_shape,
+    filter_known_noise,
     keep_first_of_near_duplicates,
     load_competition_file,
     load_extra_rows,
@@ -440,6 +442,8 @@ def print_settings(console: Any, title: str, cfg: Any) -> None:
 
 
 def distill_main(cfg: DistillSettings) -> None:
+    check_environment(needs_torch=cfg.teacher_url == "local")  # a teacher behind a URL needs no torch here
+    filter_known_noise()
     import asyncio
     import time
 
@@ -532,6 +536,8 @@ def read_kept_instructions(path: str | Path) -> list[str]:
 
 
 def magpie_main(cfg: MagpieSettings) -> None:
+    check_environment()
+    filter_known_noise()
     import time
 
     from rich.console import Console

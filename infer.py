@@ -37,9 +37,11 @@ from typing import Any, Callable
 from prep import (
     UserError,
     build_messages,
+    check_environment,
     clean_record,
     drop_middle_utterances,
     dump_submission_json,
+    filter_known_noise,
     load_competition_file,
     parse_settings,
     read_json,
@@ -591,6 +593,8 @@ def sample_and_select(cfg: InferSettings, records: list[dict], greedy: dict[str,
 
 
 def main(cfg: InferSettings) -> None:
+    check_environment(needs_torch=not cfg.score)  # scoring a file loads no model
+    filter_known_noise()
     from rich.console import Console
     from rich.table import Table
 

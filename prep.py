@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -54,6 +55,7 @@ class PrepSettings:
     clean_inputs: bool = field(default=False, metadata={"help": "remove fillers (어~, 음~), xx masks and immediate word repeats from utterances"})
     limit: int | None = field(default=None, metadata={"help": "keep a random N rows of each training source (quick tries)"})
     seed: int = field(default=42, metadata={"help": "seed for --limit sampling"})
+    check_env: bool = field(default=False, metadata={"help": "only check Python (>= 3.11) and torch (>= 2.4, < 2.15) before installing requirements.txt, then exit"})
 
 
 # The official baseline's system prompt (teddysum/Korean_DCS_2024). Gemma 2 rejects a system role,
@@ -121,6 +123,88 @@ def run_cli(main_fn, settings: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The environment: versions checked and known-harmless library noise filtered before heavy imports
+# (train.py, infer.py and distill.py call these first thing; stdlib only)
+# ---------------------------------------------------------------------------------------------
+
+MIN_PYTHON = (3, 11)  # trl 1.15 requires it; matplotlib 3.11.2 has no cp310 wheel
+MIN_TORCH = (2, 4)  # bitsandbytes' floor: pip would otherwise pull a PyPI torch over the image's CUDA one
+MAX_TORCH = (2, 15)  # unsloth 2026.10.9 pins torch < 2.15
+TORCH_FIX = ("install a CUDA torch from the PyTorch index first, e.g. pip install 'torch>=2.4,<2.15' "
+             "--index-url https://download.pytorch.org/whl/cu124 (the cuXXX your driver supports), then requirements.txt")
+
+
+def release_tuple(version: str) -> tuple[int, int] | None:
+    """'2.3.1+cu121' -> (2, 3); None when the string does not start with major.minor."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def environment_problems(python_version: tuple[int, ...], torch_version: str | None, needs_torch: bool = True) -> list[str]:
+    """What stops this kit from installing or running on this interpreter and torch, each with its fix."""
+    problems = []
+    if tuple(python_version[:2]) < MIN_PYTHON:
+        problems.append(
+            f"Python {'.'.join(map(str, python_version[:2]))} is too old: trl 1.15 and matplotlib 3.11.2 need Python >= 3.11; "
+            "make a 3.11+ environment (uv venv -p 3.11 .venv, or Colab's Python 3.12) and install there"
+        )
+    if not needs_torch:
+        return problems
+    release = release_tuple(torch_version) if torch_version else None
+    if torch_version is None:
+        problems.append(f"torch is not installed: {TORCH_FIX}")
+    elif release is not None and release < MIN_TORCH:
+        problems.append(f"torch {torch_version} is too old: bitsandbytes needs torch >= 2.4; {TORCH_FIX}")
+    elif release is not None and release >= MAX_TORCH:
+        problems.append(f"torch {torch_version} is too new: unsloth 2026.10.9 needs torch < 2.15; {TORCH_FIX}")
+    return problems
+
+
+def check_environment(needs_torch: bool = True) -> str | None:
+    """Refuse an interpreter or torch this kit cannot use, in one line with the fix; returns torch's
+    version. Read from its package metadata: importing torch would take seconds."""
+    from importlib import metadata
+
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = None
+    problems = environment_problems(sys.version_info, torch_version, needs_torch)
+    if problems:
+        raise UserError("; ".join(problems))
+    return torch_version
+
+
+# Messages libraries log on every healthy run (mostly on CPU) that make it look broken. Matched by the
+# logger that emits them and the start of their message template, so anything else they say still shows.
+KNOWN_HARMLESS_LOGS = {
+    # torchao tries its prebuilt C++ kernels (CUDA archs, other Python ABIs) and falls back; this kit never calls them.
+    "torchao": ("Failed to load ", "Skipping import of cpp extensions"),
+    # torchao registers its config enums the pre-2.10 way; torch handles them natively now.
+    "torch.utils._pytree": ("%s is an Enum subclass and is now natively supported",),
+    # bitsandbytes' CPU backend would fetch a faster 4-bit kernel from the Hub; its built-in one is used instead.
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+}
+
+
+class _HideKnownMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def filter_known_noise() -> None:
+    """Hide KNOWN_HARMLESS_LOGS. Call before the libraries are imported: they log while importing."""
+    for logger_name, prefixes in KNOWN_HARMLESS_LOGS.items():
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(f, _HideKnownMessages) for f in logger.filters):
+            logger.addFilter(_HideKnownMessages(prefixes))
+
+
+# ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
 
@@ -151,12 +235,20 @@ def parse_jsonl(text: str, path: str | Path, hint: str = "") -> Iterator[tuple[i
         yield line_number, value
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 minus the process umask (0644 under the usual 022)."""
+    umask = os.umask(0)  # the only way to read it is to set it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write via a temp file in the same directory and rename, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, new_file_mode())  # mkstemp makes 0600; a plain open() would give 0644 under the usual umask
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
@@ -266,11 +358,18 @@ def build_messages(record: dict, system_prompt: bool = False) -> list[dict]:
 
 
 def clean_utterance(text: str) -> str:
-    """`--clean_inputs`: drop fillers ("어~", "음~"), `xx` masks and immediate word repeats ("그 그 사람")."""
+    """`--clean_inputs`: drop fillers ("어~", "음~"), `xx` masks and stuttered word repeats ("그 그 사람"),
+    keeping Korean reduplication ("무슨 무슨", "하나 하나": see REDUPLICATED_WORDS)."""
     text = _FILLER.sub(" ", text)
     text = _MASK.sub(" ", text)
-    text = _WORD_REPEAT.sub(r"\1", text)
+    text = _WORD_REPEAT.sub(collapse_word_repeat, text)
     return _SPACES.sub(" ", text).strip()
+
+
+def collapse_word_repeat(match: re.Match) -> str:
+    """A stutter ("그 그", "이제 이제 이제") becomes one word; a reduplication stays doubled, never tripled."""
+    word = match[1]
+    return f"{word} {word}" if word in REDUPLICATED_WORDS else word
 
 
 def clean_record(record: dict) -> tuple[dict, int, int]:
@@ -299,6 +398,14 @@ def drop_middle_utterances(record: dict, count: int) -> dict:
 _FILLER = re.compile(r"(?<!\S)(?:어|음|아|으|흠|에|그|저|뭐|응|오)+~+[.,]?(?!\S)")
 _MASK = re.compile(r"(?<![A-Za-z])[xX]{2,}(?![A-Za-z])")
 _WORD_REPEAT = re.compile(r"(?<!\S)(\S+)(?:\s+\1)+(?!\S)")
+# Words Korean doubles on purpose ("무슨 무슨 얘기" 'all sorts of talk', "하나 하나" 'one by one',
+# "따로 따로" 'each separately', "계속 계속" 'on and on'): the pair carries meaning, so --clean_inputs
+# keeps it. Every other doubled word is a stutter ("그 그", "이제 이제", "저는 저는") and goes.
+REDUPLICATED_WORDS = frozenset({
+    "무슨", "하나", "하나씩", "따로", "계속", "가끔", "조금", "조금씩", "천천히", "빨리", "얼른", "어서", "자주",
+    "많이", "너무", "정말", "진짜", "아주", "여러", "구석", "군데", "차근", "하루", "오래", "살금", "대충", "띄엄",
+    "골고루", "차례", "가지", "사이", "곳",
+})
 _SPACES = re.compile(r"\s+")
 
 
@@ -824,13 +931,27 @@ def sample_rows(items: list, limit: int | None, seed: int) -> list:
     return [items[i] for i in picked]
 
 
+def require_summaries(path: str | Path, records: list[dict], role: str) -> None:
+    """Train and dev records are learned from or scored against: each needs a non-empty `output`."""
+    if role == "train" and not records:
+        raise UserError(f"{path}: no records; --train needs the competition train file (a non-empty list)")
+    if records and not any(r["output"].strip() for r in records):
+        raise UserError(f"{path}: every record's 'output' is empty; this looks like a test file, and --{role} needs records with summaries")
+    for index, record in enumerate(records):
+        if not record["output"].strip():
+            raise UserError(f"{_record_label(path, index, record)}: field 'output' is empty; every {role} record needs its summary")
+
+
 def load_competition(paths: list[str], role: str, seen_ids: dict[str, str]) -> tuple[list[tuple[str, dict]], int]:
-    """(source, record) pairs from competition files; ids must be unique across all of them."""
+    """(source, record) pairs from competition files; ids must be unique across all of them.
+    Train and dev records must carry summaries; test records need not."""
     out, dropped = [], 0
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"{path}: {role} file not found; {MISSING_DATA_HINT}")
         records, n_dropped = load_competition_file(path)
+        if role != "test":
+            require_summaries(path, records, role)
         dropped += n_dropped
         for index, record in enumerate(records):
             if record["id"] in seen_ids:
@@ -838,6 +959,16 @@ def load_competition(paths: list[str], role: str, seen_ids: dict[str, str]) -> t
             seen_ids[record["id"]] = path
             out.append((path, record))
     return out, dropped
+
+
+def name_ids(ids: list[str], shown: int = 3) -> str:
+    """': a, b, c and 4 more' for a console line; '' when there are none."""
+    if not ids:
+        return ""
+    from rich.markup import escape  # ids are user text: a "[...]" in one is not console markup
+
+    more = f" and {len(ids) - shown} more (all in stats.json)" if len(ids) > shown else ""
+    return ": " + escape(", ".join(ids[:shown])) + more
 
 
 def check_settings(cfg: PrepSettings) -> None:
@@ -882,6 +1013,10 @@ def summary_table(counts: dict[str, dict[str, int]]) -> Any:
 
 
 def main(cfg: PrepSettings) -> None:
+    if cfg.check_env:  # before rich: this runs before requirements.txt is installed
+        torch_version = check_environment()
+        print(f"ok: Python {sys.version.split()[0]} and torch {torch_version} suit this kit; install requirements.txt next")
+        return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -987,7 +1122,7 @@ def main(cfg: PrepSettings) -> None:
     console.rule("length policy")
     tokenizer, length_method = load_tokenizer(cfg.tokenizer)
     console.print(f"lengths: {length_method}; limit {cfg.max_seq_length} tokens per row")
-    train_rows, dev_rows, cut_utterances = [], [], 0
+    train_rows, dev_rows, cut_utterances, cut_ids, too_long_ids = [], [], 0, [], []
     for pairs, target in ((train_pairs, train_rows), (dev_pairs, dev_rows)):
         for source, record in pairs:
             row, n_cut = fit_competition_record(record, source, cfg, tokenizer)
@@ -996,8 +1131,11 @@ def main(cfg: PrepSettings) -> None:
                 if stage_counts is None:
                     raise UserError(f"{source}: record {record['id']!r}: question + summary alone exceed --max_seq_length {cfg.max_seq_length}")
                 stage_counts["too_long"] += 1
+                too_long_ids.append(record["id"])
                 continue
             cut_utterances += n_cut
+            if n_cut:
+                cut_ids.append(record["id"])
             if stage_counts is not None:
                 stage_counts["cut"] += n_cut > 0
             target.append(row)
@@ -1015,7 +1153,11 @@ def main(cfg: PrepSettings) -> None:
     train_rows += extras
     for row in train_rows:
         counts[row.source]["kept"] += 1
-    console.print(f"competition rows cut: {sum(c['cut'] for c in counts.values())} ({cut_utterances} utterances dropped from the middle)")
+    console.print(f"competition rows cut: {len(cut_ids)} ({cut_utterances} utterances dropped from the middle){name_ids(cut_ids)}", soft_wrap=True)
+    if too_long_ids:
+        console.print(f"[yellow]competition train rows dropped, question + summary alone too long: {len(too_long_ids)}{name_ids(too_long_ids)}[/yellow]", soft_wrap=True)
+    if not train_rows:
+        raise UserError(f"no training rows left after the length policy (--max_seq_length {cfg.max_seq_length}); nothing was written")
 
     console.rule("output")
     lengths = {
@@ -1028,7 +1170,7 @@ def main(cfg: PrepSettings) -> None:
         # How the prompt was built: train.py carries these to the adapter so inference matches.
         "system_prompt": cfg.system_prompt,
         "clean_inputs": cfg.clean_inputs,
-        "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},  # same inputs, same bytes
+        "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "check_env")},  # same inputs, same bytes
         "length_counting": length_method,
         "rows": {"train": len(train_rows), "dev": len(dev_rows)},
         "sources": counts,
@@ -1036,6 +1178,8 @@ def main(cfg: PrepSettings) -> None:
         "empty_utterances_dropped": empty_dropped,
         "clean_inputs_effect": cleaning if cfg.clean_inputs else None,
         "utterances_cut_from_middle": cut_utterances,
+        "cut_ids": cut_ids,  # train and dev rows that lost middle utterances
+        "too_long_ids": too_long_ids,  # competition train rows dropped: question + summary alone exceed the limit
         "lengths": lengths,
     }
     competition_sources = set(cfg.train) | {cfg.dev}

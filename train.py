@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prep import UserError, _unwrap_optional, build_parser, parse_jsonl, read_json, run_cli, write_text_atomic
+from prep import (UserError, _unwrap_optional, build_parser, check_environment, filter_known_noise, parse_jsonl, read_json, run_cli,
+                  write_text_atomic)
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -482,6 +483,8 @@ def build_trainer(cfg: TrainSettings, model, tokenizer, train_rows: list[dict], 
 # ---------------------------------------------------------------------------------------------
 
 def main(cfg: TrainSettings) -> None:
+    check_environment()
+    filter_known_noise()
     from rich.console import Console
 
     console = Console()

@@ -278,6 +278,24 @@ def test_clean_utterance():
     assert prep.clean_utterance("box xxx taxi") == "box taxi"
 
 
+@pytest.mark.parametrize("said, cleaned", [
+    ("무슨 무슨 얘기를 했는지 하나 하나 따로 따로 계속 계속 물어봤어요", "무슨 무슨 얘기를 했는지 하나 하나 따로 따로 계속 계속 물어봤어요"),
+    ("이제 이제 저는 저는 그 그 그 사람을 만났어요", "이제 저는 그 사람을 만났어요"),  # stutters go, whatever their length
+    ("계속 계속 계속 걸었어요", "계속 계속 걸었어요"),  # a reduplication stays doubled, not tripled
+    ("네 네 네", "네"),
+])
+def test_clean_inputs_keeps_reduplication_and_drops_stutters(said, cleaned):
+    assert prep.clean_utterance(said) == cleaned
+
+
+def test_clean_record_drops_an_utterance_only_when_nothing_is_left():
+    rec = record(conversation=[{"speaker": "A", "utterance": "어~ 음~ xx"}, {"speaker": "B", "utterance": "네 네"},
+                               {"speaker": "A", "utterance": "따로 따로 가요"}])
+    cleaned, saved, dropped = prep.clean_record(rec)
+    assert [t["utterance"] for t in cleaned["input"]["conversation"]] == ["네", "따로 따로 가요"]
+    assert dropped == 1 and saved == len("어~ 음~ xx") + len(" 네")
+
+
 def test_length_cut_drops_middle_utterances_and_keeps_question_and_summary():
     turns = [{"speaker": "SD2000001" if i % 2 else "SD2000002", "utterance": f"{i:02d}번째 발화입니다 " + "가" * 40} for i in range(30)]
     rec = record("long", turns, keywords=("여행", "음식"), output="이 대화에서 화자들은 여행과 음식에 대해 말했습니다.")
@@ -403,11 +421,41 @@ def test_e2e_exact_lengths_with_the_model_tokenizer(tmp_path, tiny_model_dir):
     assert stats["sources"][str(SAMPLE / "train.json")]["cut"] >= len(full) // 2
     rows = read_jsonl(tmp_path / "o" / "train.jsonl") + read_jsonl(tmp_path / "o" / "dev.jsonl")
     assert max(n_tokens(row["prompt"] + row["completion"]) for row in rows) <= limit
-    by_id = {r["id"]: r for r in raw}
+    by_id = {r["id"]: r for r in raw} | {r["id"]: r for r in json.loads((SAMPLE / "dev.json").read_text(encoding="utf-8"))}
+    cut = [row["id"] for row in rows if row["id"] in by_id and row["prompt"][0]["content"] != prep.build_user_text(by_id[row["id"]])]
+    assert sorted(stats["cut_ids"]) == sorted(cut) and len(cut) > 3
+    more = f" and {len(cut) - 3} more (all in stats.json)"
+    assert f"competition rows cut: {len(cut)} (" in result.stdout
+    assert "utterances dropped from the middle): " + ", ".join(stats["cut_ids"][:3]) + more + "\n" in result.stdout
     for row in rows:
         if row["id"] in by_id:
             assert row["prompt"][0]["content"].endswith(prep.build_user_text(by_id[row["id"]]).split("\n\n[Question]")[1])
             assert row["completion"][0]["content"] == by_id[row["id"]]["output"]
+
+
+def cache_as_hub_model(hf_home: Path, repo_id: str, files_from: Path) -> None:
+    """Lay out `files_from`'s files except the weights the way huggingface_hub caches a downloaded repo."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for path in files_from.iterdir():
+        if path.suffix != ".safetensors":
+            (snapshot / path.name).write_bytes(path.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40, encoding="utf-8")
+
+
+@pytest.mark.parametrize("flags", [["--tokenizer", "unsloth/gemma-2-9b-it-bnb-4bit"], []])
+def test_readme_tokenizer_loads_offline_from_the_cache_without_weights(tmp_path, tiny_model_dir, flags):
+    """README's quick start passes --tokenizer unsloth/gemma-2-9b-it-bnb-4bit: prep needs its tokenizer
+    files and config.json (AutoTokenizer reads the model type there), no weights, and runs offline from
+    the cache; without the flag the cached tokenizer is found too."""
+    cache_as_hub_model(tmp_path / "hf", "unsloth/gemma-2-9b-it-bnb-4bit", tiny_model_dir)
+    result = run_script(["prep.py", "--train", SAMPLE / "train.json", "--dev", SAMPLE / "dev.json", "--out", tmp_path / "o", *flags],
+                        env={"HF_HOME": str(tmp_path / "hf")}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text(encoding="utf-8"))
+    assert stats["length_counting"] == "tokenizer unsloth/gemma-2-9b-it-bnb-4bit with its chat template"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -443,6 +491,21 @@ def _dup_ids(path: Path) -> Path:
 def test_bad_competition_file(tmp_path, user_out, make_train, fragments):
     train = make_train(tmp_path)
     result = run_prep("--train", str(train), "--dev", str(SAMPLE / "dev.json"), "--out", str(user_out))
+    assert_one_line_error(result, *fragments)
+    assert_untouched(user_out)
+
+
+@pytest.mark.parametrize("train, dev, flags, fragments", [
+    ([], None, [], ["train.json", "no records"]),
+    (json.loads((SAMPLE / "test.json").read_text(encoding="utf-8")), None, [], ["train.json", "every record's 'output' is empty", "test file"]),
+    ([record("t1"), record("t2", output="  ")], None, [], ["train.json", "record 1", "'t2'", "field 'output' is empty"]),
+    ([record("t1")], [record("d1"), record("d2", output="")], [], ["dev.json", "record 1", "'d2'", "field 'output' is empty"]),
+    ([record("t1", output="요약" * 500)], [], ["--max_seq_length", "200"], ["no training rows left", "--max_seq_length 200"]),
+])
+def test_empty_training_data_is_refused(tmp_path, user_out, train, dev, flags, fragments):
+    train_path = write_json(tmp_path / "train.json", train)
+    dev_path = write_json(tmp_path / "dev.json", dev) if dev is not None else SAMPLE / "dev.json"
+    result = run_prep("--train", str(train_path), "--dev", str(dev_path), "--out", str(user_out), *flags)
     assert_one_line_error(result, *fragments)
     assert_untouched(user_out)
 
