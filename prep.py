@@ -1,16 +1,16 @@
 """Turn the competition JSON (plus augmentation sets) into chat-format training rows.
 
 Terminal:
-    python prep.py                                   # data/일상대화요약_{train,dev}.json -> data/prepared/
+    python prep.py --check_env                       # before installing: Python >= 3.11, torch >= 2.4, or the fix
+    python prep.py --tokenizer unsloth/gemma-2-9b-it-bnb-4bit   # data/일상대화요약_{train,dev}.json -> data/prepared/
     python prep.py --train data/sample/train.json --dev data/sample/dev.json --out /tmp/p
     python prep.py --extra data/sample/extra_alpaca.json nayohan/Magpie-Gemma2-Pro-200K-Filtered-ko \
         --test data/일상대화요약_test.json --tokenizer google/gemma-2-9b-it   # augmentation, leak-checked
     python prep.py --train_on_dev --clean_inputs     # the final run: dev folded into train
-    python prep.py distill --teacher_url http://localhost:8000/v1 --teacher_model MODEL   # teacher answers -> JSONL
-    python prep.py magpie --model google/gemma-2-27b-it --n 1000      # synthetic pairs -> JSONL (both: --extra)
+    (augmentation generators: python distill.py distill|magpie ...; their JSONL goes in with --extra)
 
 Colab:
-    !python prep.py --train data/일상대화요약_train.json --dev data/일상대화요약_dev.json
+    !python prep.py --tokenizer unsloth/gemma-2-9b-it-bnb-4bit
 
 This file is also the single source of truth for the competition prompt: train.py reads the rows
 written here and infer.py imports `build_messages`, so the two can never drift apart. It imports
