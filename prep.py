@@ -52,7 +52,7 @@ class PrepSettings:
     dedup_distance: int = field(default=3, metadata={"help": "SimHash near-duplicate threshold, in bits of 64"})
     train_on_dev: bool = field(default=False, metadata={"help": "also train on dev (the final run)"})
     system_prompt: bool = field(default=False, metadata={"help": "put the baseline's system text at the top of the user turn"})
-    clean_inputs: bool = field(default=False, metadata={"help": "remove fillers (어~, 음~), xx masks and immediate word repeats from utterances"})
+    clean_inputs: bool = field(default=False, metadata={"help": "remove fillers (어~, 음~), xx masks and stuttered word repeats (그 그) from utterances; reduplication (무슨 무슨) stays"})
     limit: int | None = field(default=None, metadata={"help": "keep a random N rows of each training source (quick tries)"})
     seed: int = field(default=42, metadata={"help": "seed for --limit sampling"})
     check_env: bool = field(default=False, metadata={"help": "only check Python (>= 3.11) and torch (>= 2.4, < 2.15) before installing requirements.txt, then exit"})
@@ -831,12 +831,18 @@ def extra_rows(source: str, indexed_rows: list[tuple[int, dict]], system_prompt:
 # Lengths: exact with a tokenizer, estimated without one
 # ---------------------------------------------------------------------------------------------
 
+def tokenizer_is_cached(repo_id: str) -> bool:
+    """Whether the local HF cache holds what AutoTokenizer reads: tokenizer files and config.json (for the
+    model type); the weights are never needed."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return all(isinstance(try_to_load_from_cache(repo_id, name), str) for name in ("tokenizer_config.json", "config.json"))
+
+
 def load_tokenizer(name: str | None) -> tuple[Any, str]:
     """(tokenizer or None, how lengths are counted). Tries the model's tokenizer in the local HF cache."""
     if name is None:
-        from huggingface_hub import try_to_load_from_cache
-
-        name = next((c for c in LOCAL_TOKENIZER_CANDIDATES if isinstance(try_to_load_from_cache(c, "tokenizer_config.json"), str)), None)
+        name = next(filter(tokenizer_is_cached, LOCAL_TOKENIZER_CANDIDATES), None)
         if name is None:
             return None, f"estimate: {CHARS_PER_TOKEN:g} token per character + {TEMPLATE_TOKENS_PER_MESSAGE} per message (no --tokenizer)"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -1122,6 +1128,9 @@ def main(cfg: PrepSettings) -> None:
     console.rule("length policy")
     tokenizer, length_method = load_tokenizer(cfg.tokenizer)
     console.print(f"lengths: {length_method}; limit {cfg.max_seq_length} tokens per row")
+    if tokenizer is None:
+        console.print(f"[yellow]the estimate errs long, so rows that fit may be cut: --tokenizer {LOCAL_TOKENIZER_CANDIDATES[0]} counts exactly "
+                      "(it downloads the tokenizer only)[/yellow]")
     train_rows, dev_rows, cut_utterances, cut_ids, too_long_ids = [], [], 0, [], []
     for pairs, target in ((train_pairs, train_rows), (dev_pairs, dev_rows)):
         for source, record in pairs:
