@@ -242,6 +242,15 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def give_usual_file_modes(folder: str | Path) -> None:
+    """Every file under `folder` gets new_file_mode(). safetensors 0.8 writes through a temp file that
+    stays 0600 (safetensors issue #782), so an adapter saved by one user could not be read by another
+    (a vLLM server, a teammate), although its config.json next to it could."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(new_file_mode())
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write via a temp file in the same directory and rename, so a crash never leaves half a file."""
     path = Path(path)

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prep import (UserError, _unwrap_optional, build_parser, check_environment, filter_known_noise, parse_jsonl, read_json, run_cli,
-                  write_text_atomic)
+from prep import (UserError, _unwrap_optional, build_parser, check_environment, filter_known_noise, give_usual_file_modes, parse_jsonl,
+                  read_json, run_cli, write_text_atomic)
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -312,6 +312,7 @@ def clear_previous_run(output_dir: Path) -> None:
 
 def replace_dir(staging: Path, target: Path) -> None:
     """Swap a fully written staging directory into place, so target is never half written."""
+    give_usual_file_modes(staging)
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)

@@ -138,6 +138,21 @@ def test_atomic_write_follows_the_umask(tmp_path, umask):
     assert target.read_text(encoding="utf-8") == "[1]\n"
 
 
+def test_safetensors_files_get_the_usual_mode(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    previous = os.umask(0o022)
+    try:
+        (tmp_path / "adapter").mkdir()
+        save_file({"w": np.zeros(2, dtype=np.float32)}, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+        assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o600  # the library's own doing
+        prep.give_usual_file_modes(tmp_path / "adapter")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 def test_score_file_is_0644_under_the_usual_umask(tmp_path):
     previous = os.umask(0o022)
     try:
@@ -150,6 +165,8 @@ def test_score_file_is_0644_under_the_usual_umask(tmp_path):
     assert (tmp_path / "scores.json").stat().st_mode & 0o777 == 0o644
 
 
-def test_train_run_config_has_the_usual_mode(memorized_run):
-    run_config = memorized_run["run"] / "final" / "run_config.json"
-    assert run_config.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+def test_train_final_files_have_the_usual_mode(memorized_run):
+    """run_config.json (written atomically) and the adapter (safetensors writes through a 0600 temp file)."""
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (memorized_run["run"] / "final").iterdir()}
+    assert {"run_config.json", "adapter_model.safetensors"} <= set(modes)
+    assert set(modes.values()) == {0o666 & ~current_umask()}, modes
