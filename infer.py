@@ -593,7 +593,7 @@ def sample_and_select(cfg: InferSettings, records: list[dict], greedy: dict[str,
 
 
 def main(cfg: InferSettings) -> None:
-    check_environment(needs_torch=not cfg.score)  # scoring a file loads no model
+    check_environment(needs_torch=not (cfg.score or cfg.select))  # scoring or choosing among files loads no generation model
     filter_known_noise()
     from rich.console import Console
     from rich.table import Table
