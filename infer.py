@@ -7,6 +7,7 @@ Terminal:
     python infer.py --score dev_pred.json --ref data/일상대화요약_dev.json    # score a file, no model loaded
     python infer.py --select a.json b.json c.json --output best.json      # per record, the consensus output
     python infer.py --input data/일상대화요약_test.json --num_samples 8      # greedy + 8 samples, consensus kept
+    python infer.py --model outputs/run1 --input data/일상대화요약_dev.json   # every checkpoint of a run, scored: a table
 
 Colab:
     !python infer.py --input data/일상대화요약_test.json --output submission.json
@@ -23,28 +24,34 @@ Reusable from other scripts (nothing heavy is imported at module level):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import hashlib
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from prep import (
+    CHECKPOINT_DIR,
     UserError,
     build_messages,
     check_environment,
+    checkpoint_dirs,
     clean_record,
     drop_middle_utterances,
     dump_submission_json,
     filter_known_noise,
+    is_complete_checkpoint,
     load_competition_file,
     parse_settings,
     read_json,
+    read_trainer_state,
     run_cli,
     validate_competition_data,
     write_text_atomic,
@@ -69,14 +76,14 @@ from score import (
 @dataclass
 class InferSettings:
     input: str = field(default="data/일상대화요약_test.json", metadata={"help": "competition JSON to summarize (test, dev or train)"})
-    model: str | None = field(default=None, metadata={"help": "trained final/ folder, merged model folder or Hub id; default: newest outputs/*/final"})
+    model: str | None = field(default=None, metadata={"help": "trained final/ or checkpoint-N/ folder, train.py merge output, merged model folder or Hub id; a train.py output_dir scores every checkpoint on --input (dev) and prints a table; default: newest outputs/*/final"})
     output: str | None = field(default=None, metadata={"help": "file to write (never the input file); default: submission.json, or <input name>_pred.json when the input has references (dev)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generate() call; halved automatically on CUDA out-of-memory"})
     max_new_tokens: int = field(default=1024, metadata={"help": "generation budget per summary"})
     repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 = off; ~1.1 curbs repetition loops"})
     limit: int | None = field(default=None, metadata={"help": "only the first N records (smoke test; not a full submission)"})
     max_seq_length: int | None = field(default=None, metadata={"help": "prompt + summary token limit; default: the training run's, else 8192"})
-    load_in_4bit: bool | None = field(default=None, metadata={"help": "load the base model in 4 bit; default: as in training, else on"})
+    load_in_4bit: bool | None = field(default=None, metadata={"help": "load the base model in 4 bit; default: as run_config.json says, else off for a folder of full weights (merged), else on"})
     eval: bool | None = field(default=None, metadata={"help": "score against the input's outputs; default: on when every output is non-empty"})
     score: str | None = field(default=None, metadata={"help": "score this existing prediction file against --ref (no model is loaded)"})
     ref: str | None = field(default=None, metadata={"help": "reference file for --score (and for --select: score each file and the selection)"})
@@ -125,6 +132,33 @@ def read_run_config(model_dir: Path) -> dict:
     return config
 
 
+TRAINING_PROGRESS_KEYS = ("global_step", "epoch", "train_loss", "eval_loss")
+
+
+def find_run_config(model_dir: Path) -> dict:
+    """run_config.json of a model folder. A checkpoint-N/ without one (an older train.py, or a kill right after its
+    trainer_state.json) borrows its run's: every checkpoint of a run shares the prompt settings and max_seq_length."""
+    config = read_run_config(model_dir)
+    if config or not CHECKPOINT_DIR.match(model_dir.name):
+        return config
+    for sibling in [model_dir.parent / "final", *checkpoint_dirs(model_dir.parent)]:
+        config = read_run_config(sibling)
+        if config:
+            return {key: value for key, value in config.items() if key not in TRAINING_PROGRESS_KEYS}
+    return {}
+
+
+def default_load_in_4bit(name: str, run_config: dict) -> bool:
+    """As run_config.json says; else 16-bit for a local folder of full weights (a merged model: loading it in 4 bit
+    would re-quantize it); else 4-bit (an adapter on the 4-bit base, or a Hub id)."""
+    if "load_in_4bit" in run_config:
+        return bool(run_config["load_in_4bit"])
+    if "load_in_4bit" in run_config.get("settings", {}):
+        return bool(run_config["settings"]["load_in_4bit"])
+    path = Path(name)
+    return not (path.is_dir() and not (path / "adapter_config.json").is_file())
+
+
 def trained_system_prompt(run_config: dict) -> bool:
     """Whether training merged the baseline system prompt into the user turn (inference must match)."""
     return bool(run_config.get("system_prompt", run_config.get("settings", {}).get("system_prompt", False)))
@@ -144,7 +178,7 @@ def resolve_model(model: str | None) -> tuple[str, dict]:
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise UserError(f"{path}: not a model folder (no config.json or adapter_config.json)")
-        return str(path), read_run_config(path)
+        return str(path), find_run_config(path)
     if path.exists():
         raise UserError(f"{path}: --model must be a folder or a Hub id, not a file")
     if looks_like_hub_id(model):
@@ -155,19 +189,18 @@ def resolve_model(model: str | None) -> tuple[str, dict]:
 def load_model(path: str | None, max_seq_length: int | None = None, load_in_4bit: bool | None = None) -> tuple[Any, Any, dict]:
     """Load a model ready for generation: returns (model, tokenizer, run_config).
 
-    `path` is a train.py `final/` folder (LoRA adapter + tokenizer + run_config.json; Unsloth reads
-    the base model from adapter_config.json), a merged model folder, a Hub id, or None for the newest
-    `outputs/*/final`. `max_seq_length` defaults to the training run's, else Gemma 2's 8192;
-    `load_in_4bit` to the training run's, else True.
+    `path` is a train.py `final/` or `checkpoint-N/` folder (LoRA adapter + tokenizer + run_config.json;
+    Unsloth reads the base model from adapter_config.json), a merged model folder, a Hub id, or None for
+    the newest `outputs/*/final`. `max_seq_length` defaults to the training run's, else Gemma 2's 8192;
+    `load_in_4bit` as `default_load_in_4bit` says.
     The tokenizer pads on the left, as batched generation needs; run_config is {} without train.py.
     """
     name, run_config = resolve_model(path)
     import unsloth  # noqa: F401  (must patch transformers before anything imports it)
     from unsloth import FastLanguageModel
 
-    settings = run_config.get("settings", {})
     max_seq_length = max_seq_length or run_config.get("max_seq_length") or GEMMA2_CONTEXT
-    load_in_4bit = settings.get("load_in_4bit", True) if load_in_4bit is None else load_in_4bit
+    load_in_4bit = default_load_in_4bit(name, run_config) if load_in_4bit is None else load_in_4bit
     try:
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=name,
@@ -460,6 +493,169 @@ def check_submission(submission: list[dict], raw_records: list[dict], path: str 
 
 
 # ---------------------------------------------------------------------------------------------
+# Checkpoint table: every checkpoint of a training run, scored on dev
+# ---------------------------------------------------------------------------------------------
+
+TABLE_SETTINGS = ("limit", "max_new_tokens", "repetition_penalty", "max_seq_length", "load_in_4bit", "metrics", "bertscore_model",
+                  "bertscore_layers", "bleurt_model", "num_samples", "temperature", "top_p", "seed")  # what changes a score
+METRIC_COLUMNS = {"rouge1": "R1", "bertscore": "BERTScore", "bleurt": "BLEURT"}
+
+
+def is_training_run(path: Path) -> bool:
+    """A train.py output_dir (checkpoint-N/ and final/ inside), as opposed to a model folder."""
+    return (path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
+            and (bool(checkpoint_dirs(path)) or (path / "final" / "adapter_config.json").is_file()))
+
+
+def run_models(run_dir: Path) -> list[Path]:
+    """Complete checkpoints by step, then final/; a checkpoint cut short by a kill is left out."""
+    models = [path for path in reversed(checkpoint_dirs(run_dir)) if is_complete_checkpoint(path)]
+    if (run_dir / "final" / "adapter_config.json").is_file():
+        models.append(run_dir / "final")
+    return models
+
+
+def training_facts(model_dir: Path) -> dict:
+    """Step, epoch and the last logged train / eval loss: from trainer_state.json, or final/'s run_config.json."""
+    state = read_trainer_state(model_dir)
+    if state is None:
+        config = read_run_config(model_dir)
+        return {"step": config.get("global_step"), "epoch": config.get("epoch"),
+                "train_loss": config.get("train_loss"), "eval_loss": config.get("eval_loss")}
+    history = state.get("log_history", [])
+    train = [entry["loss"] for entry in history if "loss" in entry]
+    evals = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    return {"step": state["global_step"], "epoch": state.get("epoch"),
+            "train_loss": train[-1] if train else None, "eval_loss": evals[-1] if evals else None}
+
+
+def weights_sha256(model_dir: Path) -> str | None:
+    """Identifies the adapter: final/ often holds the last checkpoint's very weights, and a retrain replaces checkpoints."""
+    path = model_dir / "adapter_model.safetensors"
+    return file_sha256(path) if path.is_file() else None
+
+
+def scores_row(result: dict) -> dict:
+    """The table's score columns from a scores.json: each metric's mean and the competition score (their mean)."""
+    return {**{name: result["means"].get(name) for name in METRIC_COLUMNS},
+            "score": result.get("mean_of_computed"), "score_of": result.get("computed", [])}
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """Highest competition score; on a tie the earlier (fewer steps) wins."""
+    scored = [row for row in rows if row.get("score") is not None]
+    return max(scored, key=lambda row: row["score"]) if scored else None
+
+
+def score_label(rows: list[dict]) -> str:
+    computed = {name for row in rows if row.get("score") is not None for name in row["score_of"]}
+    return "final" if computed == set(METRIC_COLUMNS) else "mean of " + ", ".join(sorted(computed) or ["nothing"])
+
+
+def print_checkpoint_table(rows: list[dict], best: dict | None, console) -> None:
+    from rich.table import Table
+
+    def number(value, digits: int = 4) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    table = Table(title="checkpoints (scores x100)")
+    for column in ("checkpoint", "step", "epoch", "train loss", "eval loss", *METRIC_COLUMNS.values(), score_label(rows)):
+        table.add_column(column, justify="left" if column == "checkpoint" else "right")
+    for row in rows:
+        name = row["checkpoint"] + (f" (= {row['same_weights_as']})" if row.get("same_weights_as") else "")
+        if row.get("error"):
+            table.add_row(name, str(row["step"]), number(row["epoch"], 2), number(row["train_loss"]), number(row["eval_loss"]),
+                          *["-"] * len(METRIC_COLUMNS), "failed", style="red")
+            continue
+        scores = [number(None if row.get(name) is None else 100 * row[name], 2) for name in (*METRIC_COLUMNS, "score")]
+        table.add_row(name, str(row["step"]), number(row["epoch"], 2), number(row["train_loss"]), number(row["eval_loss"]),
+                      *scores, style="bold green" if row is best else None)
+    console.print(table)
+
+
+def read_table(path: Path, settings: dict) -> dict[str, dict]:
+    """Rows of an earlier run of the same table (same input and generation settings), by checkpoint name."""
+    if not path.is_file():
+        return {}
+    table = read_json(path)
+    if not isinstance(table, dict) or table.get("settings") != settings:
+        return {}
+    return {row["checkpoint"]: row for row in table.get("rows", [])}
+
+
+def checkpoint_table(cfg: InferSettings, console) -> None:
+    """`--model RUN_DIR`: generate and score every complete checkpoint and final/ on a file with references, one
+    predictions file each, and rank them by the competition score. A rerun keeps every finished checkpoint (and
+    main's partial file keeps the finished items of the one in flight)."""
+    run_dir = Path(cfg.model)
+    models = run_models(run_dir)
+    if not models:
+        raise UserError(f"{run_dir}: no complete checkpoint-N/ or final/ to compare")
+    if cfg.scores_file:
+        raise UserError(f"--scores_file: with a training run as --model every checkpoint writes its own "
+                        f"<output>.<checkpoint>.scores.json; leave --scores_file out")
+    records, _ = load_competition_file(cfg.input)
+    records = records[:cfg.limit] if cfg.limit else records
+    if cfg.eval is False or not all(record["output"].strip() for record in records):
+        raise UserError(f"{cfg.input}: --model {run_dir} is a training run, whose checkpoints are compared by their "
+                        "scores: the input needs every reference 'output' (use the dev file)")
+    base = Path(cfg.output) if cfg.output else default_output(cfg.input, has_refs=True)
+    table_path = base.with_name(f"{base.stem}.checkpoints.json")
+    settings = {"input_sha256": file_sha256(cfg.input), **{key: value for key, value in asdict(cfg).items() if key in TABLE_SETTINGS}}
+    earlier = read_table(table_path, settings)
+    console.rule(f"[bold]{len(models)} checkpoints of {run_dir}: {', '.join(path.name for path in models)}")
+
+    rows: list[dict] = []
+    for model_dir in models:
+        output = base.with_name(f"{base.stem}.{model_dir.name}{base.suffix}")
+        scores_path = output.with_name(f"{output.stem}.scores.json")
+        row = {"checkpoint": model_dir.name, "path": str(model_dir), **training_facts(model_dir),
+               "weights_sha256": weights_sha256(model_dir), "predictions": str(output), "scores": str(scores_path)}
+        twin = next((done for done in rows if row["weights_sha256"] and done["weights_sha256"] == row["weights_sha256"]), None)
+        previous = earlier.get(model_dir.name, {})
+        if twin:
+            console.print(f"{model_dir.name}: the same weights as {twin['checkpoint']}; its scores are reused")
+            row.update({key: twin.get(key) for key in ("predictions", "scores", "error", *METRIC_COLUMNS, "score", "score_of")},
+                       same_weights_as=twin["checkpoint"])
+        elif (previous.get("weights_sha256") == row["weights_sha256"] and previous.get("score") is not None
+              and output.is_file() and scores_path.is_file()):
+            console.print(f"{model_dir.name}: finished by an earlier run ({output}); kept")
+            row = previous
+        else:
+            console.rule(f"[bold]{model_dir.name}")
+            try:
+                main(dataclasses.replace(cfg, model=str(model_dir), output=str(output), scores_file=str(scores_path), eval=True))
+                row.update(scores_row(read_json(scores_path)))
+            except UserError as err:  # e.g. an early checkpoint that writes empty summaries: the others still count
+                console.print(f"[red]{model_dir.name} failed: {err}")
+                row["error"] = str(err)
+            free_accelerator_memory()
+        rows.append(row)
+        kept = {name: old for name, old in earlier.items() if name not in {done["checkpoint"] for done in rows}}
+        write_text_atomic(table_path, json.dumps({"settings": settings, "rows": rows + list(kept.values()),
+                                                  "best": (best_row(rows) or {}).get("checkpoint")}, ensure_ascii=False, indent=2) + "\n")
+
+    best = best_row(rows)
+    console.rule("[bold]checkpoint table")
+    print_checkpoint_table(rows, best, console)
+    console.print(f"table -> {table_path}")
+    if best is None:
+        raise UserError(f"{run_dir}: no checkpoint could be scored (see the errors above)")
+    console.print(f"best by {score_label(rows)}: [bold]{best['checkpoint']}[/bold] ({100 * best['score']:.2f}); "
+                  f"next: python infer.py --model {best['path']} --input data/일상대화요약_test.json")
+
+
+def free_accelerator_memory() -> None:
+    """Release the last checkpoint's model before the next one loads (main's locals are gone once it returns)."""
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
@@ -606,6 +802,9 @@ def main(cfg: InferSettings) -> None:
     if cfg.select:
         select_only(cfg, console)
         return
+    if cfg.model and is_training_run(Path(cfg.model)):
+        checkpoint_table(cfg, console)
+        return
 
     started = time.perf_counter()
     raw_records = read_json(cfg.input)  # kept as given: the submission changes nothing but `output`
@@ -635,10 +834,13 @@ def main(cfg: InferSettings) -> None:
     done.update({i: texts[0] for i, texts in sampled.items() if i not in done and texts[0]})  # the greedy one comes first
 
     table = Table(title="infer.py settings", show_header=False)
-    for key, value in {**asdict(cfg), "model": model_name, "system_prompt (from training)": system_prompt,
+    load_in_4bit = default_load_in_4bit(model_name, run_config) if cfg.load_in_4bit is None else cfg.load_in_4bit
+    for key, value in {**asdict(cfg), "model": model_name, "load_in_4bit": load_in_4bit, "system_prompt (from training)": system_prompt,
                        "clean_inputs (from training)": clean_inputs}.items():
         table.add_row(key, str(value))
     console.print(table)
+    if not run_config and Path(model_name).is_dir():
+        console.print(f"[yellow]{model_name}: no run_config.json, so the default prompt is used (no system prompt, no input cleaning)")
     console.print(f"{len(records)} records from {cfg.input}" + (f" ({dropped} empty utterances ignored)" if dropped else "")
                   + (f"; resuming: {len(done)} already finished in {partial}" if done else ""))
 

@@ -272,6 +272,35 @@ def dump_submission_json(records: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Training runs: train.py's checkpoint-N folders (train.py resumes from them, infer.py scores them)
+# ---------------------------------------------------------------------------------------------
+
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """checkpoint-N directories, newest (highest N) first."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_DIR.match(p.name).group(1)), reverse=True)
+
+
+def read_trainer_state(path: Path) -> dict | None:
+    """A checkpoint's trainer_state.json, or None when it is missing or torn."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and "global_step" in state else None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """Trainer writes trainer_state.json last, so a checkpoint cut short by a kill has none (or a torn one)."""
+    return read_trainer_state(path) is not None
+
+
+# ---------------------------------------------------------------------------------------------
 # Competition records: validation and the prompt
 # ---------------------------------------------------------------------------------------------
 

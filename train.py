@@ -11,7 +11,13 @@ Colab (keep output_dir on Drive so a disconnect does not lose the checkpoints):
     !python train.py --output_dir /content/drive/MyDrive/gemma2-9b-dcs
 
 Then:
+    python infer.py --model outputs/gemma2-9b-dcs --input data/일상대화요약_dev.json     # every checkpoint, scored
     python infer.py --model outputs/gemma2-9b-dcs/final --input data/일상대화요약_test.json
+
+Merging adapters (runs, seeds, or checkpoints of one run) into one, with PEFT's add_weighted_adapter:
+    python train.py merge --adapters outputs/seed1/final outputs/seed2/final --method cat --output_dir outputs/merged
+    python train.py merge --adapters outputs/run/checkpoint-64 outputs/run/checkpoint-96 --method linear \
+        --weights 0.25 0.25 --output_dir outputs/ckpt-avg     # the mean of two checkpoints' LoRA weights
 
 The loss covers only the summary and the end-of-turn that closes it: prep.py writes prompt/completion
 chat rows and TRL masks the prompt. `output_dir/final/` holds the LoRA adapter, the tokenizer with its
@@ -25,17 +31,28 @@ import argparse
 import dataclasses
 import json
 import math
-import re
 import shutil
 import sys
 import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from prep import (UserError, _unwrap_optional, build_parser, check_environment, filter_known_noise, give_usual_file_modes, parse_jsonl,
-                  read_json, run_cli, write_text_atomic)
+from prep import (
+    UserError,
+    _unwrap_optional,
+    build_parser,
+    check_environment,
+    checkpoint_dirs,
+    filter_known_noise,
+    give_usual_file_modes,
+    is_complete_checkpoint,
+    parse_jsonl,
+    read_json,
+    run_cli,
+    write_text_atomic,
+)
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -74,8 +91,28 @@ class TrainSettings:
     push_to_hub: str | None = field(default=None, metadata={"help": "upload the adapter to this hub repo (needs HF_TOKEN)"})
 
 
-DESCRIPTION = "Unsloth 4-bit LoRA SFT of Gemma 2 on prep.py's rows (see the docstring for commands)."
-CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+MERGE_METHODS = ("cat", "linear", "svd", "ties", "dare_ties", "dare_linear")  # PEFT's combination_type names
+EQUAL_RANK_METHODS = ("linear", "ties", "dare_ties", "dare_linear")
+DENSITY_METHODS = ("ties", "dare_ties", "dare_linear")
+
+
+@dataclass
+class MergeSettings:
+    adapters: list[str] = field(default_factory=list, metadata={"help": "adapter folders to merge: train.py final/ or checkpoint-N/ folders (2 or more, one base model)"})
+    method: str = field(default="cat", metadata={"choices": MERGE_METHODS, "help": (
+        "PEFT add_weighted_adapter combination: cat = exact sum of weight x update, rank = sum of the ranks; "
+        "svd = the same sum cut back to the largest rank by SVD; linear = mixes the LoRA A and B matrices "
+        "separately (sqrt(weight) on each, equal ranks needed: weights 1/n^2 give the mean of n checkpoints' "
+        "LoRA weights); ties / dare_ties / dare_linear = linear after pruning to --density (equal ranks)")})
+    weights: list[float] = field(default_factory=list, metadata={"help": "one weight per adapter; none given: 1/n each"})
+    density: float | None = field(default=None, metadata={"help": "share of values kept, in (0, 1]: needed by ties, dare_ties, dare_linear"})
+    output_dir: str = field(default="outputs/merged", metadata={"help": "folder for the merged adapter (infer.py --model takes it like final/)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace an existing output_dir"})
+
+
+DESCRIPTION = ("Unsloth 4-bit LoRA SFT of Gemma 2 on prep.py's rows (see the docstring for commands). "
+               "`python train.py merge --help`: merge adapters.")
+MERGE_DESCRIPTION = "Merge LoRA adapters (runs, seeds or checkpoints of one base model) with PEFT's add_weighted_adapter."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,23 +299,6 @@ def is_finished_run(output_dir: Path) -> bool:
     return (output_dir / "final" / "run_config.json").is_file()
 
 
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """checkpoint-N directories, newest (highest N) first."""
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_DIR.match(p.name).group(1)), reverse=True)
-
-
-def is_complete_checkpoint(path: Path) -> bool:
-    """Trainer writes trainer_state.json last, so a checkpoint cut short by a kill has none (or a torn one)."""
-    try:
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and "global_step" in state
-
-
 def find_resumable_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint; transformers' get_last_checkpoint would also pick a half-written one."""
     return next((p for p in checkpoint_dirs(output_dir) if is_complete_checkpoint(p)), None)
@@ -363,12 +383,14 @@ def library_versions() -> dict[str, str]:
 
 
 def build_run_config(cfg: TrainSettings, stats: dict, device: str, log_history: list[dict],
-                     global_step: int, n_train: int, n_dev: int) -> dict:
-    """What travels with the adapter; infer.py reads base_model, max_seq_length and system_prompt back."""
+                     global_step: int, epoch: float | None, n_train: int, n_dev: int) -> dict:
+    """What travels with the adapter (final/ and every checkpoint-N/); infer.py reads base_model,
+    max_seq_length, load_in_4bit, system_prompt and clean_inputs back."""
     train, evals = loss_curves(log_history)
     return {
         "base_model": cfg.model,
         "max_seq_length": cfg.max_seq_length,
+        "load_in_4bit": cfg.load_in_4bit,
         "system_prompt": bool(stats.get("system_prompt", False)),
         "clean_inputs": bool(stats.get("clean_inputs", False)),
         "settings": dataclasses.asdict(cfg),
@@ -377,6 +399,7 @@ def build_run_config(cfg: TrainSettings, stats: dict, device: str, log_history: 
         "train_rows": n_train,
         "eval_rows": n_dev,
         "global_step": global_step,
+        "epoch": epoch,
         "train_loss": train[-1][1] if train else None,
         "eval_loss": evals[-1][1] if evals else None,
     }
@@ -418,6 +441,24 @@ def load_lora_model(cfg: TrainSettings):
         max_seq_length=cfg.max_seq_length,
     )
     return model, tokenizer
+
+
+def write_json(path: Path, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+
+
+def add_run_config_to_checkpoints(trainer, make_run_config: Callable[[Any], dict]) -> None:
+    """Every checkpoint-N/ gets a run_config.json like final/'s (at its own step), so `infer.py --model
+    .../checkpoint-N` uses the run's prompt settings and max_seq_length, and its checkpoint table the losses."""
+    from transformers import TrainerCallback
+
+    class RunConfigInCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and checkpoint.is_dir():
+                write_json(checkpoint / "run_config.json", make_run_config(state))
+
+    trainer.add_callback(RunConfigInCheckpoints())
 
 
 def build_trainer(cfg: TrainSettings, model, tokenizer, train_rows: list[dict], dev_rows: list[dict], bf16: bool):
@@ -540,6 +581,8 @@ def main(cfg: TrainSettings) -> None:
     console.rule("[bold]Model")
     model, model_tokenizer = load_lora_model(cfg)
     trainer = build_trainer(cfg, model, model_tokenizer, train_rows, dev_rows, bf16)
+    add_run_config_to_checkpoints(trainer, lambda state: build_run_config(
+        cfg, stats, device, state.log_history, state.global_step, state.epoch, len(train_rows), len(dev_rows)))
     # Read back from the trainer: Unsloth's CPU backend may turn fp16 / bf16 off where the CPU lacks them.
     precision = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"
     optimizer = getattr(trainer.args.optim, "value", trainer.args.optim)
@@ -556,14 +599,14 @@ def main(cfg: TrainSettings) -> None:
 
     console.rule("[bold]Save")
     run_config = build_run_config(cfg, stats, device, trainer.state.log_history, trainer.state.global_step,
-                                  len(train_rows), len(dev_rows))
+                                  trainer.state.epoch, len(train_rows), len(dev_rows))
     staging = output_dir / ".final.partial"
     if staging.exists():
         shutil.rmtree(staging)
     model.save_pretrained(str(staging))
     model_tokenizer.save_pretrained(str(staging))
     plot_loss(trainer.state.log_history, staging / "loss.png")
-    write_text_atomic(staging / "run_config.json", json.dumps(run_config, ensure_ascii=False, indent=2) + "\n")
+    write_json(staging / "run_config.json", run_config)
     replace_dir(staging, output_dir / "final")
     console.print(f"adapter, tokenizer, run_config.json and loss.png -> {output_dir / 'final'}")
     if cfg.save_merged:
@@ -574,6 +617,8 @@ def main(cfg: TrainSettings) -> None:
             model.save_pretrained_merged(str(merged_staging), model_tokenizer, save_method="merged_16bit")
         except NotImplementedError as err:
             raise UserError(f"--save_merged: {err} (the adapter in {output_dir / 'final'} is saved)") from None
+        # The merged weights are 16-bit: re-quantizing them at inference would not be the model that was merged.
+        write_json(merged_staging / "run_config.json", {**run_config, "load_in_4bit": False, "merged_from": str(output_dir / "final")})
         replace_dir(merged_staging, output_dir / "merged")
         console.print(f"merged 16-bit model -> {output_dir / 'merged'}")
     if cfg.push_to_hub:
@@ -591,13 +636,124 @@ def main(cfg: TrainSettings) -> None:
     console.print(f"next: [bold]python infer.py --model {output_dir / 'final'} --input data/일상대화요약_test.json[/bold]")
 
 
+# ---------------------------------------------------------------------------------------------
+# merge: several adapters -> one (PEFT's add_weighted_adapter)
+# ---------------------------------------------------------------------------------------------
+
+TRAINING_PROGRESS_KEYS = ("global_step", "epoch", "train_loss", "eval_loss")  # true of one adapter, not of a merge
+
+
+def read_adapter_folder(path: str) -> tuple[dict, dict]:
+    """(adapter_config.json, run_config.json or {}) of a train.py adapter folder."""
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file():
+        raise UserError(f"--adapters {path}: not a LoRA adapter folder (no adapter_config.json); "
+                        "pass train.py's final/ or checkpoint-N/ folders")
+    adapter = read_json(folder / "adapter_config.json")
+    run_config = read_json(folder / "run_config.json") if (folder / "run_config.json").is_file() else {}
+    return adapter, run_config
+
+
+def check_merge(cfg: MergeSettings, adapters: list[tuple[dict, dict]]) -> list[float]:
+    """Refuse, before any model loads, what PEFT would refuse or what would merge into nonsense; returns the weights."""
+    if len(cfg.adapters) < 2:
+        raise UserError("merge needs two or more --adapters folders")
+    weights = cfg.weights or [1 / len(cfg.adapters)] * len(cfg.adapters)
+    if len(weights) != len(cfg.adapters):
+        raise UserError(f"--weights: {len(weights)} given for {len(cfg.adapters)} adapters (one each)")
+    bases = sorted({str(adapter.get("base_model_name_or_path")) for adapter, _ in adapters})
+    if len(bases) > 1:
+        raise UserError(f"--adapters: trained on different base models ({', '.join(bases)}); only adapters of one base merge")
+    ranks = [adapter.get("r") for adapter, _ in adapters]
+    if cfg.method in EQUAL_RANK_METHODS and len(set(ranks)) > 1:
+        raise UserError(f"--method {cfg.method} needs equal LoRA ranks, got {ranks}; --method cat is exact for any "
+                        f"ranks (rank {sum(ranks)}), svd cuts the sum back to rank {max(ranks)}")
+    if cfg.method in DENSITY_METHODS and not (cfg.density is not None and 0 < cfg.density <= 1):
+        raise UserError(f"--method {cfg.method} needs --density in (0, 1] (the share of values kept)")
+    if cfg.method not in DENSITY_METHODS and cfg.density is not None:
+        raise UserError(f"--density applies to {', '.join(DENSITY_METHODS)}, not to --method {cfg.method}")
+    run_configs = [run_config for _, run_config in adapters if run_config]
+    if not run_configs:
+        raise UserError("--adapters: no folder has a run_config.json (train.py writes one into final/ and every "
+                        "checkpoint-N/), so the merged adapter could not carry the run's prompt settings")
+    for key in ("system_prompt", "clean_inputs"):
+        if len({bool(run_config.get(key, False)) for run_config in run_configs}) > 1:
+            raise UserError(f"--adapters: trained with different prompts ({key} differs); a merged adapter is prompted one way")
+    if Path(cfg.output_dir).exists() and not cfg.overwrite_output_dir:
+        raise UserError(f"--output_dir {cfg.output_dir}: exists; pass --overwrite_output_dir or choose another folder")
+    if any(Path(cfg.output_dir).resolve() == Path(path).resolve() for path in cfg.adapters):
+        raise UserError(f"--output_dir {cfg.output_dir} is one of the --adapters")
+    return weights
+
+
+def merged_run_config(cfg: MergeSettings, adapters: list[tuple[dict, dict]], weights: list[float], rank: int) -> dict:
+    """The first run's settings (what infer.py reads back) plus a record of the merge."""
+    run_configs = [run_config for _, run_config in adapters if run_config]
+    base = {key: value for key, value in run_configs[0].items() if key not in TRAINING_PROGRESS_KEYS}
+    return {
+        **base,
+        "max_seq_length": min(run_config.get("max_seq_length", 8192) for run_config in run_configs),
+        "merge": {
+            "method": cfg.method, "weights": weights, "density": cfg.density, "rank": rank,
+            "adapters": [{"path": str(Path(path).resolve()), "r": adapter.get("r"), "global_step": run_config.get("global_step")}
+                         for path, (adapter, run_config) in zip(cfg.adapters, adapters)],
+        },
+    }
+
+
+def merge_main(cfg: MergeSettings) -> None:
+    from rich.console import Console
+
+    console = Console()
+    adapters = [read_adapter_folder(path) for path in cfg.adapters]
+    weights = check_merge(cfg, adapters)
+    first_run = next(run_config for _, run_config in adapters if run_config)
+    output_dir = Path(cfg.output_dir)
+
+    import unsloth  # noqa: F401  (must come first: it patches transformers and PEFT)
+    from unsloth import FastLanguageModel
+
+    console.rule(f"[bold]Merge ({cfg.method})")
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=cfg.adapters[0],
+        max_seq_length=first_run.get("max_seq_length", 8192),
+        dtype=None,
+        load_in_4bit=first_run.get("load_in_4bit", first_run.get("settings", {}).get("load_in_4bit", True)),
+    )
+    names = ["default"] + [f"adapter_{i}" for i in range(1, len(cfg.adapters))]  # the first loads as "default"
+    for name, path in zip(names[1:], cfg.adapters[1:]):
+        model.load_adapter(path, adapter_name=name)
+    model.add_weighted_adapter(adapters=names, weights=weights, adapter_name="merged", combination_type=cfg.method,
+                               density=cfg.density)
+    staging = output_dir.with_name(f".{output_dir.name}.partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.save_pretrained(str(staging), selected_adapters=["merged"])  # PEFT puts a non-default adapter in staging/merged
+    merged = staging / "merged"
+    tokenizer.save_pretrained(str(merged))
+    rank = read_json(merged / "adapter_config.json")["r"]
+    write_json(merged / "run_config.json", merged_run_config(cfg, adapters, weights, rank))
+    replace_dir(merged, output_dir)
+    shutil.rmtree(staging)
+    for path, weight, (adapter, _) in zip(cfg.adapters, weights, adapters):
+        console.print(f"{path}: rank {adapter.get('r')}, weight {weight:g}")
+    console.print(f"merged adapter (rank {rank}), tokenizer and run_config.json -> {output_dir}")
+    console.print(f"next: [bold]python infer.py --model {output_dir} --input data/일상대화요약_dev.json[/bold]")
+
+
 def cli(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = parse_train_settings(argv)
+        if argv[:1] == ["merge"]:
+            parser = build_parser(MergeSettings, MERGE_DESCRIPTION)
+            parser.prog = "train.py merge"
+            cfg, main_fn = MergeSettings(**vars(parser.parse_args(argv[1:]))), merge_main
+        else:
+            cfg, main_fn = parse_train_settings(argv), main
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    run_cli(main, cfg)
+    run_cli(main_fn, cfg)
 
 
 if __name__ == "__main__":
