@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 from prep import (
     CHECKPOINT_DIR,
+    TRAINING_PROGRESS_KEYS,
     UserError,
     build_messages,
     check_environment,
@@ -130,9 +131,6 @@ def read_run_config(model_dir: Path) -> dict:
     if not isinstance(config, dict):
         raise UserError(f"{path}: expected a JSON object")
     return config
-
-
-TRAINING_PROGRESS_KEYS = ("global_step", "epoch", "train_loss", "eval_loss")
 
 
 def find_run_config(model_dir: Path) -> dict:

@@ -276,6 +276,7 @@ def dump_submission_json(records: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+TRAINING_PROGRESS_KEYS = ("global_step", "epoch", "train_loss", "eval_loss")  # run_config.json keys true of one checkpoint only
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prep import (
+    TRAINING_PROGRESS_KEYS,
     UserError,
     _unwrap_optional,
     build_parser,
@@ -633,15 +634,13 @@ def main(cfg: TrainSettings) -> None:
     console.print(f"step {trainer.state.global_step}, {losses}, wall time {minutes:.1f} min")
     if on_gpu:
         console.print(f"peak GPU memory {torch.cuda.max_memory_reserved() / 2**30:.1f} GB on {device}")
+    console.print(f"compare the checkpoints on dev: [bold]python infer.py --model {output_dir} --input data/일상대화요약_dev.json[/bold]")
     console.print(f"next: [bold]python infer.py --model {output_dir / 'final'} --input data/일상대화요약_test.json[/bold]")
 
 
 # ---------------------------------------------------------------------------------------------
 # merge: several adapters -> one (PEFT's add_weighted_adapter)
 # ---------------------------------------------------------------------------------------------
-
-TRAINING_PROGRESS_KEYS = ("global_step", "epoch", "train_loss", "eval_loss")  # true of one adapter, not of a merge
-
 
 def read_adapter_folder(path: str) -> tuple[dict, dict]:
     """(adapter_config.json, run_config.json or {}) of a train.py adapter folder."""

@@ -239,8 +239,8 @@ MEMORIZE_FLAGS = [
     "--max_steps", "60", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
     "--weight_decay", "0", "--lora_r", "16", "--lora_alpha", "16", "--lora_dropout", "0",
     "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-    "--logging_steps", "10", "--save_total_limit", "1", "--max_seq_length", "1024",
-]
+    "--logging_steps", "10", "--save_total_limit", "60", "--max_seq_length", "1024",
+]  # one step per epoch, and train.py checkpoints every epoch: all 60 kept, for the checkpoint table and merges
 
 
 @pytest.fixture(scope="session")

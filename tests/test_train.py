@@ -130,7 +130,7 @@ def test_final_dir_holds_adapter_tokenizer_run_config_and_plot(memorized, tiny_m
     assert {"unsloth", "transformers", "trl", "peft", "torch"} <= set(config["versions"])
     assert config["device"].startswith("CPU")
     checkpoints = train.checkpoint_dirs(memorized["run"])
-    assert [p.name for p in checkpoints] == ["checkpoint-60"], "save_total_limit 1 keeps only the last"
+    assert [p.name for p in checkpoints] == [f"checkpoint-{step}" for step in range(60, 0, -1)], "one per epoch, newest first"
 
 
 def test_console_reports_cpu_preflight_and_next_command(memorized):

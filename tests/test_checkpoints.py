@@ -1,0 +1,218 @@
+"""Choosing and combining checkpoints through the real command lines: every checkpoint carries run_config.json,
+`infer.py --model RUN_DIR` scores each checkpoint into a table, `train.py merge` combines adapters, and
+`--save_merged` folders load in 16 bit with the run's settings.
+
+The model runs reuse conftest's `memorized_run` (60 steps, one checkpoint per step, all kept): checkpoint-20 is
+an early, barely trained state of the same run; checkpoint-60 and final/ have memorized the 4 summaries.
+Generation loads the base in 16 bit and stops after 48 new tokens, for speed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import infer
+from conftest import assert_one_line_error, run_script
+from score import rouge1_scores
+
+TABLE_FLAGS = ["--no-load_in_4bit", "--max_new_tokens", "48", "--batch_size", "4", "--metrics", "rouge1"]
+EARLY, LAST = "checkpoint-20", "checkpoint-60"
+
+
+def read(path: Path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def last_line(result) -> str:
+    """A user error after the libraries' own load-time warnings."""
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def memorized_input(memorized_run, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("input") / "memorized.json"
+    path.write_text(json.dumps(memorized_run["records"], ensure_ascii=False, indent=2), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def table_run(memorized_run, memorized_input, tmp_path_factory) -> dict:
+    """The memorized run's output_dir with an early checkpoint, the last one and final/, scored by infer.py."""
+    root = tmp_path_factory.mktemp("table")
+    run, cwd = root / "run", root / "work"
+    cwd.mkdir()
+    for name in (EARLY, LAST, "final"):
+        shutil.copytree(memorized_run["run"] / name, run / name)
+    result = run_script(["infer.py", "--model", run, "--input", memorized_input, *TABLE_FLAGS], cwd=cwd)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    return {"run": run, "cwd": cwd, "result": result, "table": read(cwd / "memorized_pred.checkpoints.json")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Every checkpoint carries the run's settings (issue 8 item 8)
+# ---------------------------------------------------------------------------------------------
+
+def test_every_checkpoint_carries_the_runs_settings(memorized_run):
+    final = read(memorized_run["run"] / "final" / "run_config.json")
+    early = read(memorized_run["run"] / EARLY / "run_config.json")
+    for key in ("base_model", "max_seq_length", "load_in_4bit", "system_prompt", "clean_inputs", "settings"):
+        assert early[key] == final[key], key
+    assert (early["global_step"], early["epoch"]) == (20, 20.0) and (final["global_step"], final["epoch"]) == (60, 60.0)
+    assert early["train_loss"] > final["train_loss"]
+
+
+def test_infer_on_a_checkpoint_uses_the_runs_max_seq_length(memorized_run, memorized_input, tmp_path):
+    """The run trained at max_seq_length 1024; without its run_config infer.py would assume 8192 and generate."""
+    result = run_script(["infer.py", "--model", memorized_run["run"] / EARLY, "--input", memorized_input,
+                         "--no-load_in_4bit", "--max_new_tokens", "1000"], cwd=tmp_path)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert last_line(result) == "error: --max_new_tokens 1000 leaves no room for the prompt in max_seq_length 1024"
+
+
+def test_a_checkpoint_without_run_config_borrows_its_runs(tmp_path):
+    run = tmp_path / "run"
+    for name, config in [("final", {"system_prompt": True, "clean_inputs": True, "max_seq_length": 2048, "global_step": 9}),
+                         ("checkpoint-3", None), ("checkpoint-6", {"system_prompt": True, "global_step": 6})]:
+        (run / name).mkdir(parents=True)
+        (run / name / "adapter_config.json").write_text("{}", encoding="utf-8")
+        if config:
+            (run / name / "run_config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert infer.find_run_config(run / "checkpoint-6") == {"system_prompt": True, "global_step": 6}
+    assert infer.find_run_config(run / "checkpoint-3") == {"system_prompt": True, "clean_inputs": True, "max_seq_length": 2048}
+    (run / "final" / "run_config.json").unlink()
+    assert infer.find_run_config(run / "checkpoint-3") == {"system_prompt": True}
+    assert infer.find_run_config(tmp_path / "other") == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint table (issue 9 item 2)
+# ---------------------------------------------------------------------------------------------
+
+def test_table_ranks_the_memorized_checkpoint_above_the_early_one(table_run, memorized_run):
+    table, cwd = table_run["table"], table_run["cwd"]
+    rows = {row["checkpoint"]: row for row in table["rows"]}
+    assert list(rows) == [EARLY, LAST, "final"]
+    assert table["best"] == LAST
+    assert rows[LAST]["score"] > rows[EARLY]["score"] + 0.5
+    assert (rows[EARLY]["step"], rows[LAST]["step"], rows["final"]["step"]) == (20, 60, 60)
+    assert rows[EARLY]["train_loss"] > rows[LAST]["train_loss"] and rows[LAST]["eval_loss"] is not None
+    assert rows["final"]["same_weights_as"] == LAST and rows["final"]["score"] == rows[LAST]["score"]
+    references = [record["output"] for record in memorized_run["records"]]
+    for name in (EARLY, LAST):  # each checkpoint's own predictions file, scored independently here
+        predictions = [record["output"] for record in read(cwd / f"memorized_pred.{name}.json")]
+        assert rows[name]["rouge1"] == pytest.approx(sum(rouge1_scores(predictions, references)) / len(references))
+    out = table_run["result"].stdout
+    assert "checkpoints (scores x100)" in out and "final (= checkpoint-60)" in out
+    assert f"best by mean of rouge1: {LAST}" in out and f"python infer.py --model {table_run['run'] / LAST}" in out
+
+
+def test_table_rerun_keeps_finished_checkpoints(table_run, memorized_input):
+    cwd = table_run["cwd"]
+    before = {path.name: path.read_bytes() for path in cwd.glob("memorized_pred.checkpoint-*")}
+    result = run_script(["infer.py", "--model", table_run["run"], "--input", memorized_input, *TABLE_FLAGS], cwd=cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{EARLY}: finished by an earlier run" in result.stdout and f"{LAST}: finished by an earlier run" in result.stdout
+    assert "loading model" not in result.stdout
+    assert {path.name: path.read_bytes() for path in cwd.glob("memorized_pred.checkpoint-*")} == before
+    assert read(cwd / "memorized_pred.checkpoints.json")["best"] == LAST
+
+
+def test_table_needs_references(table_run, tmp_path, repo_root):
+    result = run_script(["infer.py", "--model", table_run["run"], "--input", repo_root / "data/sample/test.json"], cwd=tmp_path)
+    assert_one_line_error(result, "test.json", "training run", "reference 'output'")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py merge (issue 9 item 4)
+# ---------------------------------------------------------------------------------------------
+
+def test_merged_cat_with_weights_1_0_regenerates_the_first_adapter(table_run, memorized_run, memorized_input, tmp_path):
+    run = memorized_run["run"]
+    merged = tmp_path / "merged"
+    result = run_script(["train.py", "merge", "--adapters", run / "final", run / EARLY, "--method", "cat",
+                         "--weights", "1", "0", "--output_dir", merged], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert read(merged / "adapter_config.json")["r"] == 32, "cat: the rank is the sum of the ranks"
+    config = read(merged / "run_config.json")
+    assert config["merge"]["method"] == "cat" and config["merge"]["weights"] == [1.0, 0.0]
+    assert [a["global_step"] for a in config["merge"]["adapters"]] == [60, 20] and "global_step" not in config
+    assert config["max_seq_length"] == 1024 and config["system_prompt"] is False
+    assert (merged / "tokenizer.json").is_file() and (merged / "chat_template.jinja").is_file()
+
+    result = run_script(["infer.py", "--model", merged, "--input", memorized_input, "--output", "merged_pred.json", *TABLE_FLAGS],
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    outputs = lambda path: [record["output"] for record in read(path)]  # noqa: E731
+    first, second = outputs(table_run["cwd"] / f"memorized_pred.{LAST}.json"), outputs(table_run["cwd"] / f"memorized_pred.{EARLY}.json")
+    assert first != second, "the two adapters must write different summaries for this test to mean anything"
+    assert outputs(tmp_path / "merged_pred.json") == first
+
+
+def fake_adapter(path: Path, rank: int, base: str = "tiny") -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"r": rank, "base_model_name_or_path": base}), encoding="utf-8")
+    (path / "run_config.json").write_text(json.dumps({"system_prompt": False, "max_seq_length": 1024}), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--method", "linear"], ["--method linear needs equal LoRA ranks, got [8, 16]", "cat is exact", "rank 24"]),
+    (["--method", "ties"], ["needs equal LoRA ranks"]),
+    (["--method", "cat", "--weights", "1"], ["--weights: 1 given for 2 adapters"]),
+    (["--method", "cat", "--density", "0.5"], ["--density applies to ties, dare_ties, dare_linear"]),
+])
+def test_merge_refuses_before_loading_a_model(tmp_path, args, fragments):
+    a, b = fake_adapter(tmp_path / "a", 8), fake_adapter(tmp_path / "b", 16)
+    result = run_script(["train.py", "merge", "--adapters", a, b, *args, "--output_dir", tmp_path / "out"], cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_refuses_other_bases_missing_density_and_an_existing_output(tmp_path):
+    a, b, c = fake_adapter(tmp_path / "a", 8), fake_adapter(tmp_path / "b", 8), fake_adapter(tmp_path / "c", 8, base="other")
+    merge = ["train.py", "merge", "--output_dir", tmp_path / "out", "--adapters"]
+    assert_one_line_error(run_script([*merge, a, c], cwd=tmp_path), "different base models")
+    assert_one_line_error(run_script([*merge, a, b, "--method", "dare_ties"], cwd=tmp_path), "needs --density in (0, 1]")
+    assert_one_line_error(run_script([*merge, a], cwd=tmp_path), "two or more --adapters")
+    (tmp_path / "out").mkdir()
+    assert_one_line_error(run_script([*merge, a, b], cwd=tmp_path), "out: exists", "--overwrite_output_dir")
+
+
+def test_merge_help_explains_the_rank_rules():
+    result = run_script(["train.py", "merge", "--help"])
+    assert result.returncode == 0 and "usage: train.py merge" in result.stdout
+    text = " ".join(result.stdout.split())
+    assert "cat = exact" in text and "rank = sum of the ranks" in text and "equal ranks" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# --save_merged folders (issue 8 item 10)
+# ---------------------------------------------------------------------------------------------
+
+def test_save_merged_writes_run_config_and_infer_loads_it_in_16_bit(tiny_model_dir, memorized_run, memorized_input, tmp_path):
+    data = tmp_path / "data"  # the memorized rows without dev: one quick step, no evaluation
+    data.mkdir()
+    for name in ("train.jsonl", "stats.json"):
+        shutil.copy(memorized_run["prepared"] / name, data / name)
+    result = run_script(["train.py", "--model", tiny_model_dir, "--data", data, "--output_dir", tmp_path / "run", "--max_steps", "1",
+                         "--no-load_in_4bit", "--save_merged", "--lora_r", "8", "--lora_alpha", "8",
+                         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--max_seq_length", "1024"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    merged = tmp_path / "run" / "merged"
+    config = read(merged / "run_config.json")
+    assert config["load_in_4bit"] is False and config["max_seq_length"] == 1024
+    assert config["merged_from"] == str(tmp_path / "run" / "final") and not (merged / "adapter_config.json").exists()
+
+    result = run_script(["infer.py", "--model", merged, "--input", memorized_input, "--max_new_tokens", "1000"], cwd=tmp_path)
+    assert last_line(result) == "error: --max_new_tokens 1000 leaves no room for the prompt in max_seq_length 1024"
+    assert "4-bit = False" in result.stdout + result.stderr
+
+
+def test_a_folder_of_full_weights_without_run_config_loads_in_16_bit(tiny_model_dir, memorized_input, tmp_path):
+    result = run_script(["infer.py", "--model", tiny_model_dir, "--input", memorized_input, "--max_new_tokens", "8190"], cwd=tmp_path)
+    assert last_line(result) == "error: --max_new_tokens 8190 leaves no room for the prompt in max_seq_length 8192"
+    assert "4-bit = False" in result.stdout + result.stderr and "4-bit = True" not in result.stdout + result.stderr
