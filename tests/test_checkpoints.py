@@ -109,6 +109,19 @@ def test_table_ranks_the_memorized_checkpoint_above_the_early_one(table_run, mem
     assert f"best by mean of rouge1: {LAST}" in out and f"python infer.py --model {table_run['run'] / LAST}" in out
 
 
+def test_best_checkpoint_is_the_highest_score_and_a_tie_goes_to_the_earlier():
+    rows = [{"checkpoint": "checkpoint-1", "score": 0.5}, {"checkpoint": "checkpoint-2", "score": 0.7},
+            {"checkpoint": "checkpoint-3", "score": 0.7}, {"checkpoint": "checkpoint-4", "score": None, "error": "empty"}]
+    assert infer.best_row(rows)["checkpoint"] == "checkpoint-2"
+    assert infer.best_row(rows[3:]) is None
+
+
+def test_training_facts_come_from_trainer_state(tmp_path):
+    history = [{"loss": 3.0, "step": 1}, {"eval_loss": 2.9, "step": 1}, {"loss": 2.0, "step": 2}, {"eval_loss": 2.5, "step": 2}]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 2, "epoch": 1.5, "log_history": history}), encoding="utf-8")
+    assert infer.training_facts(tmp_path) == {"step": 2, "epoch": 1.5, "train_loss": 2.0, "eval_loss": 2.5}
+
+
 def test_table_rerun_keeps_finished_checkpoints(table_run, memorized_input):
     cwd = table_run["cwd"]
     before = {path.name: path.read_bytes() for path in cwd.glob("memorized_pred.checkpoint-*")}
