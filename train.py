@@ -701,6 +701,8 @@ def merged_run_config(cfg: MergeSettings, adapters: list[tuple[dict, dict]], wei
 
 
 def merge_main(cfg: MergeSettings) -> None:
+    check_environment()
+    filter_known_noise()
     from rich.console import Console
 
     console = Console()
