@@ -58,6 +58,8 @@ TINY_HIDDEN_SIZE = 64
 # ties flip between batched and single generation, and a memorizing LoRA cannot push the loss
 # below ~6. 0.1 gives clear argmax margins.
 TINY_INITIALIZER_RANGE = 0.1
+# vLLM's CPU attention has kernels for head_dim 64 and up, not the default fixture's 16.
+VLLM_SHAPE = {"hidden_size": 128, "heads": 2, "kv_heads": 1}
 
 
 def sample_texts() -> list[str]:
@@ -106,15 +108,15 @@ def build_tiny_tokenizer():
     )
 
 
-def build_tiny_gemma2(out_dir: Path, hidden_size: int = TINY_HIDDEN_SIZE, seed: int = 0) -> Path:
+def build_tiny_gemma2(out_dir: Path, hidden_size: int = TINY_HIDDEN_SIZE, seed: int = 0, heads: int = 4, kv_heads: int = 2) -> Path:
     """Save a random 2-layer Gemma 2 and its tokenizer to out_dir, loadable by
-    FastLanguageModel.from_pretrained(out_dir, load_in_4bit=True) and AutoTokenizer."""
+    FastLanguageModel.from_pretrained(out_dir, load_in_4bit=True), vLLM and AutoTokenizer.
+    head_dim is hidden_size // heads (vLLM's CPU attention needs 64: see VLLM_SHAPE)."""
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig
 
     out_dir = Path(out_dir)
     tokenizer = build_tiny_tokenizer()
-    heads, kv_heads = 4, 2
     config = Gemma2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
