@@ -545,10 +545,10 @@ class VllmEngine:
         model_dir = Path(model_name)
         rank = adapter_rank(model_dir) if model_dir.is_dir() else None
         self.max_seq_length = settings.max_model_len or max_seq_length or run_config.get("max_seq_length") or GEMMA2_CONTEXT
-        self.tokenizer = AutoTokenizer.from_pretrained(model_name)
         self.lora = LoRARequest("final", 1, str(model_dir.resolve())) if rank else None
         self.gpu_memory_utilization, self.calls = settings.gpu_memory_utilization, 0
         try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_name)
             self.llm = LLM(
                 model=vllm_base_model(model_dir, run_config) if rank else model_name,
                 tokenizer=model_name,
