@@ -551,7 +551,6 @@ class VllmEngine:
             self.tokenizer = AutoTokenizer.from_pretrained(model_name)
             self.llm = LLM(
                 model=vllm_base_model(model_dir, run_config) if rank else model_name,
-                tokenizer=model_name,
                 dtype=settings.dtype,
                 tensor_parallel_size=settings.tensor_parallel_size,
                 gpu_memory_utilization=settings.gpu_memory_utilization,

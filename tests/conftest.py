@@ -248,7 +248,7 @@ MEMORIZE_FLAGS = [
 ]
 
 
-def train_memorized(model_dir: Path, root: Path) -> dict:
+def train_memorized(model_dir: Path, root: Path, *train_flags: str) -> dict:
     """prep.py on data/sample, then train.py on its first MEMORIZE_ROWS rows, through the real command
     lines: {"prepared", "run" (output_dir; the adapter is run/"final"), "result" (train.py's process),
     "records" (the memorized competition records, in order)}."""
@@ -261,7 +261,7 @@ def train_memorized(model_dir: Path, root: Path) -> dict:
     (four / "train.jsonl").write_text("".join(lines[:MEMORIZE_ROWS]), encoding="utf-8")
     for name in ("dev.jsonl", "stats.json"):
         (four / name).write_bytes((prepared / name).read_bytes())
-    result = run_script(["train.py", "--model", model_dir, "--data", four, "--output_dir", root / "run", *MEMORIZE_FLAGS], cwd=root)
+    result = run_script(["train.py", "--model", model_dir, "--data", four, "--output_dir", root / "run", *MEMORIZE_FLAGS, *train_flags], cwd=root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ids = [json.loads(line)["id"] for line in lines[:MEMORIZE_ROWS]]
     by_id = {r["id"]: r for r in json.loads((SAMPLE_DIR / "train.json").read_text(encoding="utf-8"))}
@@ -276,6 +276,7 @@ def memorized_run(tiny_model_dir, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def vllm_memorized_run(tmp_path_factory) -> dict:
-    """train_memorized on a tiny Gemma 2 of VLLM_SHAPE (head_dim 64, which vLLM's CPU attention needs)."""
+    """train_memorized on a tiny Gemma 2 of VLLM_SHAPE (head_dim 64, which vLLM's CPU attention needs),
+    16-bit: vLLM loads the base unquantized, so the adapter is trained on exactly the weights it is served on."""
     model_dir = build_tiny_gemma2(tmp_path_factory.mktemp("tiny_gemma2_vllm"), **VLLM_SHAPE)
-    return {**train_memorized(model_dir, tmp_path_factory.mktemp("memorized_vllm")), "base": model_dir}
+    return {**train_memorized(model_dir, tmp_path_factory.mktemp("memorized_vllm"), "--no-load_in_4bit"), "base": model_dir}
