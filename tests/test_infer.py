@@ -57,8 +57,8 @@ def test_length_sorted_schedule_and_padding_waste():
 
 def test_batches_are_budgeted_by_tokens():
     lengths = [100, 10, 12, 90, 11, 13]
-    # budget 400 tokens with 20 new tokens each: 3 x 120 fits the long pair, 12 x 33 the short ones (capped at 4 rows)
-    assert infer.plan_batches(lengths, 4, max_new_tokens=20, max_batch_tokens=400) == [[0, 3], [5, 2, 4, 1]]
+    # 250 token positions with 20 new tokens each: 2 rows padded to 100 + 20, then 7 rows of 13 + 20 (capped at 4 rows)
+    assert infer.plan_batches(lengths, 4, max_new_tokens=20, max_batch_tokens=250) == [[0, 3], [5, 2, 4, 1]]
     assert infer.plan_batches(lengths, 4, max_new_tokens=20, max_batch_tokens=50) == [[0], [3], [5], [2], [4], [1]]  # never below one row
 
 

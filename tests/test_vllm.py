@@ -11,10 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, VLLM_PYTHON, run_script
+from conftest import REPO_ROOT, VLLM_PYTHON, assert_one_line_error, run_script
 
 # Eager mode skips minutes of torch.compile on CPU; float32 as the tiny checkpoint; 5% of RAM for the KV cache.
 VLLM_CPU_FLAGS = ["--engine", "vllm", "--enforce_eager", "--dtype", "float32", "--gpu_memory_utilization", "0.05"]
+
+
+def test_vllm_engine_from_the_unsloth_venv_is_one_line(tmp_path, tiny_model_dir):
+    result = run_script(["infer.py", "--engine", "vllm", "--model", tiny_model_dir, "--input", REPO_ROOT / "data/sample/test.json",
+                         "--output", "sub.json"], cwd=tmp_path)
+    assert_one_line_error(result, "--engine vllm: vLLM is not installed in this Python", ".venv-vllm")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +92,15 @@ def test_vllm_engine_returns_n_samples_per_prompt(tmp_path, vllm_python, vllm_me
     assert sorted(found["finished"]) == [0, 1, 2, 3]
     assert [len(candidates) for candidates in found["sampled"]] == [8, 8, 8, 8]
     assert any(len(set(candidates)) > 1 for candidates in found["sampled"])  # sampled at temperature 1.5, not 8 greedy copies
+
+
+def test_distill_local_teacher_through_vllm(tmp_path, vllm_python, vllm_memorized_run, memorized_input):
+    """distill.py distill --teacher_url local --engine vllm: the memorized model, as a teacher, writes the summaries it learned."""
+    out = tmp_path / "teacher.jsonl"
+    result = run_script(["distill.py", "distill", "--input", memorized_input, "--output", out, "--teacher_url", "local",
+                         "--teacher_model", vllm_memorized_run["run"] / "final", "--max_new_tokens", "400", *VLLM_CPU_FLAGS],
+                        cwd=tmp_path, python=vllm_python)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    by_id = {row["id"]: row["output"] for row in rows}
+    assert by_id == {r["id"]: r["output"].strip() for r in vllm_memorized_run["records"]}
