@@ -261,7 +261,7 @@ def train_memorized(model_dir: Path, root: Path, *train_flags: str) -> dict:
     (four / "train.jsonl").write_text("".join(lines[:MEMORIZE_ROWS]), encoding="utf-8")
     for name in ("dev.jsonl", "stats.json"):
         (four / name).write_bytes((prepared / name).read_bytes())
-    result = run_script(["train.py", "--model", model_dir, "--data", four, "--output_dir", root / "run", *MEMORIZE_FLAGS, *train_flags], cwd=root)
+    result = run_script(["train.py", "--model", model_dir, "--data", four, "--output_dir", root / "run", *MEMORIZE_FLAGS, *train_flags], cwd=root, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ids = [json.loads(line)["id"] for line in lines[:MEMORIZE_ROWS]]
     by_id = {r["id"]: r for r in json.loads((SAMPLE_DIR / "train.json").read_text(encoding="utf-8"))}
