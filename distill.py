@@ -54,12 +54,13 @@ REFUSAL_PREFIXES = (
     "죄송하지만", "죄송합니다만", "죄송합니다. 저는", "저는 AI", "요청하신 내용은 도와드릴 수 없",
 )
 DISTILL_FORMATS = ("alpaca", "prompt_completion")
+OUT_OF_MEMORY_REASON = "CUDA out of memory even alone: lower --max_new_tokens, or use a smaller teacher"
 # Columns that hold a prompt in sources that carry no answer yet (what a teacher is asked to write).
 PROMPT_ONLY_KEYS = ("instruction", "prompt", "question")
 
 
 @dataclass
-class DistillSettings:
+class DistillSettings(infer.EngineSettings):
     input: list[str] = field(default_factory=lambda: ["data/일상대화요약_train.json"], metadata={"help": "rows for the teacher: competition files (it writes a summary per conversation) or any source --extra accepts"})
     output: str = field(default="data/distill/teacher.jsonl", metadata={"help": "JSONL the answers are appended to (resumed if it exists)"})
     rejects: str | None = field(default=None, metadata={"help": "JSONL of refused/empty/truncated rows with the reason (default: <output>.rejects.jsonl)"})
@@ -77,7 +78,7 @@ class DistillSettings:
     backoff_base: float = field(default=1.0, metadata={"help": "first retry waits about this many seconds, doubling each time (with jitter); Retry-After wins when sent"})
     backoff_max: float = field(default=60.0, metadata={"help": "longest wait between two retries, in seconds"})
     max_consecutive_failures: int = field(default=10, metadata={"help": "stop (keeping all finished rows) after this many rows in a row failed every retry"})
-    batch_size: int = field(default=8, metadata={"help": "--teacher_url local: prompts generated together"})
+    batch_size: int = field(default=8, metadata={"help": "--teacher_url local, unsloth engine: most prompts generated together"})
     load_in_4bit: bool | None = field(default=None, metadata={"help": "--teacher_url local: load in 4 bit (default: as the model's training run, else on)"})
     limit: int | None = field(default=None, metadata={"help": "send only the first N input rows (try a run cheaply)"})
 
@@ -385,8 +386,9 @@ def reject_row(item_id: str, reason: Any, model: str, source: str) -> dict:
 def distill_locally(items: list[DistillItem], cfg: DistillSettings, output: JsonlAppender, rejects: JsonlAppender, stats: dict, console: Any) -> None:
     """--teacher_url local: the same batched generation infer.py uses; each batch is written as it finishes."""
 
-    model, tokenizer, run_config = infer.load_model(cfg.teacher_model, load_in_4bit=cfg.load_in_4bit)
-    budget = run_config["max_seq_length"] - cfg.max_new_tokens
+    engine = infer.open_engine(*infer.resolve_model(cfg.teacher_model), cfg, batch_size=cfg.batch_size, max_seq_length=None, load_in_4bit=cfg.load_in_4bit)
+    tokenizer = engine.tokenizer
+    budget = engine.max_seq_length - cfg.max_new_tokens
     ready, prompts = [], []
     for item in items:
         prompt = tokenizer.apply_chat_template(item.messages, tokenize=False, add_generation_prompt=True)
@@ -411,11 +413,13 @@ def distill_locally(items: list[DistillItem], cfg: DistillSettings, output: Json
                 output.write(distill_row(item, answer, cfg.teacher_model, cfg.format))
                 stats["written"] += 1
 
+    def set_aside(index: int) -> None:
+        rejects.write(reject_row(ready[index].id, OUT_OF_MEMORY_REASON, cfg.teacher_model, ready[index].source))
+        stats["rejected"] += 1
+
     if prompts:
-        infer.generate_texts(
-            model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-            do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p, on_batch=save_batch, console=console,
-        )
+        sampling = infer.Sampling(cfg.max_new_tokens, do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p)
+        engine.generate(prompts, sampling, on_batch=save_batch, on_set_aside=set_aside, console=console)
 
 
 def check_output_format(path: str | Path, fmt: str) -> None:
@@ -459,6 +463,9 @@ def distill_main(cfg: DistillSettings) -> None:
     for name in ("concurrency", "batch_size", "max_new_tokens", "max_consecutive_failures"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1")
+    infer.check_engine_settings(cfg)
+    if cfg.engine != "unsloth" and not local:
+        raise UserError(f"--engine {cfg.engine} runs a local teacher: pass --teacher_url local (a server is its own engine)")
     if cfg.max_retries < 0 or cfg.request_timeout <= 0 or cfg.backoff_base < 0:
         raise UserError("--max_retries must be >= 0, --request_timeout > 0 and --backoff_base >= 0")
     cfg.rejects = cfg.rejects or str(Path(cfg.output).with_suffix("")) + ".rejects.jsonl"
@@ -577,13 +584,16 @@ def magpie_main(cfg: MagpieSettings) -> None:
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start:start + cfg.batch_size]
             torch.manual_seed(cfg.seed + batch[0])
+            too_big: set[int] = set()  # positions that ran out of memory even alone
             instructions = infer.generate_texts(
                 model, tokenizer, [prefix] * len(batch), batch_size=cfg.batch_size, max_new_tokens=cfg.instruction_max_new_tokens,
-                do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p, console=console,
+                do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p, on_set_aside=too_big.add, console=console,
             )
             fresh = []
-            for index, instruction in zip(batch, instructions):
-                if not instruction:
+            for position, (index, instruction) in enumerate(zip(batch, instructions)):
+                if position in too_big:
+                    reject(index, OUT_OF_MEMORY_REASON)
+                elif not instruction:
                     reject(index, "empty instruction")
                 elif hit_token_limit(tokenizer, instruction, cfg.instruction_max_new_tokens):
                     reject(index, "truncated instruction: it hit instruction_max_new_tokens")
@@ -601,12 +611,16 @@ def magpie_main(cfg: MagpieSettings) -> None:
             kept_instructions += [instruction for _, instruction in fresh]
             if fresh:
                 prompts = [tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True) for _, instruction in fresh]
+                too_big = set()
                 answers = infer.generate_texts(
                     model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                    do_sample=cfg.response_temperature > 0, temperature=cfg.response_temperature or 1.0, top_p=cfg.response_top_p, console=console,
+                    do_sample=cfg.response_temperature > 0, temperature=cfg.response_temperature or 1.0, top_p=cfg.response_top_p,
+                    on_set_aside=too_big.add, console=console,
                 )
-                for (index, instruction), answer in zip(fresh, answers):
-                    if not answer:
+                for position, ((index, instruction), answer) in enumerate(zip(fresh, answers)):
+                    if position in too_big:
+                        reject(index, OUT_OF_MEMORY_REASON)
+                    elif not answer:
                         reject(index, "empty answer")
                     elif hit_token_limit(tokenizer, answer, cfg.max_new_tokens):
                         reject(index, "truncated answer: it hit max_new_tokens")

@@ -16,14 +16,19 @@ An interrupted run keeps every finished batch in `<output>.partial.jsonl` (and, 
 finished record's candidates in `<output>.candidates.jsonl`); the same command resumes.
 The prompt comes from prep.py (`build_messages`), the same function training used, so the two cannot drift.
 
+vLLM instead of Unsloth's generate() (from the vLLM venv, see README):
+    .venv-vllm/bin/python infer.py --engine vllm --input data/일상대화요약_test.json
+
 Reusable from other scripts (nothing heavy is imported at module level):
     model, tokenizer, run_config = load_model("outputs/run1/final")
     texts = generate_texts(model, tokenizer, chat_prompts, batch_size=8, max_new_tokens=1024)
     samples = sample_texts(model, tokenizer, chat_prompts, num_samples=4, temperature=0.7, top_p=0.95,
                            batch_size=8, max_new_tokens=1024)  # 4 texts per prompt
+    engine = open_engine(name, run_config, EngineSettings(engine="vllm"), batch_size=8, max_seq_length=None, load_in_4bit=None)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -35,7 +40,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from prep import (
     CHECKPOINT_DIR,
@@ -74,12 +79,30 @@ from score import (
 )
 
 
+ENGINES = ("unsloth", "vllm")
+# gemma-2-9b keeps 42 layers x 2 x 8 KV heads x 256 dims x 2 bytes = 344 KB of KV cache per token:
+# 32K token positions are ~11 GB, beside the ~6.5 GB of 4-bit weights on a 24 GB card.
+DEFAULT_MAX_BATCH_TOKENS = 32768
+
+
 @dataclass
-class InferSettings:
+class EngineSettings:
+    """How the model generates; shared by infer.py and distill.py's local teacher."""
+    engine: str = field(default="unsloth", metadata={"help": "unsloth: Unsloth's generate() in length-sorted batches; vllm: vLLM's offline engine (continuous batching, prefix caching; its own venv, see README)", "choices": ENGINES})
+    max_batch_tokens: int = field(default=DEFAULT_MAX_BATCH_TOKENS, metadata={"help": "unsloth engine: most token positions per generate() call, batch x (longest prompt + max_new_tokens); shrinks on CUDA out-of-memory, grows back after successes"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm engine: GPUs the model is split over"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm engine: share of each GPU's memory vLLM may take (weights + KV cache)"})
+    max_model_len: int | None = field(default=None, metadata={"help": "vllm engine: context length (prompt + answer); default: --max_seq_length's value"})
+    dtype: str = field(default="auto", metadata={"help": "vllm engine: auto (the checkpoint's), bfloat16, float16 or float32"})
+    enforce_eager: bool = field(default=False, metadata={"help": "vllm engine: no torch.compile / CUDA graphs (starts in seconds instead of minutes, decodes slower)"})
+
+
+@dataclass
+class InferSettings(EngineSettings):
     input: str = field(default="data/일상대화요약_test.json", metadata={"help": "competition JSON to summarize (test, dev or train)"})
     model: str | None = field(default=None, metadata={"help": "trained final/ or checkpoint-N/ folder, train.py merge output, merged model folder or Hub id; a train.py output_dir scores every checkpoint on --input (dev) and prints a table; default: newest outputs/*/final"})
     output: str | None = field(default=None, metadata={"help": "file to write (never the input file); default: submission.json, or <input name>_pred.json when the input has references (dev)"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generate() call; halved automatically on CUDA out-of-memory"})
+    batch_size: int = field(default=8, metadata={"help": "unsloth engine: most prompts per generate() call (--max_batch_tokens also limits it)"})
     max_new_tokens: int = field(default=1024, metadata={"help": "generation budget per summary"})
     repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 = off; ~1.1 curbs repetition loops"})
     limit: int | None = field(default=None, metadata={"help": "only the first N records (smoke test; not a full submission)"})
@@ -103,6 +126,9 @@ class InferSettings:
 
 GEMMA2_CONTEXT = 8192  # Gemma 2's position limit, used when no training run says otherwise
 STOP_TOKENS = ("<end_of_turn>", "<eos>")
+GROW_BACK_AFTER = 4  # batches in a row without running out of memory before the token budget doubles again
+# Tensors Unsloth's fast decode path leaves on each attention module (unsloth/models/gemma2.py, llama.py).
+UNSLOTH_DECODE_BUFFERS = ("paged_attention", "paged_attention_K", "paged_attention_V", "temp_QA", "temp_KV", "temp_O", "RH_Q", "attention")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,16 +256,99 @@ def length_order(lengths: list[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
 
 
-def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """The batches generate_texts runs (until an out-of-memory error halves them)."""
-    order = length_order(lengths)
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+def batch_tokens(size: int, longest_prompt: int, max_new_tokens: int) -> int:
+    """Token positions one generate() call holds at its end: every row padded to the longest prompt, plus the new tokens."""
+    return size * (longest_prompt + max_new_tokens)
+
+
+def fitting_batch_size(longest_prompt: int, max_new_tokens: int, max_batch_size: int, max_batch_tokens: int) -> int:
+    """Most rows (at least one, at most `max_batch_size`) whose batch_tokens stay within `max_batch_tokens`."""
+    return max(1, min(max_batch_size, max_batch_tokens // (longest_prompt + max_new_tokens)))
+
+
+def plan_batches(lengths: list[int], max_batch_size: int, max_new_tokens: int = 0, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """The batches run_batches starts with: longest prompts first, each within the token budget
+    (until an out-of-memory error shrinks it)."""
+    order, batches, position = length_order(lengths), [], 0
+    while position < len(order):
+        size = max_batch_size if max_batch_tokens is None else fitting_batch_size(lengths[order[position]], max_new_tokens, max_batch_size, max_batch_tokens)
+        batches.append(order[position:position + size])
+        position += size
+    return batches
 
 
 def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:
     """Share of prompt positions that are padding when each batch is padded to its longest prompt."""
     padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
     return 1 - sum(lengths) / padded if padded else 0.0
+
+
+def run_batches(
+    lengths: list[int],
+    run_batch: Callable[[list[int]], tuple[list[str], int]],
+    *,
+    max_new_tokens: int,
+    max_batch_size: int,
+    max_batch_tokens: int,
+    out_of_memory: type[BaseException],
+    free_memory: Callable[[], None],
+    on_batch: Callable[[list[int], list[str], int], None],
+    on_set_aside: Callable[[int], None],
+    say: Callable[[str], None],
+) -> None:
+    """Run every prompt once, longest first, in batches of at most `max_batch_size` rows and
+    `max_batch_tokens` token positions (batch_tokens).
+
+    `run_batch(indices) -> (texts, new_tokens)`. When it raises `out_of_memory`, memory is freed and
+    the same prompts are retried with half the rows; after GROW_BACK_AFTER batches in a row the
+    budget doubles again, up to `max_batch_tokens`, so one long batch does not slow the whole run.
+    A prompt that runs out of memory alone is handed to `on_set_aside(index)` and the run goes on.
+    """
+    order = length_order(lengths)
+    budget, position, successes = max_batch_tokens, 0, 0
+    while position < len(order):
+        longest = lengths[order[position]]
+        size = min(fitting_batch_size(longest, max_new_tokens, max_batch_size, budget), len(order) - position)
+        indices = order[position:position + size]
+        try:
+            texts, new_tokens = run_batch(indices)
+        except out_of_memory:
+            texts = None  # freed below, outside this block: the traceback still holds the batch's tensors here
+        if texts is not None:
+            on_batch(indices, texts, new_tokens)
+            position, successes = position + size, successes + 1
+            if successes >= GROW_BACK_AFTER and budget < max_batch_tokens:
+                budget, successes = min(max_batch_tokens, 2 * budget), 0
+                say(f"batch token budget back up to {budget}")
+            continue
+        free_memory()
+        successes = 0
+        if size == 1:
+            on_set_aside(indices[0])
+            position += 1
+            say(f"[yellow]CUDA out of memory for one prompt of {longest} tokens + {max_new_tokens} new: set aside, the rest go on")
+        else:
+            budget = batch_tokens(size // 2, longest, max_new_tokens)
+            say(f"[yellow]CUDA out of memory at {size} x {longest + max_new_tokens} tokens: batch token budget now {budget}")
+
+
+def free_decode_memory(model) -> None:
+    """Free what an out-of-memory generate() left behind. Unsloth's fast decode path keeps the last
+    batch's KV cache and scratch tensors as plain attributes of every attention module
+    (unsloth/models/gemma2.py: paged_attention*, temp_*, RH_Q, attention) until the next prefill
+    replaces them layer by layer; while they are referenced, torch.cuda.empty_cache() cannot return
+    their memory, and the retry runs out again."""
+    import gc
+
+    import torch
+
+    for module in model.modules():
+        for name in UNSLOTH_DECODE_BUFFERS:
+            if isinstance(module.__dict__.get(name), torch.Tensor):
+                del module.__dict__[name]
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def new_token_count(row: list[int], stops: list[int], pad_id: int) -> int:
@@ -271,6 +380,35 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], stops: list[int], 
     return texts, sum(new_token_count(row, stops, pad_id) for row in new_rows)
 
 
+class _Advance:
+    """Moves the generation progress bar: items done, with items/s and tokens/s; say() prints above it."""
+
+    def __init__(self, progress, task, console):
+        self.progress, self.task, self.say = progress, task, console.print
+        self.start, self.items, self.tokens = time.perf_counter(), 0, 0
+
+    def __call__(self, items: int, new_tokens: int) -> None:
+        self.items += items
+        self.tokens += new_tokens
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.progress.update(self.task, advance=items, speed=f"{self.items / elapsed:.2f} items/s  {self.tokens / elapsed:.1f} tok/s")
+
+
+@contextlib.contextmanager
+def generation_progress(total: int, console=None) -> Iterator[_Advance]:
+    """A rich progress bar over `total` prompts, shared by both engines."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = console or Console()
+    progress = Progress(
+        TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    )
+    with progress:
+        yield _Advance(progress, progress.add_task("generate", total=total, speed=""), console)
+
+
 def generate_texts(
     model,
     tokenizer,
@@ -278,30 +416,30 @@ def generate_texts(
     *,
     batch_size: int,
     max_new_tokens: int,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
     on_batch: Callable[[list[int], list[str], int], None] | None = None,
+    on_set_aside: Callable[[int], None] | None = None,
     console=None,
 ) -> list[str]:
     """Generate one completion per prompt; results come back in input order.
 
     `prompts` are finished chat-templated strings (they already start with `<bos>`, so they are
-    tokenized without adding special tokens). They are sorted by length and left-padded in batches;
-    greedy unless `do_sample`. Each text is the decoded new tokens only, stopped at `<end_of_turn>` /
-    `<eos>`, whitespace stripped. On a CUDA out-of-memory error the batch size is halved and the same
-    prompts are retried. `on_batch(indices, texts, new_tokens)` runs after every finished batch
-    (indices into `prompts`), e.g. to save progress. A rich progress bar shows items/s and tokens/s.
+    tokenized without adding special tokens). They are sorted by length and left-padded in batches
+    of at most `batch_size` prompts and `max_batch_tokens` token positions (run_batches: shrinks on a
+    CUDA out-of-memory error, grows back after successes); greedy unless `do_sample`. Each text is the
+    decoded new tokens only, stopped at `<end_of_turn>` / `<eos>`, whitespace stripped.
+    `on_batch(indices, texts, new_tokens)` runs after every finished batch (indices into `prompts`),
+    e.g. to save progress; a prompt that does not fit in memory even alone gets "" and
+    `on_set_aside(index)`. A rich progress bar shows items/s and tokens/s.
     """
     import torch
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    console = console or Console()
     stops = stop_token_ids(tokenizer)
     encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
-    order = length_order([len(ids) for ids in encoded])
     generation_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "repetition_penalty": repetition_penalty}
     if do_sample:
         generation_kwargs.update(temperature=temperature, top_p=top_p)
@@ -309,34 +447,28 @@ def generate_texts(
         # Checkpoints ship sampling defaults in generation_config; greedy must not inherit them.
         generation_kwargs.update(temperature=None, top_p=None, top_k=None)
 
-    results: list[str | None] = [None] * len(prompts)
-    start, done_tokens, position, size = time.perf_counter(), 0, 0, batch_size
-    progress = Progress(
-        TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-    )
-    with progress:
-        task = progress.add_task("generate", total=len(prompts), speed="")
-        while position < len(order):
-            indices = order[position:position + size]
-            try:
-                texts, new_tokens = _generate_batch(model, tokenizer, [encoded[i] for i in indices], stops, generation_kwargs)
-            except torch.cuda.OutOfMemoryError:
-                if size == 1:
-                    raise UserError("CUDA out of memory at batch size 1: lower --max_new_tokens or --max_seq_length") from None
-                size //= 2
-                torch.cuda.empty_cache()
-                console.print(f"[yellow]CUDA out of memory: batch size halved to {size}")
-                continue
+    results = [""] * len(prompts)
+    with generation_progress(len(prompts), console) as advance:
+        def finished(indices: list[int], texts: list[str], new_tokens: int) -> None:
             for index, text in zip(indices, texts):
                 results[index] = text
             if on_batch is not None:
                 on_batch(indices, texts, new_tokens)
-            position += len(indices)
-            done_tokens += new_tokens
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            progress.update(task, advance=len(indices), speed=f"{position / elapsed:.2f} items/s  {done_tokens / elapsed:.1f} tok/s")
-    return [text or "" for text in results]
+            advance(len(indices), new_tokens)
+
+        def set_aside(index: int) -> None:
+            if on_set_aside is not None:
+                on_set_aside(index)
+            advance(1, 0)
+
+        run_batches(
+            [len(ids) for ids in encoded],
+            lambda indices: _generate_batch(model, tokenizer, [encoded[i] for i in indices], stops, generation_kwargs),
+            max_new_tokens=max_new_tokens, max_batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+            out_of_memory=torch.cuda.OutOfMemoryError, free_memory=lambda: free_decode_memory(model),
+            on_batch=finished, on_set_aside=set_aside, say=advance.say,
+        )
+    return results
 
 
 def sample_texts(model, tokenizer, prompts: list[str], *, num_samples: int,
@@ -360,6 +492,173 @@ def sample_texts(model, tokenizer, prompts: list[str], *, num_samples: int,
     repeated = [prompt for prompt in prompts for _ in range(num_samples)]
     generate_texts(model, tokenizer, repeated, do_sample=True, on_batch=collect, **generation)
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines: one interface over Unsloth's generate() and vLLM (main and distill.py use only this)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Sampling:
+    """Decoding settings both engines honour: greedy unless do_sample; stop tokens are the tokenizer's."""
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+class UnslothEngine:
+    """The default engine: Unsloth's generate() in token-budgeted, length-sorted batches (generate_texts)."""
+
+    def __init__(self, model_name: str, settings: EngineSettings, *, batch_size: int, max_seq_length: int | None, load_in_4bit: bool | None):
+        self.model, self.tokenizer, self.run_config = load_model(model_name, max_seq_length, load_in_4bit)
+        self.max_seq_length = self.run_config["max_seq_length"]
+        self.batch_size, self.max_batch_tokens = batch_size, settings.max_batch_tokens
+
+    def generate(self, prompts: list[str], sampling: Sampling, *, on_batch=None, on_set_aside=None, console=None) -> list[str]:
+        return generate_texts(
+            self.model, self.tokenizer, prompts, batch_size=self.batch_size, max_new_tokens=sampling.max_new_tokens,
+            max_batch_tokens=self.max_batch_tokens, do_sample=sampling.do_sample, temperature=sampling.temperature,
+            top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty, on_batch=on_batch, on_set_aside=on_set_aside, console=console,
+        )
+
+    def sample(self, prompts: list[str], n: int, sampling: Sampling, *, on_prompt=None, console=None) -> list[list[str]]:
+        """`n` sampled completions per prompt (sample_texts); `on_prompt(index, texts)` as each prompt's are done."""
+        return sample_texts(self.model, self.tokenizer, prompts, num_samples=n, on_prompt=on_prompt, batch_size=self.batch_size,
+                            max_new_tokens=sampling.max_new_tokens, max_batch_tokens=self.max_batch_tokens, temperature=sampling.temperature,
+                            top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty, console=console)
+
+    def peak_memory(self) -> str:
+        import torch
+
+        return f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB" if torch.cuda.is_available() else "n/a (no GPU)"
+
+
+def adapter_rank(model_dir: Path) -> int | None:
+    """The LoRA rank `r` of a PEFT adapter folder (train.py's final/), or None for a full model."""
+    path = model_dir / "adapter_config.json"
+    if not path.is_file():
+        return None
+    config = read_json(path)
+    return int(config["r"]) if isinstance(config, dict) and isinstance(config.get("r"), int) else None
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts (vllm/config/lora.py MaxLoRARanks) that holds `rank`."""
+    allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+    fitting = [value for value in allowed if value >= rank]
+    if not fitting:
+        raise UserError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank ({allowed[-1]}): merge the adapter (train.py --save_merged) and serve merged/")
+    return fitting[0]
+
+
+def vllm_base_model(model_dir: Path, run_config: dict) -> str:
+    """The model vLLM loads under an adapter: run_config.json's base_model, else adapter_config.json's."""
+    base = run_config.get("base_model")
+    if not base:
+        adapter = read_json(model_dir / "adapter_config.json")
+        base = adapter.get("base_model_name_or_path") if isinstance(adapter, dict) else None
+    if not base:
+        raise UserError(f"{model_dir}: neither run_config.json nor adapter_config.json names the base model")
+    return str(base)
+
+
+class VllmEngine:
+    """vLLM's offline engine: continuous batching and prefix caching over the same prompts, stop tokens
+    and decoding as UnslothEngine. A train.py final/ folder is applied as a LoRA adapter (LoRARequest)
+    on its base model; a merged folder or Hub id is served directly. Create it only under
+    `if __name__ == "__main__":` (vLLM spawns its engine process, which imports the main module)."""
+
+    def __init__(self, model_name: str, settings: EngineSettings, *, max_seq_length: int | None, run_config: dict):
+        from transformers import AutoTokenizer
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        model_dir = Path(model_name)
+        rank = adapter_rank(model_dir) if model_dir.is_dir() else None
+        self.max_seq_length = settings.max_model_len or max_seq_length or run_config.get("max_seq_length") or GEMMA2_CONTEXT
+        self.lora = LoRARequest("final", 1, str(model_dir.resolve())) if rank else None
+        self.gpu_memory_utilization, self.calls = settings.gpu_memory_utilization, 0
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_name)
+            self.llm = LLM(
+                model=vllm_base_model(model_dir, run_config) if rank else model_name,
+                dtype=settings.dtype,
+                tensor_parallel_size=settings.tensor_parallel_size,
+                gpu_memory_utilization=settings.gpu_memory_utilization,
+                max_model_len=self.max_seq_length,
+                enable_prefix_caching=True,
+                enable_lora=bool(rank),
+                max_lora_rank=vllm_lora_rank(rank) if rank else 16,
+                enforce_eager=settings.enforce_eager,
+            )
+        except (OSError, ValueError, RuntimeError) as err:
+            raise UserError(f"{model_name}: vLLM could not start ({str(err).strip().splitlines()[0]}; its log above says why, e.g. lower --gpu_memory_utilization)") from None
+
+    def sampling_params(self, sampling: Sampling, n: int = 1):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            n=n, max_tokens=sampling.max_new_tokens, stop_token_ids=stop_token_ids(self.tokenizer),
+            temperature=sampling.temperature if sampling.do_sample else 0.0, top_p=sampling.top_p if sampling.do_sample else 1.0,
+            repetition_penalty=sampling.repetition_penalty, detokenize=False,
+        )
+
+    def generate_candidates(self, prompts: list[str], sampling: Sampling, n: int, *, on_finished=None, console=None) -> list[list[str]]:
+        """`n` completions per prompt (n > 1 needs do_sample), in input order. vLLM schedules every
+        request at once (continuous batching; the n samples of a prompt share its cached prefix);
+        `on_finished(index, texts, new_tokens)` runs as each prompt completes, e.g. to save progress."""
+        engine, params = self.llm.llm_engine, self.sampling_params(sampling, n)
+        self.calls += 1
+        for index, prompt in enumerate(prompts):
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            engine.add_request(f"{self.calls}-{index}", {"prompt_token_ids": ids}, params, lora_request=self.lora)
+        results: list[list[str]] = [[] for _ in prompts]
+        with generation_progress(len(prompts), console) as advance:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if not output.finished:
+                        continue
+                    index = int(output.request_id.split("-")[1])
+                    results[index] = [self.tokenizer.decode(sample.token_ids, skip_special_tokens=True).strip() for sample in output.outputs]
+                    new_tokens = sum(len(sample.token_ids) for sample in output.outputs)
+                    if on_finished is not None:
+                        on_finished(index, results[index], new_tokens)
+                    advance(1, new_tokens)
+        return results
+
+    def generate(self, prompts: list[str], sampling: Sampling, *, on_batch=None, on_set_aside=None, console=None) -> list[str]:
+        """One completion per prompt, as UnslothEngine.generate (vLLM preempts instead of running out of memory)."""
+        def finished(index: int, texts: list[str], new_tokens: int) -> None:
+            if on_batch is not None:
+                on_batch([index], texts, new_tokens)
+
+        return [texts[0] for texts in self.generate_candidates(prompts, sampling, 1, on_finished=finished, console=console)]
+
+    def sample(self, prompts: list[str], n: int, sampling: Sampling, *, on_prompt=None, console=None) -> list[list[str]]:
+        """`n` sampled completions per prompt in one request each (SamplingParams n: they share the prompt's cached prefix)."""
+        def finished(index: int, texts: list[str], _new_tokens: int) -> None:
+            if on_prompt is not None:
+                on_prompt(index, texts)
+
+        return self.generate_candidates(prompts, sampling, n, on_finished=finished, console=console)
+
+    def peak_memory(self) -> str:
+        return f"n/a (vLLM reserves --gpu_memory_utilization {self.gpu_memory_utilization:g} of each GPU)"
+
+
+def open_engine(model_name: str, run_config: dict, settings: EngineSettings, *, batch_size: int, max_seq_length: int | None, load_in_4bit: bool | None):
+    """The engine --engine names, loaded and ready: `.tokenizer`, `.max_seq_length`, `.generate(prompts, sampling, ...)`."""
+    if settings.engine == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise UserError("--engine vllm: vLLM is not installed in this Python; run infer.py from the vLLM venv (.venv-vllm, see README: Install)") from None
+        return VllmEngine(model_name, settings, max_seq_length=max_seq_length, run_config=run_config)
+    return UnslothEngine(model_name, settings, batch_size=batch_size, max_seq_length=max_seq_length, load_in_4bit=load_in_4bit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,7 +962,17 @@ def default_output(input_path: str | Path, has_refs: bool) -> Path:
     return Path(f"{Path(input_path).stem}_pred.json") if has_refs else Path("submission.json")
 
 
+def check_engine_settings(settings: EngineSettings) -> None:
+    if settings.max_batch_tokens < 1 or settings.tensor_parallel_size < 1:
+        raise UserError("--max_batch_tokens and --tensor_parallel_size must be at least 1")
+    if not 0 < settings.gpu_memory_utilization <= 1:
+        raise UserError("--gpu_memory_utilization must be in (0, 1]")
+    if settings.max_model_len is not None and settings.max_model_len < 1:
+        raise UserError("--max_model_len must be at least 1")
+
+
 def check_settings(cfg: InferSettings) -> None:
+    check_engine_settings(cfg)
     for name in ("metrics", "select_metric"):
         unknown = [m for m in getattr(cfg, name) if m not in KNOWN_METRICS]
         if unknown:
@@ -754,13 +1063,13 @@ def select_only(cfg: InferSettings, console) -> None:
 
 
 def sample_and_select(cfg: InferSettings, records: list[dict], greedy: dict[str, str], sampled: dict[str, list[str]],
-                      generator: Callable[[list[dict]], tuple[Any, Any, list[str]]], fingerprint: dict, path: Path, console) -> dict[str, str]:
+                      generator: Callable[[list[dict]], tuple[Any, list[str]]], fingerprint: dict, path: Path, console) -> dict[str, str]:
     """--num_samples: sample the records not yet in `sampled` (each finished record's greedy output + samples
     is appended to the candidates file at once), then keep per record the candidate that agrees most with the
     others; the file is rewritten with each record's `chosen` index. Returns {id: chosen output}."""
     todo = [r for r in records if r["id"] not in sampled]
     if todo:
-        model, tokenizer, prompts = generator(todo)
+        engine, prompts = generator(todo)
         from transformers import set_seed  # after the generator: unsloth must patch transformers first
 
         set_seed(cfg.seed)
@@ -771,9 +1080,8 @@ def sample_and_select(cfg: InferSettings, records: list[dict], greedy: dict[str,
             sampled[row["id"]] = row["candidates"]
 
         console.rule(f"sampling {cfg.num_samples} more summaries for {len(todo)} records (temperature {cfg.temperature}, top_p {cfg.top_p})")
-        sample_texts(model, tokenizer, prompts, num_samples=cfg.num_samples, on_prompt=save, batch_size=cfg.batch_size,
-                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                     repetition_penalty=cfg.repetition_penalty, console=console)
+        engine.sample(prompts, cfg.num_samples, Sampling(cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+                                                         repetition_penalty=cfg.repetition_penalty), on_prompt=save, console=console)
     candidates = [sampled[r["id"]] for r in records]
     _, _, agreement = selection_scorers(cfg, console, with_references=False)
     chosen, utilities = select_candidates(candidates, agreement)
@@ -842,22 +1150,22 @@ def main(cfg: InferSettings) -> None:
     console.print(f"{len(records)} records from {cfg.input}" + (f" ({dropped} empty utterances ignored)" if dropped else "")
                   + (f"; resuming: {len(done)} already finished in {partial}" if done else ""))
 
-    totals = {"tokens": 0, "shortened": 0, "loaded": False}
+    totals, set_aside = {"tokens": 0, "shortened": 0}, []
 
     @functools.cache
-    def model_and_budget() -> tuple[Any, Any, int]:
+    def engine_and_budget() -> tuple[Any, int]:
         """Loaded on first use: a resumed run with nothing left to generate loads no model."""
-        console.rule("loading model")
-        model, tokenizer, loaded = load_model(model_name, cfg.max_seq_length, cfg.load_in_4bit)
-        budget = loaded["max_seq_length"] - cfg.max_new_tokens
+        console.rule(f"loading model ({cfg.engine} engine)")
+        engine = open_engine(model_name, run_config, cfg, batch_size=cfg.batch_size, max_seq_length=cfg.max_seq_length, load_in_4bit=cfg.load_in_4bit)
+        budget = engine.max_seq_length - cfg.max_new_tokens
         if budget < 64:
-            raise UserError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for the prompt in max_seq_length {loaded['max_seq_length']}")
-        totals["loaded"] = True
-        return model, tokenizer, budget
+            raise UserError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for the prompt in max_seq_length {engine.max_seq_length}")
+        return engine, budget
 
-    def generator(todo_records: list[dict]) -> tuple[Any, Any, list[str]]:
-        """(model, tokenizer, the records' prompts, shortened to fit where needed)."""
-        model, tokenizer, budget = model_and_budget()
+    def generator(todo_records: list[dict]) -> tuple[Any, list[str]]:
+        """(the engine, the records' prompts, shortened to fit where needed)."""
+        engine, budget = engine_and_budget()
+        tokenizer = engine.tokenizer
         count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
         prompts, shortened = [], 0
         for record in todo_records:
@@ -868,11 +1176,11 @@ def main(cfg: InferSettings) -> None:
         totals["shortened"] += shortened
         if shortened:
             console.print(f"[yellow]{shortened} prompt(s) longer than {budget} tokens were shortened in the middle of the conversation")
-        return model, tokenizer, prompts
+        return engine, prompts
 
     todo = [r for r in records if r["id"] not in done]
     if todo:
-        model, tokenizer, prompts = generator(todo)
+        engine, prompts = generator(todo)
 
         def save_batch(indices: list[int], texts: list[str], new_tokens: int) -> None:
             rows = [{"id": todo[i]["id"], "output": text} for i, text in zip(indices, texts) if text]
@@ -881,18 +1189,16 @@ def main(cfg: InferSettings) -> None:
             done.update({row["id"]: row["output"] for row in rows})
             totals["tokens"] += new_tokens
 
-        console.rule(f"generating {len(todo)} summaries (batch {cfg.batch_size}, greedy, max_new_tokens {cfg.max_new_tokens})")
-        generate_texts(model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                       repetition_penalty=cfg.repetition_penalty, on_batch=save_batch, console=console)
+        console.rule(f"generating {len(todo)} summaries ({cfg.engine} engine, batch {cfg.batch_size}, greedy, max_new_tokens {cfg.max_new_tokens})")
+        engine.generate(prompts, Sampling(cfg.max_new_tokens, repetition_penalty=cfg.repetition_penalty),
+                        on_batch=save_batch, on_set_aside=lambda i: set_aside.append(todo[i]["id"]), console=console)
     if cfg.num_samples:
         done = sample_and_select(cfg, records, done, sampled, generator, sampling, candidates_path(output), console)
-    peak_memory = "n/a (no GPU)"
-    if totals["loaded"]:
-        import torch
+    peak_memory = engine_and_budget()[0].peak_memory() if engine_and_budget.cache_info().currsize else "n/a (no model loaded)"
 
-        if torch.cuda.is_available():
-            peak_memory = f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GB"
-
+    if set_aside:
+        raise UserError(f"{cfg.input}: record id {set_aside[0]!r} (and {len(set_aside) - 1} more): CUDA out of memory even alone, left unfinished; "
+                        f"finished items are kept in {partial}; rerun with a lower --max_new_tokens or --max_seq_length (delete the partial file first)")
     empty = [r["id"] for r in records if not done.get(r["id"])]
     if empty:
         raise UserError(f"{cfg.input}: record id {empty[0]!r} (and {len(empty) - 1} more): the model generated an empty summary; "

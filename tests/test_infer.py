@@ -55,6 +55,82 @@ def test_length_sorted_schedule_and_padding_waste():
     assert waste_sorted < 0.35 < waste_input_order
 
 
+def test_batches_are_budgeted_by_tokens():
+    lengths = [100, 10, 12, 90, 11, 13]
+    # 250 token positions with 20 new tokens each: 2 rows padded to 100 + 20, then 7 rows of 13 + 20 (capped at 4 rows)
+    assert infer.plan_batches(lengths, 4, max_new_tokens=20, max_batch_tokens=250) == [[0, 3], [5, 2, 4, 1]]
+    assert infer.plan_batches(lengths, 4, max_new_tokens=20, max_batch_tokens=50) == [[0], [3], [5], [2], [4], [1]]  # never below one row
+
+
+class FakeGPU:
+    """A generate() stand-in that runs out of memory above `capacity` token positions, the way a CUDA
+    allocator would: torch's real OutOfMemoryError, raised by our own function, not a library mock."""
+
+    def __init__(self, lengths, max_new_tokens, capacity, huge=()):
+        import torch
+
+        self.error = torch.cuda.OutOfMemoryError
+        self.lengths, self.max_new_tokens, self.capacity, self.huge = lengths, max_new_tokens, capacity, set(huge)
+        self.calls, self.freed, self.done, self.set_aside, self.said = [], 0, {}, [], []
+
+    def run(self, indices):
+        self.calls.append(list(indices))
+        tokens = infer.batch_tokens(len(indices), max(self.lengths[i] for i in indices), self.max_new_tokens)
+        if tokens > self.capacity or self.huge & set(indices):
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [f"summary {i}" for i in indices], len(indices) * self.max_new_tokens
+
+    def schedule(self, max_batch_size, max_batch_tokens):
+        infer.run_batches(
+            self.lengths, self.run, max_new_tokens=self.max_new_tokens, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+            out_of_memory=self.error, free_memory=self.free, on_batch=self.finished, on_set_aside=self.set_aside.append, say=self.said.append,
+        )
+
+    def free(self):
+        self.freed += 1
+
+    def finished(self, indices, texts, new_tokens):
+        assert not set(indices) & set(self.done), "a prompt ran twice"
+        self.done.update(zip(indices, texts))
+
+
+def test_out_of_memory_shrinks_the_batch_then_grows_back():
+    lengths = [1000] * 4 + [100] * 40  # a long head, then short prompts
+    gpu = FakeGPU(lengths, max_new_tokens=100, capacity=3300)
+    gpu.schedule(max_batch_size=16, max_batch_tokens=8800)
+    assert gpu.done == {i: f"summary {i}" for i in range(44)} and gpu.set_aside == []
+    # 8 x 1100 and 4 x 1100 run out, 2 x 1100 fits: the budget is 2200 tokens, which still takes 11
+    # short prompts (200 each) at once; after 4 batches without an error it doubles to 4400: 16 rows
+    assert [len(call) for call in gpu.calls] == [8, 4, 2, 2, 11, 11, 16, 2]
+    assert gpu.freed == 2
+    assert sum("batch token budget now 2200" in line for line in gpu.said) == 1
+
+
+def test_a_prompt_that_runs_out_of_memory_alone_is_set_aside_and_the_rest_go_on():
+    lengths = [300, 200, 100, 50]
+    gpu = FakeGPU(lengths, max_new_tokens=10, capacity=10_000, huge={1})
+    gpu.schedule(max_batch_size=4, max_batch_tokens=10_000)
+    assert gpu.set_aside == [1]
+    assert gpu.done == {0: "summary 0", 2: "summary 2", 3: "summary 3"}
+    assert gpu.freed == 3  # after the batch of 4, the batch of 2 and prompt 1 alone
+    assert any("set aside" in line for line in gpu.said)
+
+
+def test_free_decode_memory_drops_the_buffers_unsloth_leaves_on_attention_modules():
+    """Unsloth's fast decode path (GPU only: its CPU backend decodes through transformers) sets these
+    as plain attributes in unsloth/models/gemma2.py; they must go, while real submodules and weights stay."""
+    import torch
+
+    layer = torch.nn.Module()
+    layer.self_attn = torch.nn.Linear(4, 4)
+    for name in infer.UNSLOTH_DECODE_BUFFERS:
+        setattr(layer.self_attn, name, torch.empty(2, 2))
+    layer.attention = torch.nn.Linear(4, 4)  # a submodule that happens to share a buffer's name
+    infer.free_decode_memory(layer)
+    assert not [name for name in infer.UNSLOTH_DECODE_BUFFERS if name in layer.self_attn.__dict__]
+    assert isinstance(layer.attention, torch.nn.Linear) and layer.self_attn.weight.shape == (4, 4)
+
+
 def test_shorten_to_fit_cuts_the_middle_of_the_conversation():
     record, _ = validate_record({
         "id": "x", "output": "",
