@@ -889,8 +889,8 @@ def checkpoint_table(cfg: InferSettings, console) -> None:
     if not models:
         raise UserError(f"{run_dir}: no complete checkpoint-N/ or final/ to compare")
     if cfg.scores_file:
-        raise UserError(f"--scores_file: with a training run as --model every checkpoint writes its own "
-                        f"<output>.<checkpoint>.scores.json; leave --scores_file out")
+        raise UserError("--scores_file: with a training run as --model every checkpoint writes its own "
+                        "<output>.<checkpoint>.scores.json; leave --scores_file out")
     records, _ = load_competition_file(cfg.input)
     records = records[:cfg.limit] if cfg.limit else records
     if cfg.eval is False or not all(record["output"].strip() for record in records):
