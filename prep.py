@@ -619,7 +619,8 @@ def _bucket_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     that share a template; a pair of near-duplicates in such a bucket meets in other bands."""
     order = np.argsort(keys, kind="stable")  # equal keys stay in row order
     sorted_keys = keys[order]
-    same = np.concatenate(([False], sorted_keys[1:] == sorted_keys[:-1]))
+    same = np.zeros(len(keys), dtype=bool)
+    same[1:] = sorted_keys[1:] == sorted_keys[:-1]
     bucket_first = order[np.maximum.accumulate(np.where(same, 0, np.arange(len(keys))))]
     later = order[same]
     return np.concatenate([bucket_first[same], order[np.flatnonzero(same) - 1]]), np.concatenate([later, later])
@@ -632,7 +633,7 @@ def candidate_pairs(signatures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for row in range(MINHASH_ROWS):  # band b is bins 8b .. 8b+7
         keys = _mix64(keys ^ signatures[:, row::MINHASH_ROWS].astype(np.uint64))
     packed = [i.astype(np.int64) * n_rows + j for i, j in map(_bucket_pairs, keys.T)]
-    return np.divmod(np.unique(np.concatenate(packed)), n_rows) if n_rows else (np.empty(0, np.int64),) * 2
+    return np.divmod(np.unique(np.concatenate(packed)), max(n_rows, 1))
 
 
 def signature_agreement(signatures: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 50_000) -> np.ndarray:

@@ -222,6 +222,12 @@ def test_a_bucket_of_many_rows_sharing_a_template_is_linear_not_quadratic():
     assert (i < j).all() and set(zip(i.tolist(), j.tolist())) >= {(0, 1), (0, 4999), (4998, 4999), (5000, 5002)}
 
 
+def test_no_rows_one_row_and_texts_shorter_than_a_shingle():
+    assert prep.keep_first_of_near_duplicates([], 0.7).tolist() == []
+    assert prep.keep_first_of_near_duplicates(["x"], 0.7).tolist() == [True]
+    assert prep.keep_first_of_near_duplicates(["", "ab", "ab!", "", "abc"], 0.7).tolist() == [True, True, False, False, True]
+
+
 def test_leaked_rows_by_utterance_content():
     dialogue = ["아까 누나가 한 명 있다고 하셨는데 몇 살 차이 나세요?", "저랑은 세 살 차이 나는데 어릴 때는 많이 싸웠어요",
                 "지금은 사이가 좋으세요?", "네 요즘은 같이 여행도 다니고 자주 연락해요", "부럽네요 저는 외동이라서 형제가 있었으면 했어요"]
