@@ -549,10 +549,8 @@ def _normalized_codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     mapped = _normalize_table()[np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)]
     keep = mapped != 0
-    kept_before = np.zeros(len(mapped) + 1, dtype=np.int64)
-    np.cumsum(keep, out=kept_before[1:])
-    ends = np.cumsum(lengths)
-    return mapped[keep], kept_before[ends] - kept_before[ends - lengths]
+    removed_before = np.searchsorted(np.flatnonzero(~keep), np.concatenate(([0], np.cumsum(lengths))))  # at each text's start
+    return mapped[keep], lengths - np.diff(removed_before)
 
 
 def _mix64(h: np.ndarray) -> np.ndarray:
@@ -570,7 +568,7 @@ def _ngram_hashes(codes: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.nd
     padded = np.maximum(lengths, n)
     if (lengths < n).any():
         grid = np.zeros(int(padded.sum()), dtype=np.uint64)
-        grid[np.repeat(np.cumsum(padded - lengths) - (padded - lengths), lengths) + np.arange(len(codes))] = codes
+        grid[_expand_ranges(np.cumsum(padded) - padded, lengths)] = codes
     else:
         grid = codes.astype(np.uint64)
     n_positions = len(grid) - n + 1
@@ -641,11 +639,32 @@ def signature_agreement(signatures: np.ndarray, i: np.ndarray, j: np.ndarray, ch
     return np.concatenate([(signatures[i[s:s + chunk]] == signatures[j[s:s + chunk]]).mean(axis=1) for s in range(0, len(i), chunk)] or [np.empty(0)])
 
 
-def ngram_jaccard(a: str, b: str) -> float:
-    """Exact Jaccard similarity of two texts' 3-gram sets."""
-    a_set, b_set = (np.unique(ngram_hashes([text], SHINGLE)[0]) for text in (a, b))
-    shared = np.intersect1d(a_set, b_set, assume_unique=True).size
-    return shared / (a_set.size + b_set.size - shared)
+def _expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indices starts[k] .. starts[k] + lengths[k] - 1 of every range k, concatenated."""
+    return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
+
+
+def _unique_pairs(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (first, second) pairs, sorted by first."""
+    order = np.lexsort((second, first))
+    first, second = first[order], second[order]
+    new = np.ones(len(first), dtype=bool)
+    new[1:] = (first[1:] != first[:-1]) | (second[1:] != second[:-1])
+    return first[new], second[new]
+
+
+def ngram_jaccards(texts: list[str], i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Exact Jaccard similarity of the 3-gram sets of texts[i[k]] and texts[j[k]], for every k."""
+    rows = np.unique(np.concatenate([i, j]))
+    hashes, counts = ngram_hashes([texts[r] for r in rows], SHINGLE)
+    owner, hashes = _unique_pairs(np.repeat(np.arange(len(rows)), counts), hashes)  # each row's distinct 3-grams, row by row
+    sizes = np.bincount(owner, minlength=len(rows))
+    starts = np.cumsum(sizes) - sizes
+    a, b = np.searchsorted(rows, i), np.searchsorted(rows, j)
+    pair = np.repeat(np.tile(np.arange(len(i)), 2), np.concatenate([sizes[a], sizes[b]]))
+    both = hashes[_expand_ranges(np.concatenate([starts[a], starts[b]]), np.concatenate([sizes[a], sizes[b]]))]
+    union = np.bincount(_unique_pairs(pair, both)[0], minlength=len(i))  # a 3-gram in both sets counts once
+    return (sizes[a] + sizes[b] - union) / np.maximum(union, 1)
 
 
 def keep_first_of_near_duplicates(texts: list[str], threshold: float, on_progress=None) -> np.ndarray:
@@ -657,10 +676,11 @@ def keep_first_of_near_duplicates(texts: list[str], threshold: float, on_progres
     i, j = candidate_pairs(signatures)
     likely = signature_agreement(signatures, i, j) >= threshold - AGREEMENT_MARGIN
     i, j = i[likely], j[likely]
-    order = np.lexsort((i, j))  # by the later row: every earlier row's verdict is final when it is used
+    similar = ngram_jaccards(texts, i, j) >= threshold
+    order = np.lexsort((i[similar], j[similar]))  # by the later row: every earlier row's verdict is final when it is used
     keep = np.ones(len(texts), dtype=bool)
-    for a, b in zip(i[order].tolist(), j[order].tolist()):
-        if keep[a] and keep[b] and ngram_jaccard(texts[a], texts[b]) >= threshold:
+    for a, b in zip(i[similar][order].tolist(), j[similar][order].tolist()):
+        if keep[a]:
             keep[b] = False
     return keep
 
@@ -669,15 +689,6 @@ def keep_first_of_near_duplicates(texts: list[str], threshold: float, on_progres
 # utterance: whatever the speaker prefixes, separators or instruction around them, and whether
 # the row has all of the dialogue, half of it, or one paragraph of its utterances.
 LEAK_MIN_SHARE = 0.3
-
-
-def _unique_pairs(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct (first, second) pairs, sorted by first."""
-    order = np.lexsort((second, first))
-    first, second = first[order], second[order]
-    new = np.ones(len(first), dtype=bool)
-    new[1:] = (first[1:] != first[:-1]) | (second[1:] != second[:-1])
-    return first[new], second[new]
 
 
 def leaked_rows(texts: list[str], dialogues: list[list[str]], on_progress=None, chunk_rows: int = 20_000) -> np.ndarray:
@@ -699,8 +710,7 @@ def leaked_rows(texts: list[str], dialogues: list[list[str]], on_progress=None, 
         hashes, rows = _unique_pairs(hashes[hit], rows[hit])
         low, high = np.searchsorted(table_hashes, hashes, "left"), np.searchsorted(table_hashes, hashes, "right")
         matches = high - low  # a 5-gram can belong to several dialogues
-        first_match = np.repeat(low - (np.cumsum(matches) - matches), matches) + np.arange(int(matches.sum()))
-        pair, shared = np.unique(np.repeat(rows, matches) * len(dialogues) + table_dialogues[first_match], return_counts=True)
+        pair, shared = np.unique(np.repeat(rows, matches) * len(dialogues) + table_dialogues[_expand_ranges(low, matches)], return_counts=True)
         row, dialogue = np.divmod(pair, len(dialogues))
         leaked[row[shared >= LEAK_MIN_SHARE * sizes[dialogue]]] = True
         if on_progress:
