@@ -677,9 +677,10 @@ def keep_first_of_near_duplicates(texts: list[str], threshold: float, on_progres
     likely = signature_agreement(signatures, i, j) >= threshold - AGREEMENT_MARGIN
     i, j = i[likely], j[likely]
     similar = ngram_jaccards(texts, i, j) >= threshold
-    order = np.lexsort((i[similar], j[similar]))  # by the later row: every earlier row's verdict is final when it is used
+    i, j = i[similar], j[similar]
+    order = np.lexsort((i, j))  # by the later row: every earlier row's verdict is final when it is used
     keep = np.ones(len(texts), dtype=bool)
-    for a, b in zip(i[similar][order].tolist(), j[similar][order].tolist()):
+    for a, b in zip(i[order].tolist(), j[order].tolist()):
         if keep[a]:
             keep[b] = False
     return keep
