@@ -657,14 +657,19 @@ def ngram_jaccards(texts: list[str], i: np.ndarray, j: np.ndarray) -> np.ndarray
     """Exact Jaccard similarity of the 3-gram sets of texts[i[k]] and texts[j[k]], for every k."""
     rows = np.unique(np.concatenate([i, j]))
     hashes, counts = ngram_hashes([texts[r] for r in rows], SHINGLE)
-    owner, hashes = _unique_pairs(np.repeat(np.arange(len(rows)), counts), hashes)  # each row's distinct 3-grams, row by row
-    sizes = np.bincount(owner, minlength=len(rows))
-    starts = np.cumsum(sizes) - sizes
+    # Every row's distinct 3-grams as one sorted array of keys: the row's rank in the top 24 bits,
+    # 40 bits of the hash below (two 3-grams of one text collide with odds of about one in a million).
+    keys = np.sort((np.repeat(np.arange(len(rows), dtype=np.uint64), counts) << np.uint64(40)) | (hashes >> np.uint64(24)))
+    repeated = np.zeros(len(keys), dtype=bool)
+    repeated[1:] = keys[1:] == keys[:-1]
+    keys = keys[~repeated]
+    sizes = np.bincount((keys >> np.uint64(40)).astype(np.intp), minlength=len(rows))
     a, b = np.searchsorted(rows, i), np.searchsorted(rows, j)
-    pair = np.repeat(np.tile(np.arange(len(i)), 2), np.concatenate([sizes[a], sizes[b]]))
-    both = hashes[_expand_ranges(np.concatenate([starts[a], starts[b]]), np.concatenate([sizes[a], sizes[b]]))]
-    union = np.bincount(_unique_pairs(pair, both)[0], minlength=len(i))  # a 3-gram in both sets counts once
-    return (sizes[a] + sizes[b] - union) / np.maximum(union, 1)
+    queries = keys[_expand_ranges(np.cumsum(sizes)[b] - sizes[b], sizes[b])] & np.uint64((1 << 40) - 1)  # b's 3-grams ...
+    queries |= np.repeat(a.astype(np.uint64), sizes[b]) << np.uint64(40)  # ... looked up among a's
+    found = keys[np.minimum(np.searchsorted(keys, queries), len(keys) - 1)] == queries
+    shared = np.bincount(np.repeat(np.arange(len(i)), sizes[b]), weights=found, minlength=len(i))
+    return shared / np.maximum(sizes[a] + sizes[b] - shared, 1)
 
 
 def keep_first_of_near_duplicates(texts: list[str], threshold: float, on_progress=None) -> np.ndarray:
