@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import infer
 from prep import (
     EXTRA_SHAPES,
@@ -47,7 +45,6 @@ from prep import (
     read_json,
     row_messages,
     run_cli,
-    simhash_fingerprints,
 )
 REFUSAL_PREFIXES = (
     "I'm sorry", "I am sorry", "I cannot", "I can't", "As an AI", "Sorry, I",
@@ -517,7 +514,7 @@ class MagpieSettings:
     response_top_p: float = field(default=1.0, metadata={"help": "answer nucleus sampling (only with response_temperature > 0)"})
     batch_size: int = field(default=8, metadata={"help": "pairs generated together"})
     load_in_4bit: bool | None = field(default=None, metadata={"help": "load the model in 4 bit (default: as its training run, else on)"})
-    dedup_distance: int = field(default=3, metadata={"help": "SimHash near-duplicate threshold for instructions, in bits of 64 (as prep.py --dedup_distance)"})
+    dedup_threshold: float = field(default=0.7, metadata={"help": "an instruction goes when a kept one shares this Jaccard similarity of character 3-grams (as prep.py --dedup_threshold)"})
     seed: int = field(default=42, metadata={"help": "sampling seed (each batch is seeded from it and its first pair number)"})
 
 
@@ -553,8 +550,8 @@ def magpie_main(cfg: MagpieSettings) -> None:
     for name in ("n", "batch_size", "max_new_tokens", "instruction_max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1")
-    if not 0 <= cfg.dedup_distance <= 16:
-        raise UserError("--dedup_distance must be between 0 and 16 bits")
+    if not 0.5 <= cfg.dedup_threshold <= 1:
+        raise UserError(f"--dedup_threshold {cfg.dedup_threshold}: must be between 0.5 and 1")
     cfg.rejects = cfg.rejects or str(Path(cfg.output).with_suffix("")) + ".rejects.jsonl"
     if Path(cfg.rejects).resolve() == Path(cfg.output).resolve():
         raise UserError(f"--rejects {cfg.rejects}: must differ from --output")
@@ -574,7 +571,6 @@ def magpie_main(cfg: MagpieSettings) -> None:
     model, tokenizer, _ = infer.load_model(cfg.model, load_in_4bit=cfg.load_in_4bit)
     prefix = user_turn_prefix(tokenizer)
     kept_instructions = read_kept_instructions(cfg.output)
-    kept_fingerprints = simhash_fingerprints(kept_instructions)
     output, rejects = JsonlAppender(cfg.output), JsonlAppender(cfg.rejects)
 
     def reject(index: int, reason: str) -> None:
@@ -600,14 +596,12 @@ def magpie_main(cfg: MagpieSettings) -> None:
                 else:
                     fresh.append((index, instruction))
             # The same dedup as prep's main run, over the kept instructions first, then this batch.
-            fingerprints = simhash_fingerprints([instruction for _, instruction in fresh])
             texts = kept_instructions + [instruction for _, instruction in fresh]
-            novel = keep_first_of_near_duplicates(np.concatenate([kept_fingerprints, fingerprints]), cfg.dedup_distance, texts)[len(kept_instructions):]
+            novel = keep_first_of_near_duplicates(texts, cfg.dedup_threshold)[len(kept_instructions):]
             for (index, _), is_novel in zip(fresh, novel):
                 if not is_novel:
-                    reject(index, "near-duplicate instruction (SimHash)")
+                    reject(index, "near-duplicate instruction (MinHash)")
             fresh = [pair for pair, is_novel in zip(fresh, novel) if is_novel]
-            kept_fingerprints = np.concatenate([kept_fingerprints, fingerprints[novel]])
             kept_instructions += [instruction for _, instruction in fresh]
             if fresh:
                 prompts = [tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True) for _, instruction in fresh]

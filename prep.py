@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import itertools
 import json
 import logging
 import math
@@ -49,7 +48,7 @@ class PrepSettings:
     out: str = field(default="data/prepared", metadata={"help": "output directory (train.jsonl, dev.jsonl, stats.json, lengths.png)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer name or path for exact lengths (default: the model's, if in the local HF cache, else an estimate)"})
     max_seq_length: int = field(default=8192, metadata={"help": "longest row in tokens: longer competition rows lose middle utterances, longer augmentation rows go"})
-    dedup_distance: int = field(default=3, metadata={"help": "SimHash near-duplicate threshold, in bits of 64"})
+    dedup_threshold: float = field(default=0.7, metadata={"help": "near-duplicates: an augmentation row goes when an earlier kept one shares this Jaccard similarity of character 3-grams (0.5-1)"})
     train_on_dev: bool = field(default=False, metadata={"help": "also train on dev (the final run)"})
     system_prompt: bool = field(default=False, metadata={"help": "put the baseline's system text at the top of the user turn"})
     clean_inputs: bool = field(default=False, metadata={"help": "remove fillers (어~, 음~), xx masks and stuttered word repeats (그 그) from utterances; reduplication (무슨 무슨) stays"})
@@ -479,8 +478,8 @@ STAGE_HELP = {
     "loaded": "rows read",
     "sampled": "rows left after --limit",
     "unusable": "rows without a usable user/assistant exchange (empty text, roles out of order)",
-    "leak": "rows that nearly match a dev/test conversation (SimHash) or repeat 3+ of its utterances, removed",
-    "duplicate": "near-duplicates (SimHash) of an earlier augmentation row, removed",
+    "leak": "rows holding 30%+ of a dev/test dialogue's utterance text (character 5-grams, any layout), removed",
+    "duplicate": "near-duplicates (MinHash LSH, 3-gram Jaccard >= dedup_threshold) of an earlier kept augmentation row, removed",
     "too_long": "rows over --max_seq_length, removed",
     "cut": "competition rows shortened by dropping middle utterances",
     "kept": "rows written",
@@ -503,21 +502,33 @@ class Row:
 
 
 # ---------------------------------------------------------------------------------------------
-# SimHash near-duplicate search, vectorised with numpy
+# Near-duplicates and leaks: character n-grams, MinHash LSH, vectorised with numpy
 # ---------------------------------------------------------------------------------------------
-# Features are character 3-grams of the lowercased text with every non-word character removed
-# (so spacing and punctuation edits are invisible), weighted by count, like the `simhash` package
-# does with 4-grams; 3-grams move fewer features per typo, so real near-duplicates land closer.
-# Each 3-gram is hashed to 64 bits with a multiply-xorshift mixer. Rows of similar length are laid
-# side by side in a padded grid, and the 64 per-bit vote counts of all rows are kept in bit-sliced
-# counters (one uint64 lane per row), so the whole vote is a few numpy ops per character position.
+# Texts are compared as sets of character n-grams of the text lowercased with every non-word
+# character removed: spacing and punctuation edits are invisible, and speaker prefixes or an
+# instruction around a text only add n-grams. Each n-gram is hashed to 64 bits.
+#
+# Near-duplicates: one-permutation MinHash (Li, Owen & Zhang 2012) of a text's 3-grams. The top
+# byte of an n-gram's hash picks one of 256 bins and each bin keeps the smallest low 24 bits; an
+# empty bin borrows the next filled bin's value tagged with the distance (rotation densification,
+# Shrivastava & Li 2014). Two texts then agree on a bin with probability equal to the Jaccard
+# similarity J of their 3-gram sets, at one hash per n-gram rather than one per n-gram and
+# permutation (datasketch's MinHash). The bins form 32 bands of 8: texts that share a band are
+# candidates, found with probability 1 - (1 - J^8)^32 (J 0.8: 99.7%, 0.75: 97%, 0.7: 85%,
+# 0.6: 42%, 0.5: 12%). A candidate counts only if its exact 3-gram Jaccard reaches
+# --dedup_threshold, so rows that merely share a template or system prompt stay.
 
-SHINGLE = 3
-_NON_WORD = re.compile(r"\W+")
+SHINGLE = 3  # characters per n-gram for near-duplicates
+LEAK_SHINGLE = 5  # longer for leaks: unrelated Korean dialogues share many 3-grams, few 5-grams
+MINHASH_BANDS, MINHASH_ROWS = 32, 8
+_BIN_BITS, _VALUE_BITS = 8, 24  # 2**8 bins = MINHASH_BANDS * MINHASH_ROWS; bits above a value hold the borrow distance
+_EMPTY_BIN = np.uint32(0xFFFFFFFF)
+# Candidates whose signatures agree on fewer bins than the threshold minus this margin (about 1.7
+# standard deviations of the estimate at 0.7) skip the exact check: most of them share a template.
+AGREEMENT_MARGIN = 0.05
 _POLY = np.uint64(0x100000001B3)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
-_BIT_SHIFTS = np.arange(64, dtype=np.uint64)
 
 
 @functools.cache
@@ -538,9 +549,8 @@ def _normalized_codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     mapped = _normalize_table()[np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)]
     keep = mapped != 0
-    kept_before = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))
-    ends = np.cumsum(lengths)
-    return mapped[keep], kept_before[ends] - kept_before[ends - lengths]
+    removed_before = np.searchsorted(np.flatnonzero(~keep), np.concatenate(([0], np.cumsum(lengths))))  # at each text's start
+    return mapped[keep], lengths - np.diff(removed_before)
 
 
 def _mix64(h: np.ndarray) -> np.ndarray:
@@ -552,177 +562,166 @@ def _mix64(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def _fingerprint_grid(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """SimHash of rows whose normalized code points are `codes` (concatenated), one per length."""
-    n_rows = len(lengths)
-    n_shingles = np.maximum(lengths - (SHINGLE - 1), 1)  # a text shorter than a shingle is one feature
-    width = max(int(lengths.max()), SHINGLE)
-    grid = np.zeros((width, n_rows), dtype=np.uint64)  # one line per character position, one column per row
-    grid.T[np.arange(width)[None, :] < lengths[:, None]] = codes  # filled row by row = concatenation order
-    n_positions = width - SHINGLE + 1
+def _ngram_hashes(codes: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(64-bit hash of every n-gram of every text, in order; n-grams per text). A text shorter
+    than n is one n-gram, padded with zeros, so that every text has at least one."""
+    padded = np.maximum(lengths, n)
+    if (lengths < n).any():
+        grid = np.zeros(int(padded.sum()), dtype=np.uint64)
+        grid[_expand_ranges(np.cumsum(padded) - padded, lengths)] = codes
+    else:
+        grid = codes.astype(np.uint64)
+    n_positions = len(grid) - n + 1
     h = grid[:n_positions].copy()
-    for offset in range(1, SHINGLE):
+    for offset in range(1, n):
         h *= _POLY
         h += grid[offset:offset + n_positions]
-    h = _mix64(h)
-    h[np.arange(n_positions)[:, None] >= n_shingles[None, :]] = 0  # padding votes for nothing
-    levels = int(n_shingles.max()).bit_length()
-    counters = np.zeros((levels, n_rows), dtype=np.uint64)  # counters[k] = bit k of every vote count
-    carry, spare = np.empty(n_rows, dtype=np.uint64), np.empty(n_rows, dtype=np.uint64)
-    for position in range(n_positions):
-        carry[:] = h[position]
-        for k in range((position + 1).bit_length()):
-            np.bitwise_and(counters[k], carry, out=spare)
-            np.bitwise_xor(counters[k], carry, out=counters[k])
-            carry, spare = spare, carry
-    votes = np.zeros((n_rows, 64), dtype=np.int64)
-    for k in range(levels):
-        votes += ((counters[k][:, None] >> _BIT_SHIFTS) & np.uint64(1)).astype(np.int64) << k
-    bits = votes * 2 > n_shingles[:, None]
-    return np.packbits(bits, axis=1, bitorder="little").view("<u8").ravel()
+    inside = np.ones(len(grid), dtype=bool)  # n-grams that start in the last n - 1 places of a text cross into the next
+    for back in range(1, n):
+        inside[np.cumsum(padded) - back] = False
+    return _mix64(h[inside[:n_positions]]), padded - (n - 1)
 
 
-def simhash_fingerprints(texts: list[str], on_progress=None, chunk_rows: int = 20_000, grid_cells: int = 4_000_000) -> np.ndarray:
-    """64-bit SimHash of every text."""
-    out = np.empty(len(texts), dtype=np.uint64)
-    for chunk_start in range(0, len(texts), chunk_rows):
-        codes, lengths = _normalized_codes(texts[chunk_start:chunk_start + chunk_rows])
-        offsets = np.cumsum(lengths) - lengths
-        order = np.argsort(lengths, kind="stable")  # similar lengths share a grid: little padding
-        begin = 0
-        while begin < len(order):
-            end = begin + 1
-            while end < len(order) and (end + 1 - begin) * max(int(lengths[order[end]]), SHINGLE) <= grid_cells:
-                end += 1
-            rows = order[begin:end]
-            sub_lengths = lengths[rows]
-            gather = np.repeat(offsets[rows] - (np.cumsum(sub_lengths) - sub_lengths), sub_lengths) + np.arange(int(sub_lengths.sum()))
-            out[chunk_start + rows] = _fingerprint_grid(codes[gather], sub_lengths)
-            begin = end
+def ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+    return _ngram_hashes(*_normalized_codes(texts), n)
+
+
+def minhash_signatures(texts: list[str], on_progress=None, chunk_rows: int = 20_000) -> np.ndarray:
+    """(rows, 256) uint32 one-permutation MinHash signatures of the texts' 3-gram sets."""
+    n_bins = MINHASH_BANDS * MINHASH_ROWS
+    columns = np.arange(n_bins)
+    out = np.empty((len(texts), n_bins), dtype=np.uint32)
+    for start in range(0, len(texts), chunk_rows):
+        hashes, counts = ngram_hashes(texts[start:start + chunk_rows], SHINGLE)
+        bins = (hashes >> np.uint64(64 - _BIN_BITS)).astype(np.intp)
+        bins += np.repeat(np.arange(0, len(counts) * n_bins, n_bins), counts)
+        signatures = np.full(len(counts) * n_bins, _EMPTY_BIN, dtype=np.uint32)
+        np.minimum.at(signatures, bins, (hashes & np.uint64((1 << _VALUE_BITS) - 1)).astype(np.uint32))
+        signatures = signatures.reshape(len(counts), n_bins)
+        sparse = np.flatnonzero((signatures == _EMPTY_BIN).any(axis=1))
+        if len(sparse):
+            filled_at = np.where(signatures[sparse] == _EMPTY_BIN, 2 * n_bins, columns)
+            filled_at = np.concatenate([filled_at, filled_at + n_bins], axis=1)  # wrap around
+            donor = np.minimum.accumulate(filled_at[:, ::-1], axis=1)[:, ::-1][:, :n_bins]
+            borrowed = np.take_along_axis(signatures[sparse], donor % n_bins, axis=1)
+            signatures[sparse] = borrowed | ((donor - columns).astype(np.uint32) << np.uint32(_VALUE_BITS))
+        out[start:start + len(counts)] = signatures
         if on_progress:
-            on_progress(len(lengths))
+            on_progress(len(counts))
     return out
 
 
-def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.bitwise_count(np.bitwise_xor(a, b))
+def _bucket_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(earlier, later) row pairs with equal keys: every row with the first and with the previous
+    row of its bucket. Linear in the rows, where all pairs would be quadratic in a bucket of rows
+    that share a template; a pair of near-duplicates in such a bucket meets in other bands."""
+    order = np.argsort(keys, kind="stable")  # equal keys stay in row order
+    sorted_keys = keys[order]
+    same = np.zeros(len(keys), dtype=bool)
+    same[1:] = sorted_keys[1:] == sorted_keys[:-1]
+    bucket_first = order[np.maximum.accumulate(np.where(same, 0, np.arange(len(keys))))]
+    later = order[same]
+    return np.concatenate([bucket_first[same], order[np.flatnonzero(same) - 1]]), np.concatenate([later, later])
 
 
-def near_pairs(fingerprints: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """All index pairs (i < j) whose fingerprints differ in at most `max_distance` bits. Exact.
+def candidate_pairs(signatures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique (earlier, later) row pairs that share at least one band of their signatures."""
+    n_rows = len(signatures)
+    keys = np.zeros((n_rows, MINHASH_BANDS), dtype=np.uint64)
+    for row in range(MINHASH_ROWS):  # band b is bins 8b .. 8b+7
+        keys = _mix64(keys ^ signatures[:, row::MINHASH_ROWS].astype(np.uint64))
+    packed = [i.astype(np.int64) * n_rows + j for i, j in map(_bucket_pairs, keys.T)]
+    return np.divmod(np.unique(np.concatenate(packed)), max(n_rows, 1))
 
-    Pigeonhole: cut the 64 bits into max_distance + 2 blocks; two fingerprints within the distance
-    agree on at least two whole blocks, so they meet in one of the C(k+2, 2) tables keyed on a pair
-    of blocks. Each table is one argsort; equal keys are neighbours.
+
+def signature_agreement(signatures: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 50_000) -> np.ndarray:
+    """Share of equal bins for each pair: an estimate of its Jaccard similarity."""
+    return np.concatenate([(signatures[i[s:s + chunk]] == signatures[j[s:s + chunk]]).mean(axis=1) for s in range(0, len(i), chunk)] or [np.empty(0)])
+
+
+def _expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indices starts[k] .. starts[k] + lengths[k] - 1 of every range k, concatenated."""
+    return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
+
+
+def _unique_pairs(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (first, second) pairs, sorted by first."""
+    order = np.lexsort((second, first))
+    first, second = first[order], second[order]
+    new = np.ones(len(first), dtype=bool)
+    new[1:] = (first[1:] != first[:-1]) | (second[1:] != second[:-1])
+    return first[new], second[new]
+
+
+def ngram_jaccards(texts: list[str], i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Exact Jaccard similarity of the 3-gram sets of texts[i[k]] and texts[j[k]], for every k."""
+    rows = np.unique(np.concatenate([i, j]))
+    hashes, counts = ngram_hashes([texts[r] for r in rows], SHINGLE)
+    # Every row's distinct 3-grams as one sorted array of keys: the row's rank in the top 24 bits,
+    # 40 bits of the hash below (two 3-grams of one text collide with odds of about one in a million).
+    keys = np.sort((np.repeat(np.arange(len(rows), dtype=np.uint64), counts) << np.uint64(40)) | (hashes >> np.uint64(24)))
+    repeated = np.zeros(len(keys), dtype=bool)
+    repeated[1:] = keys[1:] == keys[:-1]
+    keys = keys[~repeated]
+    sizes = np.bincount((keys >> np.uint64(40)).astype(np.intp), minlength=len(rows))
+    a, b = np.searchsorted(rows, i), np.searchsorted(rows, j)
+    queries = keys[_expand_ranges(np.cumsum(sizes)[b] - sizes[b], sizes[b])] & np.uint64((1 << 40) - 1)  # b's 3-grams ...
+    queries |= np.repeat(a.astype(np.uint64), sizes[b]) << np.uint64(40)  # ... looked up among a's
+    found = keys[np.minimum(np.searchsorted(keys, queries), len(keys) - 1)] == queries
+    shared = np.bincount(np.repeat(np.arange(len(i)), sizes[b]), weights=found, minlength=len(i))
+    return shared / np.maximum(sizes[a] + sizes[b] - shared, 1)
+
+
+def keep_first_of_near_duplicates(texts: list[str], threshold: float, on_progress=None) -> np.ndarray:
+    """Boolean keep-mask: a text goes when an earlier KEPT text has a 3-gram Jaccard >= threshold.
+
+    MinHash LSH proposes the pairs, their signatures must roughly agree, and the exact Jaccard decides.
     """
-    n_blocks = max_distance + 2
-    edges = np.linspace(0, 64, n_blocks + 1).round().astype(int)
-    block_masks = [((1 << int(hi - lo)) - 1) << int(lo) for lo, hi in zip(edges[:-1], edges[1:])]
-    firsts, seconds = [], []
-    for blocks in itertools.combinations(range(n_blocks), n_blocks - max_distance):
-        key = fingerprints & np.uint64(sum(block_masks[b] for b in blocks))
-        order = np.argsort(key, kind="stable")
-        sorted_key = key[order]
-        gap = 1
-        while gap < len(order):
-            same = sorted_key[:-gap] == sorted_key[gap:]
-            if not same.any():
-                break
-            a, b = order[:-gap][same], order[gap:][same]
-            firsts.append(np.minimum(a, b))
-            seconds.append(np.maximum(a, b))
-            gap += 1
-    if not firsts:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    packed = np.unique(np.concatenate(firsts).astype(np.int64) * len(fingerprints) + np.concatenate(seconds))
-    i, j = np.divmod(packed, len(fingerprints))
-    close = hamming(fingerprints[i], fingerprints[j]) <= max_distance
-    return i[close], j[close]
-
-
-# Texts sharing a long boilerplate (a common system prompt, a template) can land within a few bits
-# of each other while differing in half their content; with the texts at hand, a fingerprint match
-# is confirmed only if the two texts also share most of their character 3-grams.
-CONFIRM_JACCARD = 0.6
-
-
-def shingle_set(text: str) -> np.ndarray:
-    """The text's distinct SimHash features (3-grams of normalized code points), sorted, as integers."""
-    codes = _normalize_table()[np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)]
-    codes = codes[codes != 0].astype(np.int64)
-    if len(codes) < SHINGLE:
-        codes = np.pad(codes, (0, SHINGLE - len(codes)))
-    return np.unique((codes[:-2] << 42) | (codes[1:-1] << 21) | codes[2:])  # code points fit in 21 bits
-
-
-def shingle_jaccard(a: str | np.ndarray, b: str | np.ndarray) -> float:
-    a, b = (shingle_set(x) if isinstance(x, str) else x for x in (a, b))
-    shared = np.intersect1d(a, b, assume_unique=True).size
-    return shared / (a.size + b.size - shared)
-
-
-def keep_first_of_near_duplicates(fingerprints: np.ndarray, max_distance: int, texts: list[str] | None = None) -> np.ndarray:
-    """Boolean keep-mask: a row goes when an earlier KEPT row is within `max_distance` bits.
-
-    Same result as feeding the rows one by one to a SimhashIndex and adding only the survivors;
-    with `texts`, near (not identical) fingerprints must also pass `CONFIRM_JACCARD`.
-    """
-    unique, first_row, inverse = np.unique(fingerprints, return_index=True, return_inverse=True)
-    keep = first_row[inverse.ravel()] == np.arange(len(fingerprints))  # repeats of a fingerprint go
-    i, j = near_pairs(unique, max_distance)
-    earlier, later = np.minimum(first_row[i], first_row[j]), np.maximum(first_row[i], first_row[j])
-    order = np.lexsort((earlier, later))
-    shingles: dict[int, np.ndarray] = {}  # built only for rows whose verdict still depends on it
-
-    def same_text(a: int, b: int) -> bool:
-        for row in (a, b):
-            if row not in shingles:
-                shingles[row] = shingle_set(texts[row])
-        return shingle_jaccard(shingles[a], shingles[b]) >= CONFIRM_JACCARD
-
-    for a, b in zip(earlier[order].tolist(), later[order].tolist()):
-        if keep[a] and keep[b] and (texts is None or same_text(a, b)):
+    signatures = minhash_signatures(texts, on_progress)
+    i, j = candidate_pairs(signatures)
+    likely = signature_agreement(signatures, i, j) >= threshold - AGREEMENT_MARGIN
+    i, j = i[likely], j[likely]
+    similar = ngram_jaccards(texts, i, j) >= threshold
+    i, j = i[similar], j[similar]
+    order = np.lexsort((i, j))  # by the later row: every earlier row's verdict is final when it is used
+    keep = np.ones(len(texts), dtype=bool)
+    for a, b in zip(i[order].tolist(), j[order].tolist()):
+        if keep[a]:
             keep[b] = False
     return keep
 
 
-def near_any(fingerprints: np.ndarray, references: np.ndarray, max_distance: int) -> np.ndarray:
-    """Boolean mask: which fingerprints lie within `max_distance` bits of any reference fingerprint."""
-    unique, inverse = np.unique(np.concatenate([fingerprints, references]), return_inverse=True)
-    inverse = inverse.ravel()
-    is_reference = np.zeros(len(unique), dtype=bool)
-    is_reference[inverse[len(fingerprints):]] = True
-    hit = is_reference.copy()
-    i, j = near_pairs(unique, max_distance)
-    hit[i[is_reference[j]]] = True
-    hit[j[is_reference[i]]] = True
-    return hit[inverse[:len(fingerprints)]]
+# A row leaks when it holds this share of one evaluation dialogue's 5-grams, taken inside each
+# utterance: whatever the speaker prefixes, separators or instruction around them, and whether
+# the row has all of the dialogue, half of it, or one paragraph of its utterances.
+LEAK_MIN_SHARE = 0.3
 
 
-# The wrapper the competition prompt puts around a dialogue; stripped before the leakage check so
-# an augmentation row that embeds a dev/test dialogue in any prompt layout still matches it.
-_PROMPT_WRAPPER = re.compile(
-    r"^\[(?:Conversation|Question)\]$|^위 .* 주제에 대한 대화를 요약해주세요\.$|^화자[^:\n]{1,40}: ?|"
-    + re.escape(BASELINE_SYSTEM_PROMPT),
-    re.MULTILINE,
-)
-
-
-def dialogue_text(text: str) -> str:
-    return _PROMPT_WRAPPER.sub("", text)
-
-
-# SimHash compares whole texts, so a dialogue pasted under a long instruction can drift past the
-# threshold; a row that also repeats several long utterances of an evaluation dialogue verbatim
-# (one per line, in any layout) counts as a leak too.
-LEAK_MIN_LINES = 3
-LEAK_MIN_LINE_CHARS = 10
-
-
-def utterance_keys(text: str) -> set[str]:
-    """Lines of a text, lowercased with non-word characters removed, long enough to be telling."""
-    keys = {_NON_WORD.sub("", line.lower()) for line in dialogue_text(text).splitlines()}
-    return {key for key in keys if len(key) >= LEAK_MIN_LINE_CHARS}
+def leaked_rows(texts: list[str], dialogues: list[list[str]], on_progress=None, chunk_rows: int = 20_000) -> np.ndarray:
+    """Boolean mask: which texts hold at least LEAK_MIN_SHARE of some dialogue's utterance 5-grams."""
+    utterances = [utterance for dialogue in dialogues for utterance in dialogue]
+    codes, lengths = _normalized_codes(utterances)
+    hashes, counts = _ngram_hashes(codes, lengths, LEAK_SHINGLE)
+    owner = np.repeat(np.repeat(np.arange(len(dialogues)), [len(d) for d in dialogues]), counts)
+    real = np.repeat(lengths >= LEAK_SHINGLE, counts)  # not a padded short utterance
+    table_hashes, table_dialogues = _unique_pairs(hashes[real], owner[real])
+    sizes = np.bincount(table_dialogues, minlength=len(dialogues))
+    may_hit = np.zeros(1 << 24, dtype=bool)  # a cheap first look on the top bits, exact lookups for the few that pass
+    may_hit[table_hashes >> np.uint64(40)] = True
+    leaked = np.zeros(len(texts), dtype=bool)
+    for start in range(0, len(texts), chunk_rows):
+        hashes, counts = ngram_hashes(texts[start:start + chunk_rows], LEAK_SHINGLE)
+        rows = np.repeat(np.arange(start, start + len(counts)), counts)
+        hit = may_hit[hashes >> np.uint64(40)]
+        hashes, rows = _unique_pairs(hashes[hit], rows[hit])
+        low, high = np.searchsorted(table_hashes, hashes, "left"), np.searchsorted(table_hashes, hashes, "right")
+        matches = high - low  # a 5-gram can belong to several dialogues
+        pair, shared = np.unique(np.repeat(rows, matches) * len(dialogues) + table_dialogues[_expand_ranges(low, matches)], return_counts=True)
+        row, dialogue = np.divmod(pair, len(dialogues))
+        leaked[row[shared >= LEAK_MIN_SHARE * sizes[dialogue]]] = True
+        if on_progress:
+            on_progress(len(counts))
+    return leaked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1019,8 +1018,8 @@ def name_ids(ids: list[str], shown: int = 3) -> str:
 def check_settings(cfg: PrepSettings) -> None:
     if cfg.max_seq_length < 64:
         raise UserError(f"--max_seq_length {cfg.max_seq_length}: must be at least 64 tokens")
-    if not 0 <= cfg.dedup_distance <= 16:
-        raise UserError(f"--dedup_distance {cfg.dedup_distance}: must be between 0 and 16 bits (of 64)")
+    if not 0.5 <= cfg.dedup_threshold <= 1:
+        raise UserError(f"--dedup_threshold {cfg.dedup_threshold}: must be between 0.5 and 1 (MinHash LSH finds few pairs below 0.6)")
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"--limit {cfg.limit}: must be at least 1")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
@@ -1132,27 +1131,17 @@ def main(cfg: PrepSettings) -> None:
 
     progress_columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     if extras:
-        console.rule("leakage and near-duplicates (SimHash)")
+        console.rule("leakage and near-duplicates (MinHash)")
         if not cfg.test:
             console.print("[yellow]no --test given: augmentation rows are checked against the dev dialogues only[/yellow]")
+        texts = ["\n".join(m["content"] for m in row.prompt + row.completion) for row in extras]
+        dialogues = [[t["utterance"] for t in r["input"]["conversation"]] for _, r in dev[0] + test[0]]  # as given, not cleaned
         with Progress(*progress_columns, console=console, transient=True) as progress:
-            eval_texts = ["\n".join(t["utterance"] for t in r["input"]["conversation"]) for _, r in dev[0] + test[0]]  # as given, not cleaned
-            user_texts = [(k, dialogue_text(m["content"])) for k, row in enumerate(extras) for m in row.prompt if m["role"] == "user"]
-            full_texts = ["\n".join(m["content"] for m in row.prompt + row.completion) for row in extras]
-            task = progress.add_task("fingerprints", total=len(eval_texts) + len(user_texts) + len(full_texts))
-            step = lambda n: progress.advance(task, n)  # noqa: E731
-            eval_fps = simhash_fingerprints(eval_texts, step)
-            user_fps = simhash_fingerprints([t for _, t in user_texts], step)
-            full_fps = simhash_fingerprints(full_texts, step)
-        leaked = np.zeros(len(extras), dtype=bool)
-        if len(eval_fps):
-            leaked[[k for (k, _), hit in zip(user_texts, near_any(user_fps, eval_fps, cfg.dedup_distance)) if hit]] = True
-        eval_lines = set().union(*map(utterance_keys, eval_texts))
-        for k, text in user_texts:
-            leaked[k] |= len(utterance_keys(text) & eval_lines) >= LEAK_MIN_LINES
-        keep = ~leaked
-        survivors = np.flatnonzero(keep)
-        keep[survivors] = keep_first_of_near_duplicates(full_fps[survivors], cfg.dedup_distance, [full_texts[k] for k in survivors])
+            leaked = leaked_rows(texts, dialogues, functools.partial(progress.advance, progress.add_task("leak check", total=len(texts))))
+            survivors = np.flatnonzero(~leaked)
+            near_task = progress.add_task("near-duplicates", total=len(survivors))
+            keep = ~leaked
+            keep[survivors] = keep_first_of_near_duplicates([texts[k] for k in survivors], cfg.dedup_threshold, functools.partial(progress.advance, near_task))
         for row, is_leak, kept in zip(extras, leaked, keep):
             if is_leak:
                 counts[row.source]["leak"] += 1
@@ -1160,8 +1149,8 @@ def main(cfg: PrepSettings) -> None:
                 counts[row.source]["duplicate"] += 1
         extras = [row for row, kept in zip(extras, keep) if kept]
         console.print(
-            f"removed {int(leaked.sum())} rows nearly matching a dev/test conversation and "
-            f"{len(keep) - int(keep.sum()) - int(leaked.sum())} near-duplicates (distance <= {cfg.dedup_distance} of 64 bits)"
+            f"removed {int(leaked.sum())} rows carrying a dev/test dialogue and "
+            f"{len(survivors) - len(extras)} near-duplicates (3-gram Jaccard >= {cfg.dedup_threshold})"
         )
 
     console.rule("length policy")

@@ -1,4 +1,4 @@
-"""prep.py: the prompt, validation, augmentation shapes, SimHash, length policy, and the real CLI.
+"""prep.py: the prompt, validation, augmentation shapes, near-duplicates and leaks, length policy, and the real CLI.
 
 Pure functions are called directly; everything a user sees (outputs, stats, errors, exit codes,
 untouched --out on failure) goes through `python prep.py ...` in a subprocess.
@@ -116,14 +116,14 @@ def test_each_broken_field_is_named(tmp_path, make, field):
 
 
 # ------------------------------------------------------------------------------------------------
-# SimHash
+# Near-duplicates (MinHash LSH) and the leak check
 # ------------------------------------------------------------------------------------------------
 
 MASK64 = (1 << 64) - 1
 
 
-def reference_simhash(text: str) -> int:
-    """Plain-Python SimHash with the same features and hash as prep.py, one row at a time."""
+def reference_ngram_hashes(text: str, n: int) -> list[int]:
+    """Plain-Python n-gram hashes with the same normalization and hash as prep.py, one text at a time."""
     def mix(h: int) -> int:
         h ^= h >> 30
         h = (h * 0xBF58476D1CE4E5B9) & MASK64
@@ -133,84 +133,126 @@ def reference_simhash(text: str) -> int:
 
     lowered = (c.lower() if len(c.lower()) == 1 else c for c in text)  # "İ" lowercases to two characters: kept as is
     normalized = "".join(c for c in lowered if c.isalnum() or c == "_")
-    codes = [ord(c) for c in normalized] + [0] * max(0, prep.SHINGLE - len(normalized))
-    features = []
-    for i in range(len(codes) - prep.SHINGLE + 1):
+    codes = [ord(c) for c in normalized] + [0] * max(0, n - len(normalized))
+    hashes = []
+    for i in range(len(codes) - n + 1):
         h = 0
-        for c in codes[i:i + prep.SHINGLE]:
+        for c in codes[i:i + n]:
             h = (h * 0x100000001B3 + c) & MASK64
-        features.append(mix(h))
-    return sum(1 << b for b in range(64) if 2 * sum((f >> b) & 1 for f in features) > len(features))
+        hashes.append(mix(h))
+    return hashes
 
 
-def test_vectorised_simhash_equals_row_by_row_reference():
-    rng = random.Random(3)
+def reference_jaccard(a: str, b: str) -> float:
+    a_set, b_set = set(reference_ngram_hashes(a, 3)), set(reference_ngram_hashes(b, 3))
+    return len(a_set & b_set) / len(a_set | b_set)
+
+
+def random_texts(seed: int, count: int, max_length: int = 250) -> list[str]:
+    rng = random.Random(seed)
     alphabet = [chr(c) for c in range(0xAC00, 0xAC00 + 200)] + list("abcXYZ 019_,.!?~\n\t") + ["İ", "😀", "Ⅻ"]
-    texts = ["".join(rng.choices(alphabet, k=rng.randint(0, 250))) for _ in range(150)] + ["", "a", "ab", "abc", "Hello, World!"]
-    fingerprints = prep.simhash_fingerprints(texts, chunk_rows=41, grid_cells=3000)  # many chunks and grids
-    assert [int(f) for f in fingerprints] == [reference_simhash(t) for t in texts]
+    return ["".join(rng.choices(alphabet, k=rng.randint(0, max_length))) for _ in range(count)] + ["", "a", "ab", "abc", "Hello, World!"]
 
 
-def test_spacing_and_punctuation_do_not_change_the_fingerprint():
-    a, b = prep.simhash_fingerprints(["오늘 날씨가 정말 좋네요. 산책 갈까요?", "오늘날씨가 정말, 좋네요!! 산책 갈까요"])
-    assert a == b
+@pytest.mark.parametrize("n", [3, 5])
+def test_vectorised_ngram_hashes_equal_a_text_by_text_reference(n):
+    texts = random_texts(3, 150)
+    hashes, counts = prep.ngram_hashes(texts, n)
+    per_text = np.split(hashes, np.cumsum(counts)[:-1])
+    assert [h.tolist() for h in per_text] == [reference_ngram_hashes(t, n) for t in texts]
 
 
-def flip(value: int, bits: list[int]) -> int:
-    for bit in bits:
-        value ^= 1 << bit
-    return value
+def test_exact_jaccards_of_many_pairs_at_once():
+    texts = random_texts(4, 60, max_length=40)
+    rng = random.Random(4)
+    i = np.array([rng.randrange(len(texts)) for _ in range(300)])
+    j = np.array([rng.randrange(len(texts)) for _ in range(300)])
+    assert prep.ngram_jaccards(texts, i, j).tolist() == pytest.approx([reference_jaccard(texts[a], texts[b]) for a, b in zip(i, j)])
 
 
-@pytest.mark.parametrize("k", [0, 1, 3, 5])
-def test_near_pairs_is_exact_at_the_threshold(k):
-    rng = random.Random(k)
-    values = []
-    for _ in range(300):
-        base = rng.getrandbits(64)
-        values.append(base)
-        for distance in (k, k + 1, max(k - 1, 0)):
-            values.append(flip(base, rng.sample(range(64), distance)))
-    fingerprints = np.unique(np.array(values, dtype=np.uint64))
-    i, j = prep.near_pairs(fingerprints, k)
-    found = set(zip(i.tolist(), j.tolist()))
-    ints = [int(v) for v in fingerprints]
-    brute = {(a, b) for a in range(len(ints)) for b in range(a + 1, len(ints)) if bin(ints[a] ^ ints[b]).count("1") <= k}
-    assert found == brute
-    assert len(brute) >= 300 * sum(d >= 1 for d in (k, k - 1))  # the planted partners within k are all there
+def test_spacing_and_punctuation_do_not_change_the_signature():
+    a, b = prep.minhash_signatures(["오늘 날씨가 정말 좋네요. 산책 갈까요?", "오늘날씨가 정말, 좋네요!! 산책 갈까요"])
+    assert (a == b).all()
 
 
-def test_keep_first_equals_sequential_index_feeding():
-    rng = random.Random(7)
-    values = []
+def edit_words(text: str, n_edits: int, rng: random.Random) -> str:
+    words = text.split()
+    for k in rng.sample(range(len(words)), n_edits):
+        words[k] = "".join(rng.choices([chr(c) for c in range(0xAC00, 0xAC00 + 2000)], k=len(words[k])))
+    return " ".join(words)
+
+
+def korean_like_text(rng: random.Random, n_words: int) -> str:
+    return " ".join("".join(rng.choices([chr(c) for c in range(0xAC00, 0xAC00 + 2000)], k=rng.randint(1, 4))) for _ in range(n_words))
+
+
+def test_signature_agreement_estimates_the_jaccard_similarity():
+    """Densified one-permutation MinHash stays unbiased, for long texts and for texts with fewer
+    3-grams than bins (most bins borrowed)."""
+    rng = random.Random(5)
+    errors = []
+    for n_words in (8, 40, 150):
+        for n_edits in (1, n_words // 4, n_words // 2):
+            a = korean_like_text(rng, n_words)
+            b = edit_words(a, n_edits, rng)
+            signatures = prep.minhash_signatures([a, b])
+            agreement = prep.signature_agreement(signatures, np.array([0]), np.array([1]))[0]
+            errors.append(agreement - reference_jaccard(a, b))
+    assert max(map(abs, errors)) < 0.15 and abs(np.mean(errors)) < 0.04, errors
+
+
+def test_keep_first_equals_a_brute_force_sequential_scan():
+    """Near-copies (1-3 words of 100 changed), copies of copies, and rows that share half their
+    text with others (a template: Jaccard ~0.3-0.5) or nothing: the LSH result equals comparing
+    every row with every earlier kept row."""
+    rng = random.Random(11)
+    template = korean_like_text(rng, 50)
+    texts: list[str] = []
     for _ in range(400):
-        if values and rng.random() < 0.5:
-            values.append(flip(rng.choice(values), rng.sample(range(64), rng.randint(0, 4))))
+        roll = rng.random()
+        if texts and roll < 0.3:
+            texts.append(edit_words(rng.choice(texts), rng.randint(1, 3), rng))
+        elif roll < 0.6:
+            texts.append(template + " " + korean_like_text(rng, 50))
         else:
-            values.append(rng.getrandbits(64))
-    keep = prep.keep_first_of_near_duplicates(np.array(values, dtype=np.uint64), 3)
+            texts.append(korean_like_text(rng, 100))
+    keep = prep.keep_first_of_near_duplicates(texts, 0.7)
+    sets = [set(reference_ngram_hashes(text, 3)) for text in texts]
     kept: list[int] = []
     expected = []
-    for value in values:  # what SimhashIndex.get_near_dups + add-if-new does
-        is_new = all(bin(value ^ other).count("1") > 3 for other in kept)
+    for k in range(len(texts)):
+        is_new = all(len(sets[a] & sets[k]) < 0.7 * len(sets[a] | sets[k]) for a in kept)
         expected.append(is_new)
         if is_new:
-            kept.append(value)
+            kept.append(k)
     assert keep.tolist() == expected
+    assert 60 <= len(texts) - len(kept) <= 130  # the planted near-copies went; the templated rows stayed
 
 
-def test_text_confirmation_rejects_fingerprint_matches_of_different_texts():
-    fingerprints = np.array([0b0, 0b1, 0b11], dtype=np.uint64)  # all within 2 bits of each other
-    texts = ["오늘은 비가 와서 집에 있었어요", "오늘은 비가 와서 집에 있었어요!", "내일은 친구와 영화를 보러 갑니다"]
-    assert prep.keep_first_of_near_duplicates(fingerprints, 3).tolist() == [True, False, False]
-    assert prep.keep_first_of_near_duplicates(fingerprints, 3, texts).tolist() == [True, False, True]
-    assert prep.shingle_jaccard(texts[0], texts[1]) == 1.0 and prep.shingle_jaccard(texts[0], texts[2]) < 0.1
+def test_a_bucket_of_many_rows_sharing_a_template_is_linear_not_quadratic():
+    keys = np.array([7] * 5000 + [3, 9, 3], dtype=np.uint64)
+    i, j = prep._bucket_pairs(keys)
+    assert len(i) == 2 * (4999 + 1)  # each later row of a bucket: its first and its previous row
+    assert (i < j).all() and set(zip(i.tolist(), j.tolist())) >= {(0, 1), (0, 4999), (4998, 4999), (5000, 5002)}
 
 
-def test_near_any_against_references():
-    refs = np.array([0, MASK64], dtype=np.uint64)
-    queries = np.array([flip(0, [1, 2, 3]), flip(0, [1, 2, 3, 4]), flip(MASK64, [60]), 0x0F0F0F0F0F0F0F0F], dtype=np.uint64)
-    assert prep.near_any(queries, refs, 3).tolist() == [True, False, True, False]
+def test_no_rows_one_row_and_texts_shorter_than_a_shingle():
+    assert prep.keep_first_of_near_duplicates([], 0.7).tolist() == []
+    assert prep.keep_first_of_near_duplicates(["x"], 0.7).tolist() == [True]
+    assert prep.keep_first_of_near_duplicates(["", "ab", "ab!", "", "abc"], 0.7).tolist() == [True, True, False, False, True]
+
+
+def test_leaked_rows_by_utterance_content():
+    dialogue = ["아까 누나가 한 명 있다고 하셨는데 몇 살 차이 나세요?", "저랑은 세 살 차이 나는데 어릴 때는 많이 싸웠어요",
+                "지금은 사이가 좋으세요?", "네 요즘은 같이 여행도 다니고 자주 연락해요", "부럽네요 저는 외동이라서 형제가 있었으면 했어요"]
+    rows = [
+        "\n".join(f"SD200012{k % 2}: {u}" for k, u in enumerate(dialogue)),  # another prefix
+        " ".join(dialogue[:3]),  # half, one paragraph
+        "다음 대화를 요약하세요.\n" + " / ".join(dialogue) + "\n요약:",  # separators and an instruction
+        "저는 주말마다 등산을 가요. 산 위에서 먹는 김밥이 제일 맛있어요. 다음에 같이 가실래요?",
+        dialogue[0],  # one utterance is not a dialogue
+    ]
+    assert prep.leaked_rows(rows, [dialogue, ["네", "아니요"]]).tolist() == [True, True, True, False, False]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -456,6 +498,64 @@ def test_readme_tokenizer_loads_offline_from_the_cache_without_weights(tmp_path,
     assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / "o" / "stats.json").read_text(encoding="utf-8"))
     assert stats["length_counting"] == "tokenizer unsloth/gemma-2-9b-it-bnb-4bit with its chat template"
+
+
+# ------------------------------------------------------------------------------------------------
+# The leak check through the command line: every layout of an evaluation dialogue is dropped
+# ------------------------------------------------------------------------------------------------
+
+def _utterances(record: dict) -> list[str]:
+    return [turn["utterance"] for turn in record["input"]["conversation"]]
+
+
+def leak_layouts(dev: list[dict], test: list[dict]) -> dict[str, dict]:
+    """One augmentation row per layout issue 8 names, each carrying a different dev/test dialogue."""
+    return {
+        "speaker_id_lines": {"instruction": "다음 대화를 요약해 주세요.", "output": "요약",
+                             "input": "\n".join(f"{t['speaker']}: {t['utterance']}" for t in test[0]["input"]["conversation"])},
+        "letter_lines": {"messages": [{"role": "user", "content": "\n".join(f"{'AB'[k % 2]}: {u}" for k, u in enumerate(_utterances(dev[1])))},
+                                      {"role": "assistant", "content": "두 사람은 여가에 대해 이야기했다."}]},
+        "one_paragraph": {"instruction": "아래 글을 세 문장으로 줄이세요.", "input": " ".join(_utterances(test[2])), "output": "요약"},
+        "half_dialogue": {"prompt": "대화의 앞부분입니다. 다음에 올 말을 써 주세요: " + " ".join(_utterances(dev[2])[:3]), "response": "그렇군요."},
+        "sharegpt_turns": {"conversations": [{"from": ("human", "gpt")[k % 2], "value": u} for k, u in enumerate(_utterances(test[1]))]},
+        "separators_and_instruction": {"question": "당신은 대화 분석가입니다. 다음은 두 사람의 대화입니다 ==> " + " // ".join(_utterances(dev[0]))
+                                       + " <== 두 사람의 관계를 추측하고 근거를 대세요.", "answer": "친구 사이로 보입니다."},
+    }
+
+
+def unrelated_rows(train: list[dict]) -> dict[str, dict]:
+    """Dialogues of the same kind in the same layouts, just not from dev or test."""
+    return {
+        "train_speaker_id_lines": {"instruction": "다음 대화를 요약해 주세요.", "output": "요약",
+                                   "input": "\n".join(f"{t['speaker']}: {t['utterance']}" for t in train[0]["input"]["conversation"])},
+        "train_paragraph": {"instruction": "아래 글을 세 문장으로 줄이세요.", "input": " ".join(_utterances(train[1])), "output": "요약"},
+        "train_sharegpt_turns": {"conversations": [{"from": ("human", "gpt")[k % 2], "value": u} for k, u in enumerate(_utterances(train[2]))]},
+        "recipe": {"instruction": "김치찌개 끓이는 법을 알려 주세요.", "input": "", "output": "김치와 돼지고기를 볶고 물을 부어 끓입니다."},
+    }
+
+
+@pytest.fixture(scope="module")
+def leak_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("leaks")
+    dev, test, train = (json.loads((SAMPLE / f"{name}.json").read_text(encoding="utf-8")) for name in ("dev", "test", "train"))
+    rows = leak_layouts(dev, test) | unrelated_rows(train)
+    extra = write_json(work / "layouts.json", list(rows.values()))
+    result = run_prep("--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"), "--test", str(SAMPLE / "test.json"),
+                      "--extra", str(extra), "--out", str(work / "out"))
+    assert result.returncode == 0, result.stderr
+    kept = {row["id"] for row in read_jsonl(work / "out" / "train.jsonl")}
+    stats = json.loads((work / "out" / "stats.json").read_text(encoding="utf-8"))["sources"][str(extra)]
+    return {"kept": {name for k, name in enumerate(rows) if f"{extra}:{k}" in kept}, "stats": stats}
+
+
+@pytest.mark.parametrize("layout", ["speaker_id_lines", "letter_lines", "one_paragraph", "half_dialogue", "sharegpt_turns", "separators_and_instruction"])
+def test_leak_is_dropped_whatever_the_layout(leak_run, layout):
+    assert layout not in leak_run["kept"]
+
+
+def test_unrelated_dialogues_and_rows_survive_the_leak_check(leak_run):
+    assert leak_run["kept"] == {"train_speaker_id_lines", "train_paragraph", "train_sharegpt_turns", "recipe"}
+    assert leak_run["stats"]["leak"] == 6 and leak_run["stats"]["duplicate"] == 0
 
 
 # ------------------------------------------------------------------------------------------------
