@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import infer
+from dedup import keep_first_of_near_duplicates
 from prep import (
     EXTRA_SHAPES,
     ROLE_ALIASES,
@@ -37,7 +38,6 @@ from prep import (
     conversation_text,
     detect_shape,
     filter_known_noise,
-    keep_first_of_near_duplicates,
     load_competition_file,
     load_extra_rows,
     parse_jsonl,

@@ -1,12 +1,14 @@
-"""The scripts import one way: prep.py is the base; score.py, train.py and infer.py build on it; distill.py on infer.py."""
+"""The scripts import one way: prep.py is the base (with dedup.py, its numpy engine, below it); score.py, train.py and
+infer.py build on it; distill.py on infer.py."""
 import ast
 import subprocess
 import sys
 
 from conftest import REPO_ROOT
 
-SCRIPTS = ("prep", "score", "train", "infer", "distill")
-ALLOWED = {"prep": set(), "score": {"prep"}, "train": {"prep"}, "infer": {"prep", "score"}, "distill": {"prep", "infer"}}
+SCRIPTS = ("dedup", "prep", "score", "train", "infer", "distill")
+ALLOWED = {"dedup": set(), "prep": {"dedup"}, "score": {"prep"}, "train": {"prep"}, "infer": {"prep", "score"},
+           "distill": {"dedup", "prep", "infer"}}
 
 
 def project_imports(script: str) -> set[str]:

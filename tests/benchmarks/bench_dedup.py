@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import prep  # noqa: E402
+import dedup  # noqa: E402
 
 N_SYLLABLES = 2350  # the KS X 1001 count of common Hangul syllables, drawn from U+AC00 on
 PUNCTUATION = ["", "", "", "", ".", ",", "?"]
@@ -103,7 +103,7 @@ def make_corpus(n_rows: int, dup_fraction: float, seed: int) -> tuple[list[str],
 
 
 def run_prep(texts: list[str]) -> np.ndarray:
-    return ~prep.keep_first_of_near_duplicates(texts, THRESHOLD)
+    return ~dedup.keep_first_of_near_duplicates(texts, THRESHOLD)
 
 
 def run_simhash_package(texts: list[str]) -> np.ndarray:
@@ -170,7 +170,7 @@ def main() -> int:
     texts, kinds = make_corpus(args.rows, args.dup_fraction, args.seed)
     print(f"corpus: {len(texts)} rows, mean {np.mean([len(t) for t in texts]):.0f} characters / {np.mean([len(t.split()) for t in texts[:2000]]):.0f} words, "
           f"{int((kinds >= 0).sum())} planted near-duplicates")
-    prep.minhash_signatures(["warm-up"])  # builds the code-point table once (~1 s), as any first call does
+    dedup.minhash_signatures(["warm-up"])  # builds the code-point table once (~1 s), as any first call does
     m = min(args.compare_rows, args.rows)
     tools = (("prep.py (MinHash LSH)", run_prep), ("simhash package", run_simhash_package), ("datasketch MinHashLSH", run_datasketch))
     results = [measure(name, fn, texts[:m], kinds[:m]) for name, fn in tools]
