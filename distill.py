@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,8 @@ DISTILL_FORMATS = ("alpaca", "prompt_completion")
 OUT_OF_MEMORY_REASON = "CUDA out of memory even alone: lower --max_new_tokens, or use a smaller teacher"
 # Columns that hold a prompt in sources that carry no answer yet (what a teacher is asked to write).
 PROMPT_ONLY_KEYS = ("instruction", "prompt", "question")
+# OpenAI's newer models take only max_completion_tokens; most other servers take max_tokens.
+TOKEN_PARAM_CHOICES = ("auto", "max_tokens", "max_completion_tokens")
 
 
 @dataclass
@@ -66,7 +69,8 @@ class DistillSettings(infer.EngineSettings):
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the API key (sent as a Bearer token when set)"})
     instruction: str | None = field(default=None, metadata={"help": "competition files only: the [Question] line instead of the competition's; {keywords} is replaced by the topic keywords"})
     format: str = field(default="alpaca", metadata={"help": "output rows for single-turn prompts (multi-turn prompts are always written as messages rows)", "choices": DISTILL_FORMATS})
-    max_new_tokens: int = field(default=1024, metadata={"help": "answer length limit (max_tokens in the request); an answer cut by it is rejected"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "answer length limit (sent as --max_tokens_param); an answer cut by it is rejected"})
+    max_tokens_param: str = field(default="auto", metadata={"help": "request field that carries --max_new_tokens; auto: max_tokens, switching to max_completion_tokens for the rest of the run when the server answers 400 naming max_tokens (newer OpenAI models)", "choices": TOKEN_PARAM_CHOICES})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (only with temperature > 0)"})
     concurrency: int = field(default=8, metadata={"help": "requests in flight at once"})
@@ -89,6 +93,10 @@ class DistillItem:
 
 class RowRejected(Exception):
     """The teacher answered, but the answer is unusable (refused, empty, cut short, or the request was invalid)."""
+
+
+class TokenParamRejected(RowRejected):
+    """HTTP 400 naming the answer-length field the request carried: the server wants the other name."""
 
 
 class TeacherUnavailable(Exception):
@@ -301,6 +309,8 @@ async def ask_teacher(client: Any, url: str, payload: dict, cfg: DistillSettings
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             continue
         detail = response.text[:200].replace("\n", " ")
+        if status == 400 and any(re.search(rf"\b{name}\b", response.text) for name in TOKEN_PARAM_CHOICES[1:] if name in payload):
+            raise TokenParamRejected(f"HTTP 400: {detail}")
         if status in (401, 403):
             raise UserError(f"{url}: HTTP {status} ({detail}); set the API key in the environment variable {cfg.api_key_env}")
         if status == 404:
@@ -314,6 +324,29 @@ async def ask_teacher(client: Any, url: str, payload: dict, cfg: DistillSettings
             continue
         return answer_from_completion(data)
     raise TeacherUnavailable(f"{last_problem} (after {cfg.max_retries + 1} attempts)")
+
+
+def teacher_payload(item: DistillItem, cfg: DistillSettings, token_param: str) -> dict:
+    payload = {"model": cfg.teacher_model, "messages": item.messages, token_param: cfg.max_new_tokens, "temperature": cfg.temperature}
+    if cfg.temperature > 0:
+        payload["top_p"] = cfg.top_p
+    return payload
+
+
+async def ask_with_token_param(client: Any, url: str, item: DistillItem, cfg: DistillSettings, rng: Any, stats: dict) -> str:
+    """ask_teacher with the answer-length field the server takes: with --max_tokens_param auto, a 400 naming
+    max_tokens sends the row again with max_completion_tokens, which the rest of the run then keeps using."""
+    try:
+        return await ask_teacher(client, url, teacher_payload(item, cfg, stats["token_param"]), cfg, rng)
+    except TokenParamRejected as first:
+        if cfg.max_tokens_param != "auto" or stats["token_param"] == "max_completion_tokens":
+            raise
+        try:
+            answer = await ask_teacher(client, url, teacher_payload(item, cfg, "max_completion_tokens"), cfg, rng)
+        except TokenParamRejected:
+            raise RowRejected(f"{first}; max_completion_tokens was rejected too") from None
+        stats["token_param"] = "max_completion_tokens"
+        return answer
 
 
 async def distill_over_http(items: list[DistillItem], cfg: DistillSettings, output: JsonlAppender, rejects: JsonlAppender, stats: dict, progress: Any) -> None:
@@ -335,11 +368,8 @@ async def distill_over_http(items: list[DistillItem], cfg: DistillSettings, outp
     async def worker(client: Any) -> None:
         nonlocal failures_in_a_row, last_failure
         for item in pending:
-            payload = {"model": cfg.teacher_model, "messages": item.messages, "max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
-            if cfg.temperature > 0:
-                payload["top_p"] = cfg.top_p
             try:
-                answer = await ask_teacher(client, url, payload, cfg, rng)
+                answer = await ask_with_token_param(client, url, item, cfg, rng, stats)
             except RowRejected as reason:
                 rejects.write(reject_row(item.id, reason, cfg.teacher_model, item.source))
                 stats["rejected"] += 1
@@ -449,7 +479,6 @@ def distill_main(cfg: DistillSettings) -> None:
     import time
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console()
     local = cfg.teacher_url == "local"
@@ -477,24 +506,25 @@ def distill_main(cfg: DistillSettings) -> None:
     check_output_format(cfg.output, cfg.format)
     todo = [item for item in items if item.id not in done]
     console.print(f"{len(items)} input rows: {len(items) - len(todo)} already done (resumed), {len(todo)} to send to {cfg.teacher_model}")
-    stats = {"written": 0, "rejected": 0, "failed": 0}
+    token_param = "max_tokens" if cfg.max_tokens_param == "auto" else cfg.max_tokens_param
+    stats = {"written": 0, "rejected": 0, "failed": 0, "token_param": token_param}
     output, rejects = JsonlAppender(cfg.output), JsonlAppender(cfg.rejects)
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
         if local and todo:
             distill_locally(todo, cfg, output, rejects, stats, console)
         elif todo:
-            with Progress(*columns, console=console) as progress:
-                task = progress.add_task("teacher answers", total=len(todo))
+            with infer.ItemProgress(console, "teacher answers", len(todo)) as progress:
 
                 def advance() -> None:
-                    progress.update(task, advance=1, description=f"ok {stats['written']} · rejected {stats['rejected']} · failed {stats['failed']}")
+                    progress.advance(1, f"ok {stats['written']} · rejected {stats['rejected']} · failed {stats['failed']}")
 
                 asyncio.run(distill_over_http(todo, cfg, output, rejects, stats, advance))
     finally:
         output.close()
         rejects.close()
     console.print(f"written {stats['written']} → {cfg.output}; rejected {stats['rejected']} → {cfg.rejects}; failed {stats['failed']}; {time.time() - started:.1f}s")
+    if stats["token_param"] != token_param:
+        console.print(f"the server rejected {token_param}, so this run sent {stats['token_param']}; next time pass --max_tokens_param {stats['token_param']}")
     if stats["failed"]:
         raise UserError(f"{stats['failed']} rows failed every retry and were not written; run the same command again to retry them")
     console.print(f"next: python prep.py --extra {cfg.output}")
@@ -577,50 +607,51 @@ def magpie_main(cfg: MagpieSettings) -> None:
         rejects.write(reject_row(magpie_id(index), reason, cfg.model, "magpie"))
 
     try:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start:start + cfg.batch_size]
-            torch.manual_seed(cfg.seed + batch[0])
-            too_big: set[int] = set()  # positions that ran out of memory even alone
-            instructions = infer.generate_texts(
-                model, tokenizer, [prefix] * len(batch), batch_size=cfg.batch_size, max_new_tokens=cfg.instruction_max_new_tokens,
-                do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p, on_set_aside=too_big.add, console=console,
-            )
-            fresh = []
-            for position, (index, instruction) in enumerate(zip(batch, instructions)):
-                if position in too_big:
-                    reject(index, OUT_OF_MEMORY_REASON)
-                elif not instruction:
-                    reject(index, "empty instruction")
-                elif hit_token_limit(tokenizer, instruction, cfg.instruction_max_new_tokens):
-                    reject(index, "truncated instruction: it hit instruction_max_new_tokens")
-                else:
-                    fresh.append((index, instruction))
-            # The same dedup as prep's main run, over the kept instructions first, then this batch.
-            texts = kept_instructions + [instruction for _, instruction in fresh]
-            novel = keep_first_of_near_duplicates(texts, cfg.dedup_threshold)[len(kept_instructions):]
-            for (index, _), is_novel in zip(fresh, novel):
-                if not is_novel:
-                    reject(index, "near-duplicate instruction (MinHash)")
-            fresh = [pair for pair, is_novel in zip(fresh, novel) if is_novel]
-            kept_instructions += [instruction for _, instruction in fresh]
-            if fresh:
-                prompts = [tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True) for _, instruction in fresh]
-                too_big = set()
-                answers = infer.generate_texts(
-                    model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                    do_sample=cfg.response_temperature > 0, temperature=cfg.response_temperature or 1.0, top_p=cfg.response_top_p,
-                    on_set_aside=too_big.add, console=console,
+        with infer.ItemProgress(console, "pairs", len(todo)) as progress:
+            for start in range(0, len(todo), cfg.batch_size):
+                batch = todo[start:start + cfg.batch_size]
+                torch.manual_seed(cfg.seed + batch[0])
+                too_big: set[int] = set()  # positions that ran out of memory even alone
+                instructions = infer.generate_texts(
+                    model, tokenizer, [prefix] * len(batch), batch_size=cfg.batch_size, max_new_tokens=cfg.instruction_max_new_tokens,
+                    do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p, on_set_aside=too_big.add, console=console, show_progress=False,
                 )
-                for position, ((index, instruction), answer) in enumerate(zip(fresh, answers)):
+                fresh = []
+                for position, (index, instruction) in enumerate(zip(batch, instructions)):
                     if position in too_big:
                         reject(index, OUT_OF_MEMORY_REASON)
-                    elif not answer:
-                        reject(index, "empty answer")
-                    elif hit_token_limit(tokenizer, answer, cfg.max_new_tokens):
-                        reject(index, "truncated answer: it hit max_new_tokens")
+                    elif not instruction:
+                        reject(index, "empty instruction")
+                    elif hit_token_limit(tokenizer, instruction, cfg.instruction_max_new_tokens):
+                        reject(index, "truncated instruction: it hit instruction_max_new_tokens")
                     else:
-                        output.write({"instruction": instruction, "input": "", "output": answer, "id": magpie_id(index), "model": cfg.model})
-            console.print(f"pairs {start + len(batch)}/{len(todo)}: kept {output.count}, rejected {rejects.count}")
+                        fresh.append((index, instruction))
+                # The same dedup as prep's main run, over the kept instructions first, then this batch.
+                texts = kept_instructions + [instruction for _, instruction in fresh]
+                novel = keep_first_of_near_duplicates(texts, cfg.dedup_threshold)[len(kept_instructions):]
+                for (index, _), is_novel in zip(fresh, novel):
+                    if not is_novel:
+                        reject(index, "near-duplicate instruction (MinHash)")
+                fresh = [pair for pair, is_novel in zip(fresh, novel) if is_novel]
+                kept_instructions += [instruction for _, instruction in fresh]
+                if fresh:
+                    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True) for _, instruction in fresh]
+                    too_big = set()
+                    answers = infer.generate_texts(
+                        model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                        do_sample=cfg.response_temperature > 0, temperature=cfg.response_temperature or 1.0, top_p=cfg.response_top_p,
+                        on_set_aside=too_big.add, console=console, show_progress=False,
+                    )
+                    for position, ((index, instruction), answer) in enumerate(zip(fresh, answers)):
+                        if position in too_big:
+                            reject(index, OUT_OF_MEMORY_REASON)
+                        elif not answer:
+                            reject(index, "empty answer")
+                        elif hit_token_limit(tokenizer, answer, cfg.max_new_tokens):
+                            reject(index, "truncated answer: it hit max_new_tokens")
+                        else:
+                            output.write({"instruction": instruction, "input": "", "output": answer, "id": magpie_id(index), "model": cfg.model})
+                progress.advance(len(batch), f"kept {output.count}, rejected {rejects.count}")
     finally:
         output.close()
         rejects.close()

@@ -8,6 +8,8 @@ Terminal:
     python infer.py --select a.json b.json c.json --output best.json      # per record, the consensus output
     python infer.py --input data/일상대화요약_test.json --num_samples 8      # greedy + 8 samples, consensus kept
     python infer.py --model outputs/run1 --input data/일상대화요약_dev.json   # every checkpoint of a run, scored: a table
+    python infer.py --input data/일상대화요약_test.json --retry_empty         # redo only the summaries that came out empty
+    python infer.py --input data/일상대화요약_test.json --regenerate_flagged  # redo only what the output guard flagged
 
 Colab:
     !python infer.py --input data/일상대화요약_test.json --output submission.json
@@ -25,6 +27,8 @@ Reusable from other scripts (nothing heavy is imported at module level):
     samples = sample_texts(model, tokenizer, chat_prompts, num_samples=4, temperature=0.7, top_p=0.95,
                            batch_size=8, max_new_tokens=1024)  # 4 texts per prompt
     engine = open_engine(name, run_config, EngineSettings(engine="vllm"), batch_size=8, max_seq_length=None, load_in_4bit=None)
+    with ItemProgress(console, "rows", len(rows)) as progress:   # a bar, or plain lines in a log
+        progress.advance(1)
 """
 from __future__ import annotations
 
@@ -68,6 +72,9 @@ from score import (
     BLEURT_MODEL,
     KNOWN_METRICS,
     MetricModels,
+    guard_flags,
+    guard_report,
+    length_band,
     load_scorers,
     pair_by_id,
     print_scores,
@@ -101,11 +108,14 @@ class EngineSettings:
 class InferSettings(EngineSettings):
     input: str = field(default="data/일상대화요약_test.json", metadata={"help": "competition JSON to summarize (test, dev or train)"})
     model: str | None = field(default=None, metadata={"help": "trained final/ or checkpoint-N/ folder, train.py merge output, merged model folder or Hub id; a train.py output_dir scores every checkpoint on --input (dev) and prints a table; default: newest outputs/*/final"})
-    output: str | None = field(default=None, metadata={"help": "file to write (never the input file); default: submission.json, or <input name>_pred.json when the input has references (dev)"})
+    output: str | None = field(default=None, metadata={"help": "file to write (never the input file); default: submission.json for a full run over a test file (no outputs), else <input name>[_limit<N>]_pred.json"})
     batch_size: int = field(default=8, metadata={"help": "unsloth engine: most prompts per generate() call (--max_batch_tokens also limits it)"})
     max_new_tokens: int = field(default=1024, metadata={"help": "generation budget per summary"})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 = off; ~1.1 curbs repetition loops"})
-    limit: int | None = field(default=None, metadata={"help": "only the first N records (smoke test; not a full submission)"})
+    repetition_penalty: float | None = field(default=None, metadata={"help": "1.0 = off; ~1.1 curbs repetition loops; default 1.0, and with --retry_empty / --regenerate_flagged 0.1 above what those items were generated with"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N records (smoke test, not a submission): written to <input name>_limit<N>_pred.json unless --output"})
+    overwrite: bool = field(default=False, metadata={"help": "let a --limit run replace an existing --output file (without it, a run that is not a full submission never replaces a file)"})
+    retry_empty: bool = field(default=False, metadata={"help": "regenerate only the items whose summary came out empty, with this command's generation settings; every other item is kept"})
+    regenerate_flagged: bool = field(default=False, metadata={"help": "regenerate only the items the output guard flags (outside the length band, looping or empty), with a repetition penalty; every other item is kept"})
     max_seq_length: int | None = field(default=None, metadata={"help": "prompt + summary token limit; default: the training run's, else 8192"})
     load_in_4bit: bool | None = field(default=None, metadata={"help": "load the base model in 4 bit; default: as run_config.json says, else off for a folder of full weights (merged), else on"})
     eval: bool | None = field(default=None, metadata={"help": "score against the input's outputs; default: on when every output is non-empty"})
@@ -121,7 +131,7 @@ class InferSettings(EngineSettings):
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature for --num_samples"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling for --num_samples"})
     seed: int = field(default=42, metadata={"help": "random seed for --num_samples (a resumed run samples the rest afresh)"})
-    scores_file: str | None = field(default=None, metadata={"help": "per-item scores JSON; default: scores.json next to the output (or the --score file)"})
+    scores_file: str | None = field(default=None, metadata={"help": "per-item scores and output-guard flags; default: scores.json next to the output (or the --score file); a run that is not scored writes <output name>.guard.json"})
 
 
 GEMMA2_CONTEXT = 8192  # Gemma 2's position limit, used when no training run says otherwise
@@ -380,33 +390,86 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], stops: list[int], 
     return texts, sum(new_token_count(row, stops, pad_id) for row in new_rows)
 
 
-class _Advance:
-    """Moves the generation progress bar: items done, with items/s and tokens/s; say() prints above it."""
+PROGRESS_EVERY_PERCENT = 5  # without a terminal, one plain progress line per this share of the items
 
-    def __init__(self, progress, task, console):
-        self.progress, self.task, self.say = progress, task, console.print
-        self.start, self.items, self.tokens = time.perf_counter(), 0, 0
+
+def format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_line(label: str, done: int, total: int, elapsed: float, note: str = "") -> str:
+    """One plain line for a log: items done of total, items/s, and the time left at that rate."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = format_duration((total - done) / rate) if rate > 0 else "unknown"
+    return f"{label}: {done}/{total} ({done / total:.0%}), {rate:.2f} items/s, ETA {eta}" + (f", {note}" if note else "")
+
+
+def crosses_report_point(before: int, after: int, total: int, every_percent: int = PROGRESS_EVERY_PERCENT) -> bool:
+    """Whether going from `before` to `after` items done passes another `every_percent` of `total` (or finishes)."""
+    step = max(1, -(-total * every_percent // 100))
+    return after >= total or after // step > before // step
+
+
+class ItemProgress:
+    """Progress over a known number of items, the same for every long loop of the kit.
+
+    On a terminal: a rich bar. Anywhere else (nohup, `> log`, Colab's `!python`) a bar shows nothing
+    until the end, so a plain line (done/total, items/s, ETA) is printed every few percent instead.
+        with ItemProgress(console, "generating", len(prompts)) as progress:
+            progress.advance(len(batch), note="812.0 tok/s")
+    """
+
+    def __init__(self, console, label: str, total: int, *, enabled: bool = True):
+        self.console, self.label, self.total, self.enabled = console, label, total, enabled
+        self.done, self.started, self.bar, self.task = 0, 0.0, None, None
+
+    def __enter__(self) -> "ItemProgress":
+        self.started = time.perf_counter()
+        if self.enabled and self.console.is_terminal and not self.console.is_dumb_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+                                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=self.total, note="")
+        return self
+
+    def advance(self, count: int = 1, note: str = "") -> None:
+        before, self.done = self.done, self.done + count
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        if self.bar is not None:
+            self.bar.update(self.task, advance=count, note=f"{self.done / elapsed:.2f} items/s" + (f"  {note}" if note else ""))
+        elif self.enabled and crosses_report_point(before, self.done, self.total):
+            self.console.print(progress_line(self.label, self.done, self.total, elapsed, note), markup=False, highlight=False)
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class _Advance:
+    """Moves the generation progress: items done, with tokens/s; say() prints above a bar."""
+
+    def __init__(self, progress: ItemProgress, console):
+        self.progress, self.say = progress, console.print
+        self.start, self.tokens = time.perf_counter(), 0
 
     def __call__(self, items: int, new_tokens: int) -> None:
-        self.items += items
         self.tokens += new_tokens
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        self.progress.update(self.task, advance=items, speed=f"{self.items / elapsed:.2f} items/s  {self.tokens / elapsed:.1f} tok/s")
+        self.progress.advance(items, f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):.1f} tok/s")
 
 
 @contextlib.contextmanager
-def generation_progress(total: int, console=None) -> Iterator[_Advance]:
-    """A rich progress bar over `total` prompts, shared by both engines."""
+def generation_progress(total: int, console=None, enabled: bool = True) -> Iterator[_Advance]:
+    """Progress over `total` prompts, shared by both engines: a bar on a terminal, plain lines in a log."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = console or Console()
-    progress = Progress(
-        TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-    )
-    with progress:
-        yield _Advance(progress, progress.add_task("generate", total=total, speed=""), console)
+    with ItemProgress(console, "generating", total, enabled=enabled) as progress:
+        yield _Advance(progress, console)
 
 
 def generate_texts(
@@ -424,6 +487,7 @@ def generate_texts(
     on_batch: Callable[[list[int], list[str], int], None] | None = None,
     on_set_aside: Callable[[int], None] | None = None,
     console=None,
+    show_progress: bool = True,
 ) -> list[str]:
     """Generate one completion per prompt; results come back in input order.
 
@@ -434,7 +498,8 @@ def generate_texts(
     decoded new tokens only, stopped at `<end_of_turn>` / `<eos>`, whitespace stripped.
     `on_batch(indices, texts, new_tokens)` runs after every finished batch (indices into `prompts`),
     e.g. to save progress; a prompt that does not fit in memory even alone gets "" and
-    `on_set_aside(index)`. A rich progress bar shows items/s and tokens/s.
+    `on_set_aside(index)`. Progress goes through generation_progress (ItemProgress) unless `show_progress` is off
+    (a caller that reports its own, coarser progress).
     """
     import torch
 
@@ -448,7 +513,7 @@ def generate_texts(
         generation_kwargs.update(temperature=None, top_p=None, top_k=None)
 
     results = [""] * len(prompts)
-    with generation_progress(len(prompts), console) as advance:
+    with generation_progress(len(prompts), console, enabled=show_progress) as advance:
         def finished(indices: list[int], texts: list[str], new_tokens: int) -> None:
             for index, text in zip(indices, texts):
                 results[index] = text
@@ -738,8 +803,9 @@ def candidates_path(output: str | Path) -> Path:
     return output.with_name(output.name + ".candidates.jsonl")
 
 
-def load_partial(path: Path, fingerprint: dict, field: str = "output") -> dict[str, Any]:
-    """Finished {id: row[field]} from an earlier run of the same command; a torn last line is ignored."""
+def load_partial(path: Path, fingerprint: dict) -> dict[str, dict]:
+    """{id: row} from an earlier run for the same input and model (the last row of an id wins);
+    a torn last line is ignored."""
     if not path.is_file():
         return {}
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -748,15 +814,15 @@ def load_partial(path: Path, fingerprint: dict, field: str = "output") -> dict[s
     except json.JSONDecodeError:
         header = {}
     if header.get("fingerprint") != fingerprint:
-        raise UserError(f"{path}: left by a run with a different input, model or generation settings; delete it to start over, or rerun that command")
-    done = {}
+        raise UserError(f"{path}: left by a run with a different input, model or prompt settings; delete it to start over, or rerun that command")
+    rows = {}
     for line in lines[1:]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a batch cut off mid-write by a kill: it is generated again
-        done[row["id"]] = row[field]
-    return done
+        rows[row["id"]] = row
+    return rows
 
 
 def append_partial(path: Path, fingerprint: dict, rows: list[dict]) -> None:
@@ -787,6 +853,63 @@ def check_submission(submission: list[dict], raw_records: list[dict], path: str 
             raise UserError(f"{path}: record {index} (id {sub['id']!r}): fields other than 'output' changed")
         if not isinstance(sub.get("output"), str) or not sub["output"].strip():
             raise UserError(f"{path}: record {index} (id {sub['id']!r}): field 'output' is empty")
+
+
+def generation_settings(max_new_tokens: int, repetition_penalty: float) -> dict:
+    """What a partial-file row records about how its summary was generated."""
+    return {"max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty}
+
+
+def generated_with(row: dict, generation: dict) -> bool:
+    return all(row.get(key) == value for key, value in generation.items())
+
+
+def describe_generation(generation: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in generation.items())
+
+
+def next_repetition_penalty(used: float | None) -> float:
+    """The penalty to try after `used` (None: an item of an existing --output, taken as generated without one)."""
+    return round(max(used or 1.0, 1.0) + 0.1, 2)
+
+
+def check_resume_settings(rows: dict[str, dict], generation: dict, todo: int, partial: Path) -> None:
+    """A plain resume must not mix settings: the items still to generate get the finished items' settings."""
+    others = {describe_generation({k: row[k] for k in generation}) for row in rows.values() if all(k in row for k in generation)}
+    others.discard(describe_generation(generation))
+    if todo and others:
+        raise UserError(f"{partial}: the finished items were generated with {' / '.join(sorted(others))}; resume with those settings, "
+                        f"or delete it to start over (to change settings for some items only, finish the run, then use --retry_empty or --regenerate_flagged)")
+
+
+def rows_from_output(output: Path, raw_records: list[dict]) -> list[dict]:
+    """The summaries of an earlier complete run's --output, as partial-file rows (how they were generated is unknown)."""
+    previous = read_json(output)
+    if not isinstance(previous, list):
+        raise UserError(f"{output}: expected the JSON list of records an earlier run wrote")
+    check_submission(previous, raw_records, output)
+    return [{"id": record["id"], "output": record["output"]} for record in previous]
+
+
+def regeneration_targets(records: list[dict], outputs: dict[str, str], band: tuple[int, int], retry_empty: bool, regenerate_flagged: bool) -> list[dict]:
+    """The records --retry_empty (empty summaries) and --regenerate_flagged (every guard flag) generate again."""
+    return [r for r in records
+            if (retry_empty and not outputs[r["id"]]) or (regenerate_flagged and guard_flags(outputs[r["id"]], band))]
+
+
+def print_guard(report: dict, console, penalty: float) -> None:
+    flagged = report["flagged"]
+    low, high = report["band_chars"]
+    if not flagged:
+        console.print(f"output guard: no summary outside {low}-{high} chars ({report['band_source']}) or looping")
+        return
+    console.print(f"[yellow]output guard: {len(flagged)} of {len(report['flags'])} summaries flagged "
+                  f"(band {low}-{high} chars: {report['band_source']}; or looping):")
+    for item_id in flagged[:5]:
+        console.print(f"  {item_id}: {'; '.join(report['flags'][item_id])}", markup=False, highlight=False)
+    if len(flagged) > 5:
+        console.print(f"  ... and {len(flagged) - 5} more (all in the per-item report)")
+    console.print(f"[yellow]to regenerate just these (keeping the rest), rerun the same command with --regenerate_flagged --repetition_penalty {penalty}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -896,7 +1019,7 @@ def checkpoint_table(cfg: InferSettings, console) -> None:
     if cfg.eval is False or not all(record["output"].strip() for record in records):
         raise UserError(f"{cfg.input}: --model {run_dir} is a training run, whose checkpoints are compared by their "
                         "scores: the input needs every reference 'output' (use the dev file)")
-    base = Path(cfg.output) if cfg.output else default_output(cfg.input, has_refs=True)
+    base = Path(cfg.output) if cfg.output else default_output(cfg.input, "references", None)
     table_path = base.with_name(f"{base.stem}.checkpoints.json")
     settings = {"input_sha256": file_sha256(cfg.input), **{key: value for key, value in asdict(cfg).items() if key in TABLE_SETTINGS}}
     earlier = read_table(table_path, settings)
@@ -921,7 +1044,7 @@ def checkpoint_table(cfg: InferSettings, console) -> None:
         else:
             console.rule(f"[bold]{model_dir.name}")
             try:
-                main(dataclasses.replace(cfg, model=str(model_dir), output=str(output), scores_file=str(scores_path), eval=True))
+                main(dataclasses.replace(cfg, model=str(model_dir), output=str(output), scores_file=str(scores_path), eval=True, overwrite=True))
                 row.update(scores_row(read_json(scores_path)))
             except UserError as err:  # e.g. an early checkpoint that writes empty summaries: the others still count
                 console.print(f"[red]{model_dir.name} failed: {err}")
@@ -956,10 +1079,44 @@ def free_accelerator_memory() -> None:
 # Main
 # ---------------------------------------------------------------------------------------------
 
-def default_output(input_path: str | Path, has_refs: bool) -> Path:
-    """submission.json for a test file; `<input>_pred.json` for a file with references, so scoring dev never
-    overwrites the test submission."""
-    return Path(f"{Path(input_path).stem}_pred.json") if has_refs else Path("submission.json")
+def input_kind(records: list[dict]) -> str:
+    """"references" when every record has an `output` (dev: scored), "test" when none has, else "mixed"."""
+    filled = sum(bool(r["output"].strip()) for r in records)
+    return "references" if filled == len(records) else "test" if filled == 0 else "mixed"
+
+
+def mode_line(kind: str, evaluate: bool, records: list[dict]) -> str:
+    """Which mode this run is in and why, so a dev-like file with a few blank outputs is never silently taken for test."""
+    if kind == "references":
+        return ("mode: generate and score: every record has an 'output' (a reference file such as dev)" if evaluate
+                else "mode: generate only, no scoring: scoring turned off with --no-eval")
+    if kind == "test":
+        return "mode: generate only, no scoring: no record has an 'output' (a test file)"
+    empty = [r["id"] for r in records if not r["output"].strip()]
+    return (f"mode: generate only, no scoring: {len(records) - len(empty)} of {len(records)} records have an 'output' but "
+            f"{len(empty)} are empty (first {empty[0]!r}), and scoring needs every reference")
+
+
+def default_output(input_path: str | Path, kind: str, limit: int | None) -> Path:
+    """submission.json only for a full run over a test file; `<input>[_limit<N>]_pred.json` otherwise, so scoring
+    dev or a --limit smoke test never replaces the test submission."""
+    if kind == "test" and limit is None:
+        return Path("submission.json")
+    return Path(f"{Path(input_path).stem}{f'_limit{limit}' if limit else ''}_pred.json")
+
+
+def choose_output(cfg: InferSettings, kind: str, limit: int | None, total: int) -> Path:
+    """--output, or the default name; refuses the input file, a folder, and a --limit run over an existing file."""
+    default = default_output(cfg.input, kind, limit)
+    output = Path(cfg.output) if cfg.output else default
+    if output.resolve() == Path(cfg.input).resolve():
+        raise UserError(f"--output {output} is the input file: choose another name (the input is never overwritten)")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder: give a file name")
+    if limit and output.exists() and output != default and not cfg.overwrite:
+        raise UserError(f"--output {output} exists, and this --limit {limit} run covers {limit} of {total} records, so it does not replace it; "
+                        f"pass --overwrite to replace it, or leave out --output (writes {default})")
+    return output
 
 
 def check_engine_settings(settings: EngineSettings) -> None:
@@ -986,8 +1143,10 @@ def check_settings(cfg: InferSettings) -> None:
             raise UserError(f"--{name} must be at least 1")
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError("--limit must be at least 1")
-    if cfg.repetition_penalty <= 0:
+    if cfg.repetition_penalty is not None and cfg.repetition_penalty <= 0:
         raise UserError("--repetition_penalty must be positive (1.0 = off)")
+    if cfg.num_samples and (cfg.retry_empty or cfg.regenerate_flagged):
+        raise UserError("--retry_empty / --regenerate_flagged regenerate greedy summaries; leave out --num_samples")
 
 
 def score_only(cfg: InferSettings, console) -> None:
@@ -1081,7 +1240,7 @@ def sample_and_select(cfg: InferSettings, records: list[dict], greedy: dict[str,
 
         console.rule(f"sampling {cfg.num_samples} more summaries for {len(todo)} records (temperature {cfg.temperature}, top_p {cfg.top_p})")
         engine.sample(prompts, cfg.num_samples, Sampling(cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                                                         repetition_penalty=cfg.repetition_penalty), on_prompt=save, console=console)
+                                                         repetition_penalty=cfg.repetition_penalty or 1.0), on_prompt=save, console=console)
     candidates = [sampled[r["id"]] for r in records]
     _, _, agreement = selection_scorers(cfg, console, with_references=False)
     chosen, utilities = select_candidates(candidates, agreement)
@@ -1092,6 +1251,57 @@ def sample_and_select(cfg: InferSettings, records: list[dict], greedy: dict[str,
     console.print(f"minimum Bayes risk ({', '.join(sorted(agreement))}): the greedy summary kept for {greedy_kept} of {len(chosen)} records, "
                   f"a sample for {len(chosen) - greedy_kept}; candidates -> {path}")
     return {r["id"]: texts[index] for r, texts, index in zip(records, candidates, chosen)}
+
+
+def plan_generation(cfg: InferSettings, records: list[dict], raw_records: list[dict], output: Path, partial: Path,
+                    fingerprint: dict, band: tuple[int, int, str], console) -> tuple[dict[str, dict], list[dict], dict]:
+    """(rows finished so far by id, records to generate now, the generation settings for them).
+
+    A plain run resumes the partial file with the settings it was started with. --retry_empty /
+    --regenerate_flagged take every summary as it stands (the partial file, else the earlier --output)
+    and pick just the empty / flagged ones, to generate with this command's settings.
+    """
+    ids = {r["id"] for r in records}
+    rows = {i: row for i, row in load_partial(partial, fingerprint).items() if i in ids}
+    if not (cfg.retry_empty or cfg.regenerate_flagged):
+        generation = generation_settings(cfg.max_new_tokens, cfg.repetition_penalty or 1.0)
+        todo = [r for r in records if r["id"] not in rows]
+        check_resume_settings(rows, generation, len(todo), partial)
+        if rows:
+            console.print(f"resuming: {len(rows)} already finished in {partial}")
+        return rows, todo, generation
+
+    subset = " / ".join(flag for flag, on in (("--retry_empty", cfg.retry_empty), ("--regenerate_flagged", cfg.regenerate_flagged)) if on)
+    if not rows and output.is_file():
+        seeded = rows_from_output(output, raw_records)
+        append_partial(partial, fingerprint, seeded)  # from here on the partial file is the one record of every item
+        rows = {row["id"]: row for row in seeded}
+        console.print(f"{subset}: starting from the {len(rows)} summaries in {output}")
+    missing = [r["id"] for r in records if r["id"] not in rows]
+    if missing:
+        raise UserError(f"{output}: {len(missing)} of {len(records)} records have no summary yet (first {missing[0]!r}); "
+                        f"finish the run first (the same command without {subset})")
+    targets = regeneration_targets(records, {i: row["output"] for i, row in rows.items()}, band[:2], cfg.retry_empty, cfg.regenerate_flagged)
+    penalty = cfg.repetition_penalty
+    if penalty is None:
+        penalty = next_repetition_penalty(max((rows[r["id"]].get("repetition_penalty", 1.0) for r in targets), default=1.0))
+    generation = generation_settings(cfg.max_new_tokens, penalty)
+    tried = [r for r in targets if generated_with(rows[r["id"]], generation)]
+    todo = [r for r in targets if not generated_with(rows[r["id"]], generation)]
+    console.print(f"{subset}: regenerating {len(todo)} of {len(records)} summaries with {describe_generation(generation)}; "
+                  f"the other {len(records) - len(todo)} are kept as they are")
+    if tried:
+        console.print(f"[yellow]{len(tried)} of the selected summaries were already generated with these settings and stay as they are; "
+                      f"--repetition_penalty {next_repetition_penalty(penalty)} would try again")
+    return rows, todo, generation
+
+
+def empty_summaries_error(cfg: InferSettings, empty: list[str], rows: dict[str, dict], partial: Path) -> UserError:
+    """The error for summaries that came out empty, with a retry that changes a setting the run did not use."""
+    used = max((rows.get(i, {}).get("repetition_penalty", 1.0) for i in empty), default=1.0)
+    return UserError(f"{cfg.input}: record id {empty[0]!r} (and {len(empty) - 1} more): the model generated an empty summary; "
+                     f"the {len(rows) - len(empty)} other summaries are kept in {partial}; to regenerate just these, rerun the same command "
+                     f"with --retry_empty --repetition_penalty {next_repetition_penalty(used)}")
 
 
 def main(cfg: InferSettings) -> None:
@@ -1115,29 +1325,26 @@ def main(cfg: InferSettings) -> None:
     started = time.perf_counter()
     raw_records = read_json(cfg.input)  # kept as given: the submission changes nothing but `output`
     records, dropped = validate_competition_data(raw_records, cfg.input)
-    if cfg.limit:
-        records, raw_records = records[:cfg.limit], raw_records[:cfg.limit]
-    has_refs = all(r["output"].strip() for r in records)
-    output = Path(cfg.output) if cfg.output else default_output(cfg.input, has_refs)
-    if output.resolve() == Path(cfg.input).resolve():
-        raise UserError(f"--output {output} is the input file: choose another name (the input is never overwritten)")
-    if output.is_dir():
-        raise UserError(f"--output {output} is a folder: give a file name")
-    evaluate = has_refs if cfg.eval is None else cfg.eval
-    if evaluate and not has_refs:
+    if not records:
+        raise UserError(f"{cfg.input}: the list holds no records; nothing to summarize")
+    total = len(records)
+    limit = cfg.limit if cfg.limit is not None and cfg.limit < total else None
+    if limit:
+        records, raw_records = records[:limit], raw_records[:limit]
+    kind = input_kind(records)
+    output = choose_output(cfg, kind, limit, total)
+    evaluate = kind == "references" if cfg.eval is None else cfg.eval
+    if evaluate and kind != "references":
         raise UserError(f"{cfg.input}: --eval needs every record's 'output' filled (the references)")
     model_name, run_config = resolve_model(cfg.model)
     system_prompt, clean_inputs = trained_system_prompt(run_config), trained_clean_inputs(run_config)
+    # What makes the prompts and the model: a partial file made with anything else is not this run's.
     fingerprint = {
         "input_sha256": file_sha256(cfg.input), "model": str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
-        "system_prompt": system_prompt, "clean_inputs": clean_inputs, "max_new_tokens": cfg.max_new_tokens, "repetition_penalty": cfg.repetition_penalty,
-        "max_seq_length": cfg.max_seq_length,
+        "system_prompt": system_prompt, "clean_inputs": clean_inputs, "max_seq_length": cfg.max_seq_length,
     }
     partial = partial_path(output)
-    done = {i: out for i, out in load_partial(partial, fingerprint).items() if i in {r["id"] for r in records}}
-    sampling = {**fingerprint, "num_samples": cfg.num_samples, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
-    sampled = load_partial(candidates_path(output), sampling, field="candidates") if cfg.num_samples else {}
-    done.update({i: texts[0] for i, texts in sampled.items() if i not in done and texts[0]})  # the greedy one comes first
+    band = length_band(run_config)
 
     table = Table(title="infer.py settings", show_header=False)
     load_in_4bit = default_load_in_4bit(model_name, run_config) if cfg.load_in_4bit is None else cfg.load_in_4bit
@@ -1147,8 +1354,15 @@ def main(cfg: InferSettings) -> None:
     console.print(table)
     if not run_config and Path(model_name).is_dir():
         console.print(f"[yellow]{model_name}: no run_config.json, so the default prompt is used (no system prompt, no input cleaning)")
-    console.print(f"{len(records)} records from {cfg.input}" + (f" ({dropped} empty utterances ignored)" if dropped else "")
-                  + (f"; resuming: {len(done)} already finished in {partial}" if done else ""))
+    console.print(f"{len(records)} records from {cfg.input}" + (f" ({dropped} empty utterances ignored)" if dropped else ""))
+    console.print(f"{mode_line(kind, evaluate, records)} -> {output}")
+    rows, todo, generation = plan_generation(cfg, records, raw_records, output, partial, fingerprint, band, console)
+    # The candidates of --num_samples belong to one model, prompt, generation and sampling setting.
+    sampling = {**fingerprint, **generation, "num_samples": cfg.num_samples, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
+    sampled = {i: row["candidates"] for i, row in load_partial(candidates_path(output), sampling).items()} if cfg.num_samples else {}
+    if sampled:  # an earlier run's candidates start with each record's greedy summary
+        rows.update({i: {"id": i, "output": texts[0], **generation} for i, texts in sampled.items() if i not in rows and texts[0]})
+        todo = [r for r in todo if r["id"] not in rows]
 
     totals, set_aside = {"tokens": 0, "shortened": 0}, []
 
@@ -1178,32 +1392,31 @@ def main(cfg: InferSettings) -> None:
             console.print(f"[yellow]{shortened} prompt(s) longer than {budget} tokens were shortened in the middle of the conversation")
         return engine, prompts
 
-    todo = [r for r in records if r["id"] not in done]
     if todo:
         engine, prompts = generator(todo)
 
         def save_batch(indices: list[int], texts: list[str], new_tokens: int) -> None:
-            rows = [{"id": todo[i]["id"], "output": text} for i, text in zip(indices, texts) if text]
-            if rows:
-                append_partial(partial, fingerprint, rows)
-            done.update({row["id"]: row["output"] for row in rows})
+            # Empty summaries are recorded too: a resume does not redo them with the same settings.
+            new_rows = [{"id": todo[i]["id"], "output": text, **generation} for i, text in zip(indices, texts)]
+            append_partial(partial, fingerprint, new_rows)
+            rows.update({row["id"]: row for row in new_rows})
             totals["tokens"] += new_tokens
 
-        console.rule(f"generating {len(todo)} summaries ({cfg.engine} engine, batch {cfg.batch_size}, greedy, max_new_tokens {cfg.max_new_tokens})")
-        engine.generate(prompts, Sampling(cfg.max_new_tokens, repetition_penalty=cfg.repetition_penalty),
+        console.rule(f"generating {len(todo)} summaries ({cfg.engine} engine, batch {cfg.batch_size}, greedy, {describe_generation(generation)})")
+        engine.generate(prompts, Sampling(generation["max_new_tokens"], repetition_penalty=generation["repetition_penalty"]),
                         on_batch=save_batch, on_set_aside=lambda i: set_aside.append(todo[i]["id"]), console=console)
+    outputs = {i: row["output"] for i, row in rows.items()}
     if cfg.num_samples:
-        done = sample_and_select(cfg, records, done, sampled, generator, sampling, candidates_path(output), console)
+        outputs = sample_and_select(cfg, records, outputs, sampled, generator, sampling, candidates_path(output), console)
     peak_memory = engine_and_budget()[0].peak_memory() if engine_and_budget.cache_info().currsize else "n/a (no model loaded)"
 
     if set_aside:
         raise UserError(f"{cfg.input}: record id {set_aside[0]!r} (and {len(set_aside) - 1} more): CUDA out of memory even alone, left unfinished; "
                         f"finished items are kept in {partial}; rerun with a lower --max_new_tokens or --max_seq_length (delete the partial file first)")
-    empty = [r["id"] for r in records if not done.get(r["id"])]
+    empty = [r["id"] for r in records if not outputs.get(r["id"])]
     if empty:
-        raise UserError(f"{cfg.input}: record id {empty[0]!r} (and {len(empty) - 1} more): the model generated an empty summary; "
-                        f"finished items are kept in {partial}; try --repetition_penalty 1.1 (delete the partial file first)")
-    submission = build_submission(raw_records, done)
+        raise empty_summaries_error(cfg, empty, rows, partial)
+    submission = build_submission(raw_records, outputs)
     check_submission(submission, raw_records, output)
     write_text_atomic(output, dump_submission_json(submission))
     partial.unlink(missing_ok=True)
@@ -1212,15 +1425,24 @@ def main(cfg: InferSettings) -> None:
     console.print(f"{len(submission)} summaries -> {output} (mean {sum(lengths) / len(lengths):.0f} chars); generated now: "
                   f"{len(todo)} items, {totals['tokens']} tokens, {totals['shortened']} prompts shortened; "
                   f"wall time {time.perf_counter() - started:.1f} s; peak GPU memory {peak_memory}")
-    if cfg.limit:
-        console.print(f"[yellow]--limit {cfg.limit}: this file covers only part of the input; not a full submission")
+    if limit:
+        console.print(f"[yellow]--limit {limit}: this file covers {limit} of {total} records; not a full submission")
+    ids, texts = [r["id"] for r in submission], [r["output"] for r in submission]
+    guard = guard_report(ids, texts, band)
+    flagged_penalty = max((rows.get(i, {}).get("repetition_penalty", 1.0) for i in guard["flagged"]), default=1.0)
+    print_guard(guard, console, next_repetition_penalty(flagged_penalty))
+    summary = {key: guard[key] for key in ("band_chars", "band_source", "flagged")}
     if evaluate:
         console.rule("scoring against the input's outputs")
-        result = score_predictions([r["id"] for r in submission], [r["output"] for r in submission],
-                                   [r["output"] for r in records], cfg.metrics, console, metric_models(cfg))
+        result = score_predictions(ids, texts, [r["output"] for r in records], cfg.metrics, console, metric_models(cfg))
         print_scores(result, console)
-        write_scores(result, Path(cfg.scores_file or output.with_name("scores.json")), console)
+        for item in result["items"]:
+            item["guard"] = guard["flags"][item["id"]]
+        write_scores({**result, "guard": summary}, Path(cfg.scores_file or output.with_name("scores.json")), console)
     else:
+        # Not scores.json: a test run must not replace the dev run's scores next to it.
+        items = [{"id": i, "pred_chars": len(text), "guard": guard["flags"][i]} for i, text in zip(ids, texts)]
+        write_scores({"guard": summary, "items": items}, Path(cfg.scores_file or output.with_name(f"{output.stem}.guard.json")), console)
         console.print(f"next: upload {output}, or score a dev run with python infer.py --input data/일상대화요약_dev.json --output dev_pred.json")
 
 

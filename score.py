@@ -11,6 +11,8 @@ level, and each learned metric loads its model only when asked for.
   layer 9, no idf, no baseline rescaling, batch 64, the slow BERT tokenizer); an empty candidate scores 0.
 - BLEURT runs the PyTorch port of BLEURT-20 (lucadiliello/BLEURT-20) on transformers' RemBERT, the same
   architecture, with the original's tokenization and activation (see bleurt_scorer).
+- The output guard flags summaries outside a length band taken from the training summaries, or caught in a
+  repetition loop (guard_flags); infer.py reports the flags and can regenerate just those summaries.
 
     result = score_predictions(ids, predictions, references, ["rouge1", "bertscore", "bleurt"], console)
     result["means"], result["final"], result["items"]
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from prep import UserError, load_competition_file, write_text_atomic
+from prep import UserError, load_competition_file, read_json, write_text_atomic
 
 KNOWN_METRICS = ("rouge1", "bertscore", "bleurt")
 BERTSCORE_MODEL = "bert-base-multilingual-cased"
@@ -382,3 +384,89 @@ def pair_by_id(predictions: list[dict], references: list[dict], pred_path: str, 
 def write_scores(result: dict, path: Path, console) -> None:
     write_text_atomic(path, json.dumps(result, ensure_ascii=False, indent=2) + "\n")
     console.print(f"per-item scores -> {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Output guard: summaries unlike the training summaries (length) or caught in a repetition loop
+# ---------------------------------------------------------------------------------------------
+
+# The competition's 608 train+dev references run from 148 to 1011 characters (median 415, 80% in
+# 270-644): the band when the training rows of the model cannot be found.
+REFERENCE_SUMMARY_CHARS = (148, 1011)
+BAND_PERCENTILES = (1, 99)  # the band leaves out the training set's own rare outliers
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+MIN_REPEATED_SENTENCE_CHARS = 10  # shorter sentences ("네.") may repeat for real
+# A piece of up to 60 characters written three or more times back to back (longer pieces end in a
+# sentence, which the repeated-sentence check catches); only a run of MIN_LOOP_CHARS counts, so
+# reduplication such as "하나 하나" or "무슨 무슨" is left alone.
+REPEATED_RUN = re.compile(r"(?=((\S.{0,59}?)\2{2,}))", re.S)
+MIN_LOOP_CHARS = 30
+
+
+def nearest_rank(sorted_values: list[int], percent: float) -> int:
+    return sorted_values[round(percent / 100 * (len(sorted_values) - 1))]
+
+
+def training_summary_lengths(prepared: Path) -> list[int]:
+    """Character lengths of the competition summaries among prep.py's train rows (augmentation rows
+    answer other questions, so their lengths say nothing about a summary's)."""
+    stats = read_json(prepared / "stats.json")
+    settings = stats.get("settings", {}) if isinstance(stats, dict) else {}
+    sources = set(settings.get("train", [])) | ({settings.get("dev")} if settings.get("train_on_dev") else set())
+    markers = [f'"source": {json.dumps(source, ensure_ascii=False)}' for source in sources]
+    lengths = []
+    with open(prepared / "train.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            if any(marker in line for marker in markers):  # skips parsing what may be 100k augmentation rows
+                row = json.loads(line)
+                if row.get("source") in sources:
+                    lengths.append(len(row["completion"][-1]["content"].strip()))
+    return lengths
+
+
+def length_band(run_config: dict) -> tuple[int, int, str]:
+    """(shortest, longest, where from) for a summary: the 1st-99th percentile of the competition summaries
+    the model was trained on (prep.py's rows, found through run_config.json), else the competition's references."""
+    data = run_config.get("settings", {}).get("data")
+    prepared = Path(data) if data else None
+    if prepared and (prepared / "train.jsonl").is_file() and (prepared / "stats.json").is_file():
+        lengths = sorted(training_summary_lengths(prepared))
+        if lengths:
+            low, high = (nearest_rank(lengths, q) for q in BAND_PERCENTILES)
+            return low, high, f"p{BAND_PERCENTILES[0]}-p{BAND_PERCENTILES[1]} of the {len(lengths)} competition summaries in {prepared / 'train.jsonl'}"
+    return (*REFERENCE_SUMMARY_CHARS, "the range of the competition's train+dev references (the model's training rows were not found)")
+
+
+def repetition_loop(text: str) -> str | None:
+    """What repeats when the text loops (a sentence said twice or more, or a short piece written over and
+    over), else None."""
+    sentences = [" ".join(sentence.split()) for sentence in SENTENCE_END.split(text.strip())]
+    repeated = collections.Counter(s for s in sentences if len(s) >= MIN_REPEATED_SENTENCE_CHARS).most_common(1)
+    if repeated and repeated[0][1] > 1:
+        sentence, count = repeated[0]
+        return f"sentence written {count}x: {sentence[:40]}"
+    for match in REPEATED_RUN.finditer(text):
+        run, piece = match.group(1), match.group(2)
+        if len(run) >= MIN_LOOP_CHARS:
+            return f"{piece[:40]!r} written {len(run) // len(piece)}x in a row"
+    return None
+
+
+def guard_flags(text: str, band: tuple[int, int]) -> list[str]:
+    """Why a summary looks degenerate: its length outside the band, a repetition loop; [] when it looks fine."""
+    low, high = band
+    flags = []
+    if len(text) < low:
+        flags.append(f"short: {len(text)} chars < {low}")
+    elif len(text) > high:
+        flags.append(f"long: {len(text)} chars > {high}")
+    loop = repetition_loop(text)
+    if loop:
+        flags.append(f"loop: {loop}")
+    return flags
+
+
+def guard_report(ids: list[str], texts: list[str], band: tuple[int, int, str]) -> dict:
+    """The guard's verdict for scores.json: the band, where it came from, and the flags per item."""
+    flags = {item_id: guard_flags(text, band[:2]) for item_id, text in zip(ids, texts)}
+    return {"band_chars": list(band[:2]), "band_source": band[2], "flagged": [i for i in ids if flags[i]], "flags": flags}

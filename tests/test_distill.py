@@ -35,6 +35,8 @@ class TeacherServer:
         self.plans: dict[str, list[str]] = {}
         self.default_plan = ["ok"]
         self.requests: collections.Counter = collections.Counter()
+        self.token_params: collections.Counter = collections.Counter()  # which answer-length field each request carried
+        self.rejected_token_param: str | None = None  # answered with OpenAI's 400, as its newer models do for max_tokens
         self.authorization: set[str] = set()
         self.release = threading.Event()
         self.lock = threading.Lock()
@@ -85,6 +87,13 @@ class TeacherServer:
                 if self.path != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 key = TOPIC.search(body["messages"][-1]["content"]).group(1)
+                with server.lock:
+                    server.token_params.update(name for name in ("max_tokens", "max_completion_tokens") if name in body)
+                if server.rejected_token_param in body:
+                    name = server.rejected_token_param
+                    return self._send(400, {"error": {
+                        "message": f"Unsupported parameter: '{name}' is not supported with this model. Use 'max_completion_tokens' instead.",
+                        "type": "invalid_request_error", "param": name, "code": "unsupported_parameter"}})
                 behaviour = server._behaviour(key)
                 if behaviour == "429":
                     return self._send(429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"})
@@ -178,6 +187,9 @@ def test_retries_rejects_and_exact_output(tmp_path, server):
         }
     rejects = {row["id"]: row["reason"] for row in read_jsonl(tmp_path / "teacher.rejects.jsonl")}
     assert rejects.keys() == {"row-04", "row-05"}
+    # stdout is a pipe, as under nohup or Colab's !python: a plain progress line per finished row (8 rows: 5% < 1 row).
+    progress = re.findall(r"^teacher answers: (\d)/8 \(\d+%\), [\d.]+ items/s, ETA \w+, ok \d · rejected \d · failed 0$", result.stdout, re.M)
+    assert progress == [str(n) for n in range(1, 9)], result.stdout
     assert rejects["row-04"] == "empty answer"
     assert rejects["row-05"].startswith("refused")
     assert server.requests["topic-01"] == 3 and server.requests["topic-02"] == 2 and server.requests["topic-03"] == 2
@@ -188,6 +200,28 @@ def test_retries_rejects_and_exact_output(tmp_path, server):
     assert again.returncode == 0, again.stderr
     assert sum(server.requests.values()) == requests_before, "a finished or rejected row was requested again"
     assert len(read_jsonl(out)) == 6
+
+
+def test_a_server_that_wants_max_completion_tokens(tmp_path, server):
+    """Newer OpenAI models answer 400 to max_tokens: the row is sent again with max_completion_tokens,
+    which the rest of the run keeps; --max_tokens_param sends the right field from the start."""
+    make_input(tmp_path / "in.json", 6)
+    server.rejected_token_param = "max_tokens"
+    result = run(distill_command(tmp_path / "in.json", tmp_path / "auto.jsonl", server.url, "--concurrency", "2"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(row["id"] for row in read_jsonl(tmp_path / "auto.jsonl")) == [f"row-{i:02d}" for i in range(6)]
+    assert 1 <= server.token_params["max_tokens"] <= 2, server.token_params  # only the rows in flight before the switch
+    assert server.token_params["max_completion_tokens"] == 6
+    assert "pass --max_tokens_param max_completion_tokens" in result.stdout
+
+    server.token_params.clear()
+    explicit = run(distill_command(tmp_path / "in.json", tmp_path / "explicit.jsonl", server.url, "--max_tokens_param", "max_completion_tokens"))
+    assert explicit.returncode == 0 and len(read_jsonl(tmp_path / "explicit.jsonl")) == 6
+    assert server.token_params == {"max_completion_tokens": 6}
+
+    forced = run(distill_command(tmp_path / "in.json", tmp_path / "forced.jsonl", server.url, "--max_tokens_param", "max_tokens"))
+    assert forced.returncode == 0 and not (tmp_path / "forced.jsonl").exists()
+    assert {row["reason"][:15] for row in read_jsonl(tmp_path / "forced.rejects.jsonl")} == {"HTTP 400: {\"err"}
 
 
 def test_api_key_is_sent_from_the_named_variable(tmp_path, server):
@@ -262,6 +296,7 @@ def test_local_teacher_and_output_feeds_prep_extra(tmp_path, chatty_model_dir):
     assert result.returncode == 0, result.stderr
     rows, rejects = read_jsonl(out), read_jsonl(tmp_path / "local.rejects.jsonl")
     assert sorted(r["id"] for r in rows + rejects) == ["q0", "q1", "q2", "q3", "row-00", "row-01"]
+    assert re.search(r"^generating: 6/6 \(100%\), [\d.]+ items/s, ETA 0s, [\d.]+ tok/s$", result.stdout, re.M), result.stdout
     assert {r["id"] for r in rows} & {"q0", "q1", "q2", "q3"}, "the taught questions should get answers"
     for row in rows:
         assert set(row) == {"instruction", "input", "output", "id", "teacher", "source"} and row["output"].strip()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -152,13 +153,61 @@ def test_shorten_to_fit_cuts_the_middle_of_the_conversation():
 
 def test_partial_file_round_trip_ignores_a_torn_line_and_refuses_another_run(tmp_path):
     path = tmp_path / "sub.json.partial.jsonl"
-    infer.append_partial(path, {"a": 1}, [{"id": "1", "output": "하나"}])
-    infer.append_partial(path, {"a": 1}, [{"id": "2", "output": "둘"}])
+    infer.append_partial(path, {"a": 1}, [{"id": "1", "output": ""}])
+    infer.append_partial(path, {"a": 1}, [{"id": "2", "output": "둘"}, {"id": "1", "output": "하나", "repetition_penalty": 1.1}])
     with open(path, "a", encoding="utf-8") as handle:
         handle.write('{"id": "3", "out')  # killed mid-write
-    assert infer.load_partial(path, {"a": 1}) == {"1": "하나", "2": "둘"}
+    assert infer.load_partial(path, {"a": 1}) == {"1": {"id": "1", "output": "하나", "repetition_penalty": 1.1}, "2": {"id": "2", "output": "둘"}}
     with pytest.raises(UserError, match="different"):
         infer.load_partial(path, {"a": 2})
+
+
+def test_a_plain_resume_refuses_to_mix_generation_settings(tmp_path):
+    rows = {"1": {"id": "1", "output": "하나", **infer.generation_settings(1024, 1.0)}, "2": {"id": "2", "output": "둘"}}
+    partial = tmp_path / "sub.json.partial.jsonl"
+    infer.check_resume_settings(rows, infer.generation_settings(1024, 1.0), 3, partial)
+    infer.check_resume_settings(rows, infer.generation_settings(1024, 1.1), 0, partial)  # nothing left to generate: nothing mixes
+    with pytest.raises(UserError, match="repetition_penalty 1.0; resume with those settings"):
+        infer.check_resume_settings(rows, infer.generation_settings(1024, 1.1), 3, partial)
+
+
+def test_next_repetition_penalty_is_never_the_one_in_use():
+    assert [infer.next_repetition_penalty(used) for used in (None, 1.0, 1.1, 1.2, 0.9)] == [1.1, 1.1, 1.2, 1.3, 1.1]
+
+
+def test_default_output_never_takes_the_submission_name_for_a_partial_or_scored_run():
+    assert infer.default_output("data/일상대화요약_test.json", "test", None) == Path("submission.json")
+    assert infer.default_output("data/일상대화요약_test.json", "test", 2) == Path("일상대화요약_test_limit2_pred.json")
+    assert infer.default_output("data/일상대화요약_dev.json", "references", None) == Path("일상대화요약_dev_pred.json")
+    assert infer.default_output("data/dev_some_blank.json", "mixed", None) == Path("dev_some_blank_pred.json")
+
+
+def test_mode_line_says_which_mode_and_why():
+    records = [{"id": f"r{i}", "output": "요약" if i < 3 else " "} for i in range(5)]
+    assert infer.input_kind(records) == "mixed" and infer.input_kind(records[:3]) == "references" and infer.input_kind(records[3:]) == "test"
+    line = infer.mode_line("mixed", False, records)
+    assert "no scoring" in line and "3 of 5 records have an 'output' but 2 are empty (first 'r3')" in line and "scoring needs every reference" in line
+    assert "generate and score" in infer.mode_line("references", True, records[:3])
+    assert "--no-eval" in infer.mode_line("references", False, records[:3])
+
+
+def test_regeneration_targets():
+    band = (40, 120)
+    outputs = {"ok": "두 화자는 이 대화에서 여행에 대해 말했습니다. SD2000001은 제주도가 좋다고 말했습니다.", "empty": "", "short": "여행 이야기.",
+               "long": "가나다라마바사 " * 20, "loop": "SD2000001은 제주도에 가고 싶다고 말했습니다. " * 2}
+    records = [{"id": i} for i in outputs]
+    targets = lambda **flags: [r["id"] for r in infer.regeneration_targets(records, outputs, band, **flags)]  # noqa: E731
+    assert targets(retry_empty=True, regenerate_flagged=False) == ["empty"]
+    assert targets(retry_empty=False, regenerate_flagged=True) == ["empty", "short", "long", "loop"]
+
+
+def test_progress_lines_for_logs():
+    assert infer.progress_line("generating", 40, 408, 17.0, "12.0 tok/s") == "generating: 40/408 (10%), 2.35 items/s, ETA 2m36s, 12.0 tok/s"
+    assert infer.progress_line("pairs", 0, 8, 3.0) == "pairs: 0/8 (0%), 0.00 items/s, ETA unknown"
+    assert [done for done in range(1, 409) if infer.crosses_report_point(done - 1, done, 408)] == [*range(21, 408, 21), 408]
+    assert [done for done in range(1, 9) if infer.crosses_report_point(done - 1, done, 8)] == list(range(1, 9))
+    assert not infer.crosses_report_point(22, 30, 408) and infer.crosses_report_point(30, 50, 408)
+    assert [infer.format_duration(s) for s in (4, 75, 3725)] == ["4s", "1m15s", "1h02m"]
 
 
 def test_check_submission_refuses_what_the_scorer_would_reject():
@@ -219,6 +268,7 @@ def _record(i: int) -> dict:
     ("[{\"id\": ", ["in.json", "not valid JSON"]),
     (json.dumps([_record(0), {**_record(1), "input": {"conversation": [], "subject_keyword": ["x"]}}]), ["in.json", "'t-1'", "input.conversation"]),
     (json.dumps([_record(0), _record(1), _record(0)]), ["in.json", "record 2", "'t-0'", "duplicates"]),
+    ("[]", ["in.json", "holds no records"]),
 ])
 def test_bad_input_file(tmp_path, tiny_model_dir, content, fragments):
     (tmp_path / "in.json").write_text(content, encoding="utf-8")
@@ -257,14 +307,47 @@ def lora_model(memorized_run) -> Path:
     return memorized_run["run"] / "final"
 
 
-def test_empty_summaries_are_refused_and_finished_ones_kept(tmp_path, tiny_model_dir, mixed_input):
-    result = run_infer("--model", str(tiny_model_dir), "--input", str(mixed_input), "--output", "sub.json", "--batch_size", "14", *FAST, cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    last_line = result.stderr.strip().splitlines()[-1]  # after the libraries' own load-time warnings
-    assert last_line.startswith("error: ") and all(s in last_line for s in ("mixed.json", "empty summary", "sub.json.partial.jsonl"))
+def latest_rows(partial: Path) -> dict[str, dict]:
+    rows = [json.loads(line) for line in partial.read_text(encoding="utf-8").splitlines()[1:]]
+    return {row["id"]: row for row in rows}
+
+
+def last_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # after the libraries' own load-time warnings
+    assert line.startswith("error: "), result.stderr
+    return line
+
+
+def test_empty_summaries_are_retried_alone_with_a_new_penalty(tmp_path, tiny_model_dir, mixed_input):
+    """The random tiny model ends some summaries at once. The run writes no submission but keeps every
+    summary, empty ones included, in the partial file; --retry_empty regenerates just the empty ones
+    with a higher repetition penalty and keeps the rest; a hint never names the penalty already used."""
+    command = ["--model", str(tiny_model_dir), "--input", str(mixed_input), "--output", "sub.json", "--batch_size", "14", *FAST]
+    partial = tmp_path / "sub.json.partial.jsonl"
+    first = run_infer(*command, cwd=tmp_path)
+    line = last_error_line(first)
+    assert all(s in line for s in ("mixed.json", "empty summary", "sub.json.partial.jsonl", "--retry_empty --repetition_penalty 1.1")), line
     assert not (tmp_path / "sub.json").exists()
-    kept = (tmp_path / "sub.json.partial.jsonl").read_text(encoding="utf-8").splitlines()[1:]
-    assert all(json.loads(line)["output"] for line in kept)
+    rows = latest_rows(partial)
+    empty = [i for i, row in rows.items() if not row["output"]]
+    assert len(rows) == 14 and 0 < len(empty) < 14
+    finished = {i: row for i, row in rows.items() if row["output"]}
+
+    second = run_infer(*command, "--retry_empty", cwd=tmp_path)
+    assert f"regenerating {len(empty)} of 14 summaries with max_new_tokens 16, repetition_penalty 1.1; the other {len(finished)} are kept" in second.stdout
+    after = latest_rows(partial)
+    assert {i: after[i] for i in finished} == finished
+    assert all(after[i]["repetition_penalty"] == 1.1 for i in empty)
+    still_empty = [i for i in empty if not after[i]["output"]]
+    assert still_empty, "at 1.1 the random model should still leave some summaries empty (the next steps need them)"
+    line = last_error_line(second)
+    assert f"(and {len(still_empty) - 1} more)" in line and "--retry_empty --repetition_penalty 1.2" in line and "1.1" not in line
+
+    third = run_infer(*command, "--retry_empty", "--repetition_penalty", "1.1", cwd=tmp_path)
+    assert f"{len(still_empty)} of the selected summaries were already generated with these settings" in third.stdout
+    assert "loading model" not in third.stdout and "--repetition_penalty 1.2" in last_error_line(third)
+    assert latest_rows(partial) == after
 
 
 @pytest.fixture(scope="module")
@@ -288,6 +371,11 @@ def test_batched_equals_one_at_a_time_and_submission_is_valid(tmp_path, lora_mod
     assert text == json.dumps(batched, ensure_ascii=False, indent=4) + "\n"
     assert [r["output"] for r in batched] == [r["output"] for r in one_at_a_time]
     assert not (tmp_path / "sub.json.partial.jsonl").exists()
+    # 11 of the 14 records carry a summary: the console says why this is no scored run.
+    assert "mode: generate only, no scoring: 11 of 14 records have an 'output' but 3 are empty" in result.stdout
+    # stdout is a pipe here, as under nohup or Colab's !python: plain progress lines, not a bar.
+    progress = re.findall(r"^generating: (\d+)/14 \(\d+%\), [\d.]+ items/s, ETA \w+, [\d.]+ tok/s$", result.stdout, re.M)
+    assert progress == ["8", "14"], result.stdout
 
 
 def test_interrupted_run_resumes_without_regenerating(tmp_path, lora_model, mixed_input, one_at_a_time):
@@ -316,6 +404,50 @@ def test_interrupted_run_resumes_without_regenerating(tmp_path, lora_model, mixe
     assert not partial.exists()
 
 
+def test_limit_run_never_replaces_a_submission(tmp_path, lora_model):
+    test_file = REPO / "data/sample/test.json"
+    (tmp_path / "submission.json").write_text("the full submission", encoding="utf-8")
+    refused = run_infer("--model", str(lora_model), "--input", str(test_file), "--limit", "2", "--output", "submission.json", *FAST, cwd=tmp_path)
+    assert_one_line_error(refused, "--output submission.json exists", "--limit 2 run covers 2 of 3 records", "--overwrite", "test_limit2_pred.json")
+
+    result = run_infer("--model", str(lora_model), "--input", str(test_file), "--limit", "2", *FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "submission.json").read_text(encoding="utf-8") == "the full submission"
+    written = json.loads((tmp_path / "test_limit2_pred.json").read_text(encoding="utf-8"))
+    assert [r["id"] for r in written] == [r["id"] for r in json.loads(test_file.read_text(encoding="utf-8"))[:2]]
+    assert "this file covers 2 of 3 records; not a full submission" in result.stdout
+    # A test file has nothing to score, but its summaries still go through the output guard.
+    guard = json.loads((tmp_path / "test_limit2_pred.guard.json").read_text(encoding="utf-8"))
+    assert [item["id"] for item in guard["items"]] == [r["id"] for r in written]
+    assert guard["guard"]["flagged"] == [item["id"] for item in guard["items"] if item["guard"]]
+    assert not (tmp_path / "scores.json").exists()
+
+
+def test_regenerate_flagged_redoes_only_the_flagged_summaries(tmp_path, memorized_run):
+    """An earlier run's output where one summary is too short and one loops: --regenerate_flagged generates
+    just those two again (with repetition_penalty 1.1) and keeps the others as they are, even a summary
+    that is not what this model would write now (record 1 holds record 0's summary)."""
+    records = memorized_run["records"]
+    (tmp_path / "memorized.json").write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
+    earlier = [r["output"] for r in records]
+    earlier[1] = records[0]["output"]
+    earlier[2] = "짧은 요약입니다."
+    earlier[3] = records[3]["output"] + (" " + records[3]["output"].split(". ")[0] + ".") * 3
+    (tmp_path / "memorized_pred.json").write_text(json.dumps([{**r, "output": o} for r, o in zip(records, earlier)], ensure_ascii=False), encoding="utf-8")
+    result = run_infer("--model", str(memorized_run["run"] / "final"), "--input", "memorized.json", "--regenerate_flagged",
+                       "--no-load_in_4bit", "--max_new_tokens", "256", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "--regenerate_flagged: regenerating 2 of 4 summaries with max_new_tokens 256, repetition_penalty 1.1; the other 2 are kept" in result.stdout
+    now = [r["output"] for r in json.loads((tmp_path / "memorized_pred.json").read_text(encoding="utf-8"))]
+    assert now[:2] == earlier[:2]
+    assert all(text and text != old for text, old in zip(now[2:], earlier[2:]))
+    scores = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
+    lengths = sorted(len(r["output"]) for r in records)
+    assert scores["guard"]["band_chars"] == [lengths[0], lengths[-1]]
+    assert [item["guard"] for item in scores["items"]][:2] == [[], []]
+    assert not (tmp_path / "memorized_pred.json.partial.jsonl").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end with a trained model: memorized summaries come back
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +469,9 @@ def test_trained_model_reproduces_memorized_summaries(tmp_path, memorized_run):
     assert scores["means"]["rouge1"] == pytest.approx(1.0)
     assert "bertscore" in scores["skipped"] and "bleurt" in scores["skipped"]
     assert "mean of rouge1 only" in result.stdout
+    # The band is the memorized summaries' own range, and real summaries do not look like loops.
+    assert scores["guard"]["flagged"] == [] and all(item["guard"] == [] for item in scores["items"])
+    assert "of the 4 competition summaries" in scores["guard"]["band_source"]
 
     scores_text = (tmp_path / "scores.json").read_text(encoding="utf-8")
     test_file = REPO / "data/sample/test.json"
@@ -346,6 +481,8 @@ def test_trained_model_reproduces_memorized_summaries(tmp_path, memorized_run):
     submission = json.loads((tmp_path / "submission.json").read_text(encoding="utf-8"))
     infer.check_submission(submission, json.loads(test_file.read_text(encoding="utf-8")), "submission.json")
     assert (tmp_path / "scores.json").read_text(encoding="utf-8") == scores_text  # test outputs are empty: no scoring
+    guard = json.loads((tmp_path / "submission.guard.json").read_text(encoding="utf-8"))
+    assert [item["id"] for item in guard["items"]] == [r["id"] for r in submission]
 
 
 # ---------------------------------------------------------------------------------------------

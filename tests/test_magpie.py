@@ -4,6 +4,7 @@ the filters, and that the output feeds `prep.py --extra`."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,9 @@ def test_resume_adds_only_the_missing_pairs(magpie_runs):
     first_ids = {r["id"] for r in read_jsonl(out)[: magpie_runs["after_first"].count("\n")]} | {r["id"] for r in magpie_runs["rejects_first"]}
     assert first_ids == {f"magpie-{i:06d}" for i in range(4)}
     assert "0 already done" not in magpie_runs["second"].stdout and "4 already done" in magpie_runs["second"].stdout
+    # stdout is a pipe (as under nohup or Colab's !python): one plain line per batch of pairs, none per generate() call.
+    progress = re.findall(r"^pairs: (\d)/2 \(\d+%\), [\d.]+ items/s, ETA \w+, kept \d+, rejected \d+$", magpie_runs["second"].stdout, re.M)
+    assert progress == ["2"] and "generating:" not in magpie_runs["second"].stdout, magpie_runs["second"].stdout
 
 
 def test_greedy_instructions_are_filtered_as_near_duplicates(magpie_runs):

@@ -307,3 +307,51 @@ def test_select_refuses_mismatched_files_and_writes_nothing(tmp_path):
     result = run_script(["infer.py", "--select", "a.json", "b.json", "--output", "best.json", "--select_metric", "rouge1"], cwd=tmp_path)
     assert_one_line_error(result, "b.json", "1 missing", refs[2]["id"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output guard: the length band and repetition loops
+# ---------------------------------------------------------------------------------------------
+
+LOOPING = "이 대화에서 화자들은 여행에 대해 말했습니다. " + "SD2000001은 제주도에 가고 싶다고 말했습니다. " * 3
+REDUPLICATION = "SD2000001은 무슨 무슨 일이 있었는지 하나 하나 따로 따로 정리했다고 말했습니다. 네 네 하고 대답했습니다."
+
+
+@pytest.mark.parametrize("text, found", [
+    (LOOPING, "sentence written 3x: SD2000001은 제주도에 가고 싶다고 말했습니다."),
+    ("두 화자는 취미에 대해 말했습니다. " + "그리고 " * 12, "'그리고 ' written 12x in a row"),
+    ("두 화자는 취미에 대해 말했습니다. " + "그리고 " * 6, None),  # 24 characters: below MIN_LOOP_CHARS
+    ("ㅋ" * 40, "'ㅋ' written 40x in a row"),
+    (REDUPLICATION, None),
+    ("네. 네. 네. 좋아요.", None),  # short sentences may repeat for real
+])
+def test_repetition_loop(text, found):
+    assert score.repetition_loop(text) == found
+
+
+def test_reference_summaries_raise_no_loop_flag():
+    for name in ("train", "dev"):
+        for record in json.loads((REPO_ROOT / "data/sample" / f"{name}.json").read_text(encoding="utf-8")):
+            assert score.repetition_loop(record["output"]) is None, record["id"]
+
+
+def test_guard_flags():
+    band = (40, 120)
+    assert score.guard_flags("두 화자는 이 대화에서 여행에 대해 말했습니다. SD2000001은 제주도가 좋다고 말했습니다.", band) == []
+    assert score.guard_flags("여행 이야기.", band) == ["short: 7 chars < 40"]
+    assert score.guard_flags("", band) == ["short: 0 chars < 40"]
+    assert score.guard_flags("가나다라마바사 " * 20, band)[0] == "long: 160 chars > 120"
+    assert score.guard_flags(LOOPING[:110], band) == [f"loop: {score.repetition_loop(LOOPING[:110])}"]
+
+
+def test_length_band_comes_from_the_competition_summaries_the_model_trained_on(tmp_path):
+    """prep.py's real output with augmentation rows: the band spans the 8 sample train summaries
+    (144-175 chars), not the alpaca rows' short answers; without training rows it is the competition's range."""
+    result = run_script(["prep.py", "--train", REPO_ROOT / "data/sample/train.json", "--dev", REPO_ROOT / "data/sample/dev.json",
+                         "--extra", REPO_ROOT / "data/sample/extra_alpaca.json", "--out", tmp_path / "prepared"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    low, high, source = score.length_band({"settings": {"data": str(tmp_path / "prepared")}})
+    lengths = sorted(len(r["output"]) for r in json.loads((REPO_ROOT / "data/sample/train.json").read_text(encoding="utf-8")))
+    assert (low, high) == (lengths[0], lengths[-1]) == (144, 175)
+    assert "of the 8 competition summaries" in source
+    assert score.length_band({})[:2] == score.length_band({"settings": {"data": str(tmp_path / "nowhere")}})[:2] == (148, 1011)
