@@ -6,6 +6,7 @@ Terminal (one 24 GB GPU, the seed team's hyperparameters are the defaults):
     python train.py                                      # same command after an interruption: resumes
     python train.py --config run.yaml --learning_rate 1e-5          # YAML holds the same names; flags win
     python train.py --per_device_train_batch_size 4 --gradient_accumulation_steps 4   # seed's 4 x 4 (48-80 GB)
+    torchrun --standalone --nproc_per_node 2 train.py --gradient_accumulation_steps 8  # 2 GPUs (DDP), same effective 16
 
 Colab (keep output_dir on Drive so a disconnect does not lose the checkpoints):
     !python train.py --output_dir /content/drive/MyDrive/gemma2-9b-dcs
@@ -28,10 +29,13 @@ smoke runs on tiny models, not for training the 9B model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
+import signal
 import sys
 import time
 import typing
@@ -51,7 +55,6 @@ from prep import (
     is_complete_checkpoint,
     parse_jsonl,
     read_json,
-    run_cli,
     write_text_atomic,
 )
 
@@ -89,7 +92,8 @@ class TrainSettings:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint dir to resume from (default: the last one in output_dir)"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "start from scratch over a finished or interrupted run"})
     save_merged: bool = field(default=False, metadata={"help": "also write a merged 16-bit model to output_dir/merged"})
-    push_to_hub: str | None = field(default=None, metadata={"help": "upload the adapter to this hub repo (needs HF_TOKEN)"})
+    push_to_hub: str | None = field(default=None, metadata={"help": "upload the adapter to this hub repo, created private (needs HF_TOKEN)"})
+    hub_public: bool = field(default=False, metadata={"help": "create the --push_to_hub repo public instead of private"})
 
 
 MERGE_METHODS = ("cat", "linear", "svd", "ties", "dare_ties", "dare_linear")  # PEFT's combination_type names
@@ -282,9 +286,10 @@ def check_lengths(rows: list[dict], lengths: list[int], max_seq_length: int, pat
             )
 
 
-def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int) -> int:
-    """HF Trainer's count: micro-batches per epoch, then optimizer steps (a partial accumulation counts)."""
-    micro_batches = math.ceil(n_rows / batch_size)
+def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:
+    """HF Trainer's count: micro-batches per process (accelerate deals whole batches round-robin to the
+    processes and pads the last round), then optimizer steps (a partial accumulation counts)."""
+    micro_batches = math.ceil(math.ceil(n_rows / batch_size) / world_size)
     return max(math.ceil(micro_batches / grad_accum), 1)
 
 
@@ -329,6 +334,24 @@ def clear_previous_run(output_dir: Path) -> None:
     for name in ("final", "merged"):
         if (output_dir / name).exists():
             shutil.rmtree(output_dir / name)
+
+
+def interrupted_message(output_dir: Path) -> str:
+    """What a Ctrl-C leaves behind, as it is: the newest complete checkpoint, or nothing."""
+    checkpoint = find_resumable_checkpoint(output_dir)
+    if checkpoint is None:
+        return f"interrupted before the first checkpoint: nothing was saved in {output_dir}; the same command starts over"
+    return f"interrupted: {checkpoint} is saved; run the same command again to resume from it"
+
+
+def merge_space_problem(need_bytes: int, free_bytes: int | None, where: Path) -> str | None:
+    """Why a 16-bit merge will not fit in `where`, or None. The merge downloads the 16-bit base into the
+    target folder and overwrites it shard by shard, so its peak is one 16-bit copy; unsloth_zoo's own guard
+    keeps 5% spare, and so does this."""
+    if free_bytes is None or free_bytes * 0.95 >= need_bytes:
+        return None
+    return (f"--save_merged needs about {need_bytes / 0.95 / 2**30:.1f} GiB free in {where} for the 16-bit merge, "
+            f"{free_bytes / 2**30:.1f} GiB free; free some space or drop --save_merged")
 
 
 def replace_dir(staging: Path, target: Path) -> None:
@@ -510,6 +533,9 @@ def build_trainer(cfg: TrainSettings, model, tokenizer, train_rows: list[dict], 
         max_length=cfg.max_seq_length,
         packing=False,
         completion_only_loss=True,
+        # Several GPUs (torchrun): every LoRA weight gets a gradient each step, and the search for unused ones
+        # breaks under gradient checkpointing; Unsloth's GPU trainer picks False for LoRA too (_ddp_defaults.py).
+        ddp_find_unused_parameters=False,
     )
     return SFTTrainer(
         model=model,
@@ -519,6 +545,109 @@ def build_trainer(cfg: TrainSettings, model, tokenizer, train_rows: list[dict], 
         processing_class=tokenizer,
         callbacks=[EveryEpochToo()],
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: several processes, Ctrl-C, the last evaluation, the merged copy and the upload
+# ---------------------------------------------------------------------------------------------
+
+def is_main_process() -> bool:
+    """torchrun and accelerate launch start one copy of this script per GPU, numbered by RANK."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def save_and_stop_on_request():
+    """A callback: once `requested` is set (by Ctrl-C), the Trainer checkpoints at the end of the current
+    optimizer step and stops. Under torchrun every process must stop at the same step, or the others wait
+    forever in the next all-reduce: the processes agree on the request each step (one tiny all-reduce)."""
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    class SaveAndStopOnRequest(TrainerCallback):
+        requested = False
+        stopped = False
+
+        def agreed(self, args) -> bool:
+            if not (dist.is_available() and dist.is_initialized()):
+                return self.requested
+            flag = torch.tensor([int(self.requested)], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.agreed(args):
+                control.should_save = control.should_training_stop = True
+                self.stopped = True
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if self.stopped:
+                control.should_evaluate = False  # a dev pass would only delay the exit
+
+    return SaveAndStopOnRequest()
+
+
+@contextlib.contextmanager
+def checkpoint_on_ctrl_c(stop, console):
+    """While training, the first Ctrl-C asks `stop` for a checkpoint at the step's end; a second one
+    interrupts at once (KeyboardInterrupt), leaving the newest complete checkpoint."""
+    def request_stop(signum, frame):
+        stop.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        console.print("[yellow]Ctrl-C: saving a checkpoint when this optimizer step ends, then stopping "
+                      "(Ctrl-C again stops at once, without it)[/yellow]")
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def evaluate_without_half_precision_cast(trainer) -> None:
+    """trainer.evaluate() outside training honours bf16/fp16_full_eval, which Unsloth turns on with bf16/fp16
+    training: HF Trainer then casts the whole model in place to half precision (norms and embeddings too) and
+    never casts back, so final/ and --save_merged would get the cast weights. Evaluate as trained instead."""
+    trainer.args.bf16_full_eval = trainer.args.fp16_full_eval = False
+    trainer.evaluate()
+
+
+def check_merge_space(model, output_dir: Path) -> None:
+    from unsloth_zoo.disk_utils import free_bytes, model_16bit_bytes
+
+    problem = merge_space_problem(model_16bit_bytes(model), free_bytes(output_dir), output_dir)
+    if problem:
+        raise UserError(problem)
+
+
+def save_merged(model, tokenizer, output_dir: Path, run_config: dict) -> None:
+    """base + adapter in 16 bit to output_dir/merged; final/ is already saved, so any failure is one line."""
+    check_merge_space(model, output_dir)
+    staging = output_dir / ".merged.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained_merged(str(staging), tokenizer, save_method="merged_16bit")
+    except Exception as err:  # download, disk, memory or backend: the adapter is safe whatever it was
+        shutil.rmtree(staging, ignore_errors=True)
+        raise after_final_failed("--save_merged", err, output_dir) from None
+    # The merged weights are 16-bit: re-quantizing them at inference would not be the model that was merged.
+    write_json(staging / "run_config.json", {**run_config, "load_in_4bit": False, "merged_from": str(output_dir / "final")})
+    replace_dir(staging, output_dir / "merged")
+
+
+def push_adapter(model, tokenizer, repo_id: str, private: bool, output_dir: Path) -> None:
+    """Adapter + tokenizer to the hub; `private` applies when the upload creates the repo."""
+    try:
+        model.push_to_hub(repo_id, private=private)
+        tokenizer.push_to_hub(repo_id, private=private)
+    except Exception as err:  # network, token, permissions: the adapter is safe whatever it was
+        raise after_final_failed("--push_to_hub", err, output_dir) from None
+
+
+def after_final_failed(flag: str, err: Exception, output_dir: Path) -> UserError:
+    """A step after final/ was written failed: one line that says so and that the adapter is kept."""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(f"{flag} failed ({type(err).__name__}: {first_line}); the adapter in {output_dir / 'final'} is saved")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,6 +663,7 @@ def main(cfg: TrainSettings) -> None:
     started = time.time()
     check_settings(cfg)
     output_dir = Path(cfg.output_dir)
+    main_process, world_size = is_main_process(), int(os.environ.get("WORLD_SIZE", "1"))
 
     console.rule("[bold]Data")
     train_rows, dev_rows, stats = load_prepared(cfg.data)
@@ -554,6 +684,8 @@ def main(cfg: TrainSettings) -> None:
                       "(meant for tests and smoke runs on tiny models, not for the 9B model).[/yellow]")
         if cfg.save_merged and cfg.load_in_4bit:
             raise UserError("--save_merged on the CPU backend needs --no-load_in_4bit (it cannot merge into 4-bit weights)")
+    if world_size > 1:
+        device = f"{world_size} processes x {device}"
     set_seed(cfg.seed)
 
     try:
@@ -565,14 +697,14 @@ def main(cfg: TrainSettings) -> None:
     dev_lengths = [count_tokens(tokenizer, row) for row in dev_rows]
     check_lengths(train_rows, train_lengths, cfg.max_seq_length, f"{cfg.data}/train.jsonl")
     check_lengths(dev_rows, dev_lengths, cfg.max_seq_length, f"{cfg.data}/dev.jsonl")
-    per_epoch = steps_per_epoch(len(train_rows), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+    per_epoch = steps_per_epoch(len(train_rows), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world_size)
     bf16 = bool(is_bfloat16_supported())
     console.print(settings_table(cfg, {
         "device": device,
         "train rows": len(train_rows),
         "dev rows": len(dev_rows) or "none (no eval loss)",
         "longest row (tokens)": max(train_lengths + dev_lengths),
-        "effective batch": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+        "effective batch": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size,
         "steps per epoch": per_epoch,
         "total steps": total_steps(cfg, per_epoch),
         "system prompt (from prep)": bool(stats.get("system_prompt", False)),
@@ -581,22 +713,32 @@ def main(cfg: TrainSettings) -> None:
 
     console.rule("[bold]Model")
     model, model_tokenizer = load_lora_model(cfg)
+    if cfg.save_merged:
+        check_merge_space(model, output_dir)  # now, not after hours of training
     trainer = build_trainer(cfg, model, model_tokenizer, train_rows, dev_rows, bf16)
     add_run_config_to_checkpoints(trainer, lambda state: build_run_config(
         cfg, stats, device, state.log_history, state.global_step, state.epoch, len(train_rows), len(dev_rows)))
+    stop = save_and_stop_on_request()
+    trainer.add_callback(stop)
     # Read back from the trainer: Unsloth's CPU backend may turn fp16 / bf16 off where the CPU lacks them.
     precision = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"
     optimizer = getattr(trainer.args.optim, "value", trainer.args.optim)
     console.print(f"LoRA r {cfg.lora_r} on {', '.join(cfg.target_modules)}; precision {precision}; optimizer {optimizer}")
 
     console.rule("[bold]Train")
-    if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+    if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint and main_process:
         clear_previous_run(output_dir)
+    trainer.accelerator.wait_for_everyone()  # no process starts writing checkpoints into a folder being cleared
     if resume:
         console.print(f"Resuming from {resume}")
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with checkpoint_on_ctrl_c(stop, console):
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.stopped:
+        raise KeyboardInterrupt
     if dev_rows and not loss_curves(trainer.state.log_history)[1]:
-        trainer.evaluate()
+        evaluate_without_half_precision_cast(trainer)  # every process: evaluation is collective
+    if not main_process:
+        return  # the processes hold the same weights: rank 0 writes them
 
     console.rule("[bold]Save")
     run_config = build_run_config(cfg, stats, device, trainer.state.log_history, trainer.state.global_step,
@@ -611,21 +753,12 @@ def main(cfg: TrainSettings) -> None:
     replace_dir(staging, output_dir / "final")
     console.print(f"adapter, tokenizer, run_config.json and loss.png -> {output_dir / 'final'}")
     if cfg.save_merged:
-        merged_staging = output_dir / ".merged.partial"
-        if merged_staging.exists():
-            shutil.rmtree(merged_staging)
-        try:
-            model.save_pretrained_merged(str(merged_staging), model_tokenizer, save_method="merged_16bit")
-        except NotImplementedError as err:
-            raise UserError(f"--save_merged: {err} (the adapter in {output_dir / 'final'} is saved)") from None
-        # The merged weights are 16-bit: re-quantizing them at inference would not be the model that was merged.
-        write_json(merged_staging / "run_config.json", {**run_config, "load_in_4bit": False, "merged_from": str(output_dir / "final")})
-        replace_dir(merged_staging, output_dir / "merged")
+        save_merged(model, model_tokenizer, output_dir, run_config)
         console.print(f"merged 16-bit model -> {output_dir / 'merged'}")
     if cfg.push_to_hub:
-        model.push_to_hub(cfg.push_to_hub)
-        model_tokenizer.push_to_hub(cfg.push_to_hub)
-        console.print(f"adapter and tokenizer uploaded to https://huggingface.co/{cfg.push_to_hub}")
+        push_adapter(model, model_tokenizer, cfg.push_to_hub, not cfg.hub_public, output_dir)
+        console.print(f"adapter and tokenizer uploaded to https://huggingface.co/{cfg.push_to_hub} "
+                      f"({'private' if not cfg.hub_public else 'public'} if this run created it; an existing repo keeps its visibility)")
 
     console.rule("[bold]Done")
     minutes = (time.time() - started) / 60
@@ -633,7 +766,8 @@ def main(cfg: TrainSettings) -> None:
                        if run_config[key] is not None)
     console.print(f"step {trainer.state.global_step}, {losses}, wall time {minutes:.1f} min")
     if on_gpu:
-        console.print(f"peak GPU memory {torch.cuda.max_memory_reserved() / 2**30:.1f} GB on {device}")
+        console.print(f"peak GPU memory {torch.cuda.max_memory_reserved() / 2**30:.1f} GiB on {device}"
+                      + (" (rank 0's card; each process has its own)" if world_size > 1 else ""))
     console.print(f"compare the checkpoints on dev: [bold]python infer.py --model {output_dir} --input data/일상대화요약_dev.json[/bold]")
     console.print(f"next: [bold]python infer.py --model {output_dir / 'final'} --input data/일상대화요약_test.json[/bold]")
 
@@ -743,7 +877,12 @@ def merge_main(cfg: MergeSettings) -> None:
 
 
 def cli(argv: list[str] | None = None) -> None:
+    """Errors as one line, Ctrl-C as what it left behind; under torchrun only rank 0 speaks."""
     argv = sys.argv[1:] if argv is None else argv
+    main_process = is_main_process()
+    if not main_process:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
+    cfg = None
     try:
         if argv[:1] == ["merge"]:
             parser = build_parser(MergeSettings, MERGE_DESCRIPTION)
@@ -751,10 +890,15 @@ def cli(argv: list[str] | None = None) -> None:
             cfg, main_fn = MergeSettings(**vars(parser.parse_args(argv[1:]))), merge_main
         else:
             cfg, main_fn = parse_train_settings(argv), main
+        main_fn(cfg)
+        return
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    run_cli(main_fn, cfg)
+        message, code = f"error: {err}", 2
+    except KeyboardInterrupt:
+        message, code = interrupted_message(Path(cfg.output_dir)) if cfg else "interrupted", 130
+    if main_process:
+        print(message, file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -248,10 +248,9 @@ MEMORIZE_FLAGS = [
 ]  # one step per epoch, and train.py checkpoints every epoch: all 60 kept, for the checkpoint table and merges
 
 
-def train_memorized(model_dir: Path, root: Path, *train_flags: str) -> dict:
-    """prep.py on data/sample, then train.py on its first MEMORIZE_ROWS rows, through the real command
-    lines: {"prepared", "run" (output_dir; the adapter is run/"final"), "result" (train.py's process),
-    "records" (the memorized competition records, in order)}."""
+def prepare_memorize_rows(model_dir: Path, root: Path) -> dict:
+    """prep.py on data/sample through its real command line, cut to the first MEMORIZE_ROWS training rows:
+    {"prepared" (train.jsonl, dev.jsonl, stats.json), "records" (those competition records, in order)}."""
     prepared, four = root / "prepared", root / "prepared_four"
     result = run_script(["prep.py", "--train", SAMPLE_DIR / "train.json", "--dev", SAMPLE_DIR / "dev.json",
                          "--out", prepared, "--tokenizer", model_dir, "--max_seq_length", "1024"])
@@ -261,11 +260,25 @@ def train_memorized(model_dir: Path, root: Path, *train_flags: str) -> dict:
     (four / "train.jsonl").write_text("".join(lines[:MEMORIZE_ROWS]), encoding="utf-8")
     for name in ("dev.jsonl", "stats.json"):
         (four / name).write_bytes((prepared / name).read_bytes())
-    result = run_script(["train.py", "--model", model_dir, "--data", four, "--output_dir", root / "run", *MEMORIZE_FLAGS, *train_flags], cwd=root, timeout=1800)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ids = [json.loads(line)["id"] for line in lines[:MEMORIZE_ROWS]]
     by_id = {r["id"]: r for r in json.loads((SAMPLE_DIR / "train.json").read_text(encoding="utf-8"))}
-    return {"prepared": four, "run": root / "run", "result": result, "records": [by_id[i] for i in ids]}
+    return {"prepared": four, "records": [by_id[i] for i in ids]}
+
+
+def train_memorized(model_dir: Path, root: Path, *train_flags: str) -> dict:
+    """prepare_memorize_rows, then train.py on those rows through its real command line: {"prepared", "run"
+    (output_dir; the adapter is run/"final"), "result" (train.py's process), "records" (the memorized records)}."""
+    data = prepare_memorize_rows(model_dir, root)
+    result = run_script(["train.py", "--model", model_dir, "--data", data["prepared"], "--output_dir", root / "run",
+                         *MEMORIZE_FLAGS, *train_flags], cwd=root, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {**data, "run": root / "run", "result": result}
+
+
+@pytest.fixture(scope="session")
+def memorize_data(tiny_model_dir, tmp_path_factory) -> dict:
+    """The rows and records train_memorized trains on, for tests that train them their own way."""
+    return prepare_memorize_rows(tiny_model_dir, tmp_path_factory.mktemp("memorize_data"))
 
 
 @pytest.fixture(scope="session")

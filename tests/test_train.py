@@ -8,19 +8,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+import infer
 import train
-from conftest import END_OF_TURN_ID, MEMORIZE_ROWS, OFFLINE_ENV, REPO_ROOT, run_script
+from conftest import END_OF_TURN_ID, MEMORIZE_FLAGS, MEMORIZE_ROWS, OFFLINE_ENV, REPO_ROOT, run_script
 from prep import UserError
 
-# 8 rows, micro-batch 2, no accumulation: 4 steps per epoch, 12 in all, a checkpoint every 2.
+# 8 rows, micro-batch 2, no accumulation: 4 steps per epoch, 12 in all, a checkpoint at each epoch's end.
 RESUME_FLAGS = [
     "--num_train_epochs", "3", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
-    "--save_steps", "2", "--save_total_limit", "2", "--learning_rate", "1e-3", "--warmup_steps", "2",
+    "--save_total_limit", "2", "--learning_rate", "1e-3", "--warmup_steps", "2",
     "--lora_r", "8", "--lora_alpha", "8", "--max_seq_length", "1024", "--logging_steps", "1",
 ]
 
@@ -62,9 +64,47 @@ json.dump({
 """
 
 
+# The trainer train.py builds, evaluated after training the way train.py's fallback does, with the
+# full-eval flag Unsloth's GPU trainer sets for bf16 training: which float parameters changed dtype?
+EVALUATE_AFTER_TRAINING = """
+import json, sys
+import unsloth
+sys.path.insert(0, sys.argv[1])
+import train
+cfg = train.parse_train_settings(sys.argv[3:])
+rows, dev, _ = train.load_prepared(cfg.data)
+model, tokenizer = train.load_lora_model(cfg)
+trainer = train.build_trainer(cfg, model, tokenizer, rows, dev, bf16=False)
+dtypes = lambda: {name: str(p.dtype) for name, p in model.named_parameters() if p.dtype.is_floating_point}
+before = dtypes()
+trainer.args.bf16_full_eval = True
+train.evaluate_without_half_precision_cast(trainer)
+kept = dtypes()
+trainer.args.bf16_full_eval = True
+trainer.evaluate()
+json.dump({"before": before, "kept": kept, "plain_evaluate": dtypes()}, open(sys.argv[2], "w"))
+"""
+
+
 def python(code: str, *args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env={**os.environ, **OFFLINE_ENV},
                           capture_output=True, text=True, timeout=900)
+
+
+def interrupt_when(command: list[str], marker: str, tmp_path: Path) -> tuple[int, str, str]:
+    """Run a command and press Ctrl-C (SIGINT) once `marker` shows in its stdout: (exit code, stdout, stderr)."""
+    stderr_path = tmp_path / "interrupted.stderr"
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
+    with open(stderr_path, "w", encoding="utf-8") as stderr, \
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True) as proc:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if marker in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=900)
+    return proc.returncode, "".join(seen) + rest, stderr_path.read_text(encoding="utf-8")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -170,19 +210,17 @@ def test_interrupted_run_resumes_to_the_same_final_step(tiny_model_dir, prepared
 
     command = [sys.executable, str(REPO_ROOT / "train.py"), "--model", str(tiny_model_dir), "--data", str(prepared),
                "--output_dir", str(tmp_path / "run"), *RESUME_FLAGS]
-    env = {**os.environ, **OFFLINE_ENV}
-    first_checkpoint = tmp_path / "run" / "checkpoint-2" / "trainer_state.json"
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-        while proc.poll() is None and not first_checkpoint.is_file():
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
-    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
-    assert not (tmp_path / "run" / "final").exists()
+    # Ctrl-C after the first logged step, before the first scheduled checkpoint (step 4): the run checkpoints
+    # at the end of the step it is in, stops, and says so.
+    code, stdout, stderr = interrupt_when(command, "{'loss'", tmp_path)
+    assert code == 130, stdout[-2000:] + stderr[-2000:]
     stopped_at = train.find_resumable_checkpoint(tmp_path / "run")
     assert stopped_at is not None and int(stopped_at.name.split("-")[1]) < 12
+    assert stderr.strip().splitlines()[-1] == f"interrupted: {stopped_at} is saved; run the same command again to resume from it"
+    assert "Traceback" not in stderr and "finished work is kept" not in stderr
+    assert not (tmp_path / "run" / "final").exists()
 
+    env = {**os.environ, **OFFLINE_ENV}
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"Resuming from {stopped_at}" in resumed.stdout
@@ -194,6 +232,150 @@ def test_interrupted_run_resumes_to_the_same_final_step(tiny_model_dir, prepared
 
     again = run_script(["train.py", "--model", tiny_model_dir, "--data", prepared, "--output_dir", tmp_path / "run", *RESUME_FLAGS])
     assert_one_line_error(again, "holds a finished run", "--overwrite_output_dir")
+
+
+def test_ctrl_c_before_any_checkpoint_says_nothing_was_saved(tiny_model_dir, prepared, tmp_path):
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--model", str(tiny_model_dir), "--data", str(prepared),
+               "--output_dir", str(tmp_path / "run"), *RESUME_FLAGS]
+    code, stdout, stderr = interrupt_when(command, "rows, ", tmp_path)  # the data count: the model is not loaded yet
+    assert code == 130, stdout[-2000:] + stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (f"interrupted before the first checkpoint: nothing was saved in {tmp_path / 'run'}; "
+                                               "the same command starts over")
+    assert not train.checkpoint_dirs(tmp_path / "run")
+
+
+def test_evaluation_after_training_keeps_the_trained_precision(tiny_model_dir, prepared, tmp_path):
+    out = tmp_path / "dtypes.json"
+    result = python(EVALUATE_AFTER_TRAINING, REPO_ROOT, out, "--model", tiny_model_dir, "--data", prepared,
+                    "--max_seq_length", "1024", "--output_dir", tmp_path / "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    dtypes = json.loads(out.read_text(encoding="utf-8"))
+    assert dtypes["kept"] == dtypes["before"]
+    assert "torch.float32" in dtypes["before"].values()
+    # What the fallback did before: HF Trainer casts the float32 norms and embeddings to bf16 for good.
+    assert dtypes["plain_evaluate"] != dtypes["before"]
+
+
+def test_save_merged_failure_is_one_line_and_final_is_kept(tiny_model_dir, prepared, tmp_path):
+    """A real write failure: the merged 16-bit weights (~340 KB) exceed the file-size limit (RLIMIT_FSIZE),
+    which the adapter, checkpoint and tokenizer files (< 160 KB each) stay under."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (250_000, 250_000))
+
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--model", str(tiny_model_dir), "--data", str(prepared),
+               "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--per_device_train_batch_size", "2",
+               "--gradient_accumulation_steps", "1", "--lora_r", "8", "--lora_alpha", "8", "--max_seq_length", "1024",
+               "--save_merged", "--no-load_in_4bit"]
+    result = subprocess.run(command, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=900,
+                            preexec_fn=limit_file_size)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --save_merged failed (") and "File too large" in last
+    assert last.endswith(f"the adapter in {tmp_path / 'run' / 'final'} is saved")
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "final" / "run_config.json").is_file()
+    assert not (tmp_path / "run" / "merged").exists() and not (tmp_path / "run" / ".merged.partial").exists()
+
+
+def torchrun(*args) -> subprocess.CompletedProcess:
+    """train.py in 2 processes on CPU (gloo), as `torchrun --standalone --nproc_per_node 2` (a free port)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO_ROOT / "train.py"), *map(str, args)]
+    return subprocess.run(command, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=1200)
+
+
+def test_torchrun_two_processes_write_once_and_feed_infer(tiny_model_dir, memorize_data, tmp_path):
+    """Each process trains on its half of every batch of 4 (2 per process): the pair memorizes the summaries
+    the one-process run does; rank 0 alone prints and writes final/ and merged/; infer.py submits from final/."""
+    data = tmp_path / "data"  # the memorized rows without dev.jsonl: no evaluation every step
+    data.mkdir()
+    for name in ("train.jsonl", "stats.json"):
+        (data / name).write_bytes((memorize_data["prepared"] / name).read_bytes())
+    flags = [*MEMORIZE_FLAGS, "--per_device_train_batch_size", "2", "--save_total_limit", "2", "--no-load_in_4bit"]
+    result = torchrun("--model", tiny_model_dir, "--data", data, "--output_dir", tmp_path / "run", *flags, "--save_merged")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    for once in ("no GPU found, training on CPU", "steps per epoch", "adapter, tokenizer, run_config.json and loss.png ->",
+                 "merged 16-bit model ->", "next: "):
+        assert out.count(once) == 1, (once, out)
+    assert "2 processes" in out and "Traceback" not in result.stderr
+    run = tmp_path / "run"
+    config = json.loads((run / "final" / "run_config.json").read_text(encoding="utf-8"))
+    assert config["global_step"] == 60 and config["device"].startswith("2 processes x CPU")
+    for name in ("adapter_model.safetensors", "tokenizer.json", "loss.png"):
+        assert (run / "final" / name).is_file(), name
+    assert (run / "merged" / "model.safetensors").is_file() and (run / "merged" / "config.json").is_file()
+    assert not list(run.glob(".*.partial"))
+    assert [p.name for p in train.checkpoint_dirs(run)] == ["checkpoint-60", "checkpoint-59"]
+    assert {p.name for p in (run / "checkpoint-60").glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+
+    records = [{**record, "output": ""} for record in memorize_data["records"]]
+    (tmp_path / "test.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    inferred = run_script(["infer.py", "--model", run / "final", "--input", "test.json", "--batch_size", "4",
+                           "--max_new_tokens", "256"], cwd=tmp_path)
+    assert inferred.returncode == 0, inferred.stdout[-3000:] + inferred.stderr[-3000:]
+    submission = json.loads((tmp_path / "submission.json").read_text(encoding="utf-8"))
+    infer.check_submission(submission, records, "submission.json")
+    assert [r["output"] for r in submission] == [r["output"].strip() for r in memorize_data["records"]]
+
+
+class RefusingHub:
+    """A loopback stand-in for the Hugging Face Hub API: it records every request, creates repos and refuses
+    everything else (403), so a push gets as far as creating its repo and then fails."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, bytes]] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                hub.requests.append((self.command, self.path, body))
+                if self.command == "POST" and self.path == "/api/repos/create":
+                    name = json.loads(body)
+                    status, reply = 200, {"url": f"{hub.url}/{name['organization']}/{name['name']}"}
+                else:
+                    status, reply = 403, {"error": "this test hub accepts no uploads"}
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_HEAD = do_POST = do_PUT = answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def __enter__(self) -> "RefusingHub":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_push_to_hub_creates_a_private_repo_and_a_failed_upload_is_one_line(tiny_model_dir, prepared, tmp_path):
+    with RefusingHub() as hub:
+        result = run_script(["train.py", "--model", tiny_model_dir, "--data", prepared, "--output_dir", tmp_path / "run",
+                             "--max_steps", "1", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                             "--lora_r", "8", "--lora_alpha", "8", "--max_seq_length", "1024", "--push_to_hub", "me/dcs-lora"],
+                            env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_TOKEN": "hf_test"})
+    created = [json.loads(body) for method, path, body in hub.requests if path == "/api/repos/create"]
+    assert created and all(c.get("visibility") == "private" or c.get("private") is True for c in created), created
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --push_to_hub failed (") and "Traceback" not in result.stderr
+    assert last.endswith(f"the adapter in {tmp_path / 'run' / 'final'} is saved")
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,9 +480,20 @@ def test_defaults_are_the_seed_teams_run_on_24gb():
     assert cfg.target_modules == train.SEVEN_PROJECTIONS and cfg.load_in_4bit
 
 
-@pytest.mark.parametrize("rows, batch, accumulation, steps", [(506, 1, 16, 32), (506, 4, 4, 32), (8, 2, 1, 4), (8, 4, 1, 2), (3, 4, 4, 1)])
-def test_steps_per_epoch_matches_trainer(rows, batch, accumulation, steps):
-    assert train.steps_per_epoch(rows, batch, accumulation) == steps
+@pytest.mark.parametrize("rows, batch, accumulation, processes, steps", [
+    (506, 1, 16, 1, 32), (506, 4, 4, 1, 32), (8, 2, 1, 1, 4), (8, 4, 1, 1, 2), (3, 4, 4, 1, 1),
+    (506, 1, 16, 2, 16), (506, 1, 16, 4, 8), (8, 2, 1, 2, 2), (7, 2, 1, 2, 2), (4, 2, 1, 2, 1),
+])
+def test_steps_per_epoch_matches_trainer(rows, batch, accumulation, processes, steps):
+    assert train.steps_per_epoch(rows, batch, accumulation, processes) == steps
+
+
+def test_merge_space_problem_names_need_and_free(tmp_path):
+    gemma2_9b_16bit = 9_241_705_984 * 2  # parameters x 2 bytes: the merged folder and the base download it starts from
+    problem = train.merge_space_problem(gemma2_9b_16bit, 12 * 2**30, tmp_path)
+    assert problem == f"--save_merged needs about 18.1 GiB free in {tmp_path} for the 16-bit merge, 12.0 GiB free; free some space or drop --save_merged"
+    assert train.merge_space_problem(gemma2_9b_16bit, 40 * 2**30, tmp_path) is None
+    assert train.merge_space_problem(gemma2_9b_16bit, None, tmp_path) is None, "an unmeasurable disk does not block"
 
 
 def test_resume_skips_a_half_written_checkpoint(tmp_path):
