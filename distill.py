@@ -2,7 +2,7 @@
 
 Terminal:
     python distill.py distill --teacher_url http://localhost:8000/v1 --teacher_model MODEL   # teacher answers -> JSONL
-    python distill.py distill --teacher_url local --teacher_model outputs/run/final          # a local model, through infer.py
+    python distill.py distill --teacher_url local --teacher_model outputs/run/final          # a local model, through generate.py
     python distill.py magpie --model google/gemma-2-27b-it --n 1000                          # synthetic pairs -> JSONL
     python prep.py --extra data/distill/teacher.jsonl                                        # then train on them
 
@@ -13,7 +13,7 @@ Both commands append each finished row to a JSONL file at once (one line, flushe
 again, skip every id already in the output or rejects file: an interrupted run resumes where it
 stopped, and nothing finished is lost or generated twice. Both outputs are valid --extra sources.
 
-Imports go one way: this script builds on prep.py (records, prompt, IO, settings) and infer.py
+Imports go one way: this script builds on prep.py (records, prompt, IO, settings) and generate.py
 (model loading, batched generation); nothing imports it.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import infer
+import generate
 from dedup import keep_first_of_near_duplicates
 from prep import (
     EXTRA_SHAPES,
@@ -60,11 +60,11 @@ TOKEN_PARAM_CHOICES = ("auto", "max_tokens", "max_completion_tokens")
 
 
 @dataclass
-class DistillSettings(infer.EngineSettings):
+class DistillSettings(generate.EngineSettings):
     input: list[str] = field(default_factory=lambda: ["data/일상대화요약_train.json"], metadata={"help": "rows for the teacher: competition files (it writes a summary per conversation) or any source --extra accepts"})
     output: str = field(default="data/distill/teacher.jsonl", metadata={"help": "JSONL the answers are appended to (resumed if it exists)"})
     rejects: str | None = field(default=None, metadata={"help": "JSONL of refused/empty/truncated rows with the reason (default: <output>.rejects.jsonl)"})
-    teacher_url: str = field(default="http://localhost:8000/v1", metadata={"help": "OpenAI-compatible base URL (…/v1), or 'local' to generate with --teacher_model through infer.py"})
+    teacher_url: str = field(default="http://localhost:8000/v1", metadata={"help": "OpenAI-compatible base URL (…/v1), or 'local' to generate with --teacher_model here (the engines infer.py uses)"})
     teacher_model: str | None = field(default=None, metadata={"help": "model name the server serves, or a local path / hub id with --teacher_url local"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the API key (sent as a Bearer token when set)"})
     instruction: str | None = field(default=None, metadata={"help": "competition files only: the [Question] line instead of the competition's; {keywords} is replaced by the topic keywords"})
@@ -401,7 +401,7 @@ async def distill_over_http(items: list[DistillItem], cfg: DistillSettings, outp
 
 
 def hit_token_limit(tokenizer: Any, text: str, max_new_tokens: int) -> bool:
-    """infer.generate_texts returns decoded, stripped text, so the tokens are counted again; one token
+    """generate.generate_texts returns decoded, stripped text, so the tokens are counted again; one token
     of slack covers the whitespace the strip removed."""
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 1
 
@@ -411,9 +411,9 @@ def reject_row(item_id: str, reason: Any, model: str, source: str) -> dict:
 
 
 def distill_locally(items: list[DistillItem], cfg: DistillSettings, output: JsonlAppender, rejects: JsonlAppender, stats: dict, console: Any) -> None:
-    """--teacher_url local: the same batched generation infer.py uses; each batch is written as it finishes."""
+    """--teacher_url local: the same engines infer.py uses (generate.py); each batch is written as it finishes."""
 
-    engine = infer.open_engine(*infer.resolve_model(cfg.teacher_model), cfg, batch_size=cfg.batch_size, max_seq_length=None, load_in_4bit=cfg.load_in_4bit)
+    engine = generate.open_engine(*generate.resolve_model(cfg.teacher_model), cfg, batch_size=cfg.batch_size, max_seq_length=None, load_in_4bit=cfg.load_in_4bit)
     tokenizer = engine.tokenizer
     budget = engine.max_seq_length - cfg.max_new_tokens
     ready, prompts = [], []
@@ -445,7 +445,7 @@ def distill_locally(items: list[DistillItem], cfg: DistillSettings, output: Json
         stats["rejected"] += 1
 
     if prompts:
-        sampling = infer.Sampling(cfg.max_new_tokens, do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p)
+        sampling = generate.Sampling(cfg.max_new_tokens, do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p)
         engine.generate(prompts, sampling, on_batch=save_batch, on_set_aside=set_aside, console=console)
 
 
@@ -489,7 +489,7 @@ def distill_main(cfg: DistillSettings) -> None:
     for name in ("concurrency", "batch_size", "max_new_tokens", "max_consecutive_failures"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1")
-    infer.check_engine_settings(cfg)
+    generate.check_engine_settings(cfg)
     if cfg.engine != "unsloth" and not local:
         raise UserError(f"--engine {cfg.engine} runs a local teacher: pass --teacher_url local (a server is its own engine)")
     if cfg.max_retries < 0 or cfg.request_timeout <= 0 or cfg.backoff_base < 0:
@@ -513,7 +513,7 @@ def distill_main(cfg: DistillSettings) -> None:
         if local and todo:
             distill_locally(todo, cfg, output, rejects, stats, console)
         elif todo:
-            with infer.ItemProgress(console, "teacher answers", len(todo)) as progress:
+            with generate.ItemProgress(console, "teacher answers", len(todo)) as progress:
 
                 def advance() -> None:
                     progress.advance(1, f"ok {stats['written']} · rejected {stats['rejected']} · failed {stats['failed']}")
@@ -598,7 +598,7 @@ def magpie_main(cfg: MagpieSettings) -> None:
 
     import torch
 
-    model, tokenizer, _ = infer.load_model(cfg.model, load_in_4bit=cfg.load_in_4bit)
+    model, tokenizer, _ = generate.load_model(cfg.model, load_in_4bit=cfg.load_in_4bit)
     prefix = user_turn_prefix(tokenizer)
     kept_instructions = read_kept_instructions(cfg.output)
     output, rejects = JsonlAppender(cfg.output), JsonlAppender(cfg.rejects)
@@ -607,12 +607,12 @@ def magpie_main(cfg: MagpieSettings) -> None:
         rejects.write(reject_row(magpie_id(index), reason, cfg.model, "magpie"))
 
     try:
-        with infer.ItemProgress(console, "pairs", len(todo)) as progress:
+        with generate.ItemProgress(console, "pairs", len(todo)) as progress:
             for start in range(0, len(todo), cfg.batch_size):
                 batch = todo[start:start + cfg.batch_size]
                 torch.manual_seed(cfg.seed + batch[0])
                 too_big: set[int] = set()  # positions that ran out of memory even alone
-                instructions = infer.generate_texts(
+                instructions = generate.generate_texts(
                     model, tokenizer, [prefix] * len(batch), batch_size=cfg.batch_size, max_new_tokens=cfg.instruction_max_new_tokens,
                     do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p, on_set_aside=too_big.add, console=console, show_progress=False,
                 )
@@ -637,7 +637,7 @@ def magpie_main(cfg: MagpieSettings) -> None:
                 if fresh:
                     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True) for _, instruction in fresh]
                     too_big = set()
-                    answers = infer.generate_texts(
+                    answers = generate.generate_texts(
                         model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                         do_sample=cfg.response_temperature > 0, temperature=cfg.response_temperature or 1.0, top_p=cfg.response_top_p,
                         on_set_aside=too_big.add, console=console, show_progress=False,

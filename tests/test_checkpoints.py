@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import generate
 import infer
 from conftest import assert_one_line_error, run_script
 from score import rouge1_scores
@@ -80,11 +81,11 @@ def test_a_checkpoint_without_run_config_borrows_its_runs(tmp_path):
         (run / name / "adapter_config.json").write_text("{}", encoding="utf-8")
         if config:
             (run / name / "run_config.json").write_text(json.dumps(config), encoding="utf-8")
-    assert infer.find_run_config(run / "checkpoint-6") == {"system_prompt": True, "global_step": 6}
-    assert infer.find_run_config(run / "checkpoint-3") == {"system_prompt": True, "clean_inputs": True, "max_seq_length": 2048}
+    assert generate.find_run_config(run / "checkpoint-6") == {"system_prompt": True, "global_step": 6}
+    assert generate.find_run_config(run / "checkpoint-3") == {"system_prompt": True, "clean_inputs": True, "max_seq_length": 2048}
     (run / "final" / "run_config.json").unlink()
-    assert infer.find_run_config(run / "checkpoint-3") == {"system_prompt": True}
-    assert infer.find_run_config(tmp_path / "other") == {}
+    assert generate.find_run_config(run / "checkpoint-3") == {"system_prompt": True}
+    assert generate.find_run_config(tmp_path / "other") == {}
 
 
 # ---------------------------------------------------------------------------------------------

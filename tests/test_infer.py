@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-import infer  # import-light by design: no torch, no unsloth
+import generate  # import-light by design: no torch, no unsloth
+import infer
 import score
 from conftest import OFFLINE_ENV, REPO_ROOT as REPO, assert_one_line_error, run_script
 from prep import UserError, validate_record
@@ -48,19 +49,19 @@ def mixed_input(tmp_path_factory) -> Path:
 
 def test_length_sorted_schedule_and_padding_waste():
     lengths = [5, 100, 7, 98, 6, 99]
-    batches = infer.plan_batches(lengths, 2)
+    batches = generate.plan_batches(lengths, 2)
     assert batches == [[1, 5], [3, 2], [4, 0]]
     assert sorted(i for b in batches for i in b) == list(range(6))
-    waste_sorted = infer.padding_waste(lengths, batches)
-    waste_input_order = infer.padding_waste(lengths, [[0, 1], [2, 3], [4, 5]])
+    waste_sorted = generate.padding_waste(lengths, batches)
+    waste_input_order = generate.padding_waste(lengths, [[0, 1], [2, 3], [4, 5]])
     assert waste_sorted < 0.35 < waste_input_order
 
 
 def test_batches_are_budgeted_by_tokens():
     lengths = [100, 10, 12, 90, 11, 13]
     # 250 token positions with 20 new tokens each: 2 rows padded to 100 + 20, then 7 rows of 13 + 20 (capped at 4 rows)
-    assert infer.plan_batches(lengths, 4, max_new_tokens=20, max_batch_tokens=250) == [[0, 3], [5, 2, 4, 1]]
-    assert infer.plan_batches(lengths, 4, max_new_tokens=20, max_batch_tokens=50) == [[0], [3], [5], [2], [4], [1]]  # never below one row
+    assert generate.plan_batches(lengths, 4, max_new_tokens=20, max_batch_tokens=250) == [[0, 3], [5, 2, 4, 1]]
+    assert generate.plan_batches(lengths, 4, max_new_tokens=20, max_batch_tokens=50) == [[0], [3], [5], [2], [4], [1]]  # never below one row
 
 
 class FakeGPU:
@@ -76,13 +77,13 @@ class FakeGPU:
 
     def run(self, indices):
         self.calls.append(list(indices))
-        tokens = infer.batch_tokens(len(indices), max(self.lengths[i] for i in indices), self.max_new_tokens)
+        tokens = generate.batch_tokens(len(indices), max(self.lengths[i] for i in indices), self.max_new_tokens)
         if tokens > self.capacity or self.huge & set(indices):
             raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
         return [f"summary {i}" for i in indices], len(indices) * self.max_new_tokens
 
     def schedule(self, max_batch_size, max_batch_tokens):
-        infer.run_batches(
+        generate.run_batches(
             self.lengths, self.run, max_new_tokens=self.max_new_tokens, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
             out_of_memory=self.error, free_memory=self.free, on_batch=self.finished, on_set_aside=self.set_aside.append, say=self.said.append,
         )
@@ -124,11 +125,11 @@ def test_free_decode_memory_drops_the_buffers_unsloth_leaves_on_attention_module
 
     layer = torch.nn.Module()
     layer.self_attn = torch.nn.Linear(4, 4)
-    for name in infer.UNSLOTH_DECODE_BUFFERS:
+    for name in generate.UNSLOTH_DECODE_BUFFERS:
         setattr(layer.self_attn, name, torch.empty(2, 2))
     layer.attention = torch.nn.Linear(4, 4)  # a submodule that happens to share a buffer's name
-    infer.free_decode_memory(layer)
-    assert not [name for name in infer.UNSLOTH_DECODE_BUFFERS if name in layer.self_attn.__dict__]
+    generate.free_decode_memory(layer)
+    assert not [name for name in generate.UNSLOTH_DECODE_BUFFERS if name in layer.self_attn.__dict__]
     assert isinstance(layer.attention, torch.nn.Linear) and layer.self_attn.weight.shape == (4, 4)
 
 
@@ -139,16 +140,16 @@ def test_shorten_to_fit_cuts_the_middle_of_the_conversation():
     }, 0, "mem")
     render = lambda r: "\n".join(t["utterance"] for t in r["input"]["conversation"])  # noqa: E731
     full = render(record)
-    prompt, shortened = infer.shorten_to_fit(record, render, len, len(full))
+    prompt, shortened = generate.shorten_to_fit(record, render, len, len(full))
     assert (prompt, shortened) == (full, False)
-    prompt, shortened = infer.shorten_to_fit(record, render, len, len(full) // 2)
+    prompt, shortened = generate.shorten_to_fit(record, render, len, len(full) // 2)
     assert shortened and len(prompt) <= len(full) // 2
     assert prompt.startswith("발화00") and prompt.rstrip().endswith("발화19")
     assert "발화10" not in prompt
-    prompt, shortened = infer.shorten_to_fit(record, render, len, 20)  # even first + last are too long: their middles go
+    prompt, shortened = generate.shorten_to_fit(record, render, len, 20)  # even first + last are too long: their middles go
     assert shortened and len(prompt) <= 20 and prompt.startswith("발화00") and prompt.rstrip().endswith("발화19")
     with pytest.raises(UserError):
-        infer.shorten_to_fit(record, lambda r: "x" * 50 + render(r), len, 20)
+        generate.shorten_to_fit(record, lambda r: "x" * 50 + render(r), len, 20)
 
 
 def test_partial_file_round_trip_ignores_a_torn_line_and_refuses_another_run(tmp_path):
@@ -202,12 +203,12 @@ def test_regeneration_targets():
 
 
 def test_progress_lines_for_logs():
-    assert infer.progress_line("generating", 40, 408, 17.0, "12.0 tok/s") == "generating: 40/408 (10%), 2.35 items/s, ETA 2m36s, 12.0 tok/s"
-    assert infer.progress_line("pairs", 0, 8, 3.0) == "pairs: 0/8 (0%), 0.00 items/s, ETA unknown"
-    assert [done for done in range(1, 409) if infer.crosses_report_point(done - 1, done, 408)] == [*range(21, 408, 21), 408]
-    assert [done for done in range(1, 9) if infer.crosses_report_point(done - 1, done, 8)] == list(range(1, 9))
-    assert not infer.crosses_report_point(22, 30, 408) and infer.crosses_report_point(30, 50, 408)
-    assert [infer.format_duration(s) for s in (4, 75, 3725)] == ["4s", "1m15s", "1h02m"]
+    assert generate.progress_line("generating", 40, 408, 17.0, "12.0 tok/s") == "generating: 40/408 (10%), 2.35 items/s, ETA 2m36s, 12.0 tok/s"
+    assert generate.progress_line("pairs", 0, 8, 3.0) == "pairs: 0/8 (0%), 0.00 items/s, ETA unknown"
+    assert [done for done in range(1, 409) if generate.crosses_report_point(done - 1, done, 408)] == [*range(21, 408, 21), 408]
+    assert [done for done in range(1, 9) if generate.crosses_report_point(done - 1, done, 8)] == list(range(1, 9))
+    assert not generate.crosses_report_point(22, 30, 408) and generate.crosses_report_point(30, 50, 408)
+    assert [generate.format_duration(s) for s in (4, 75, 3725)] == ["4s", "1m15s", "1h02m"]
 
 
 def test_check_submission_refuses_what_the_scorer_would_reject():

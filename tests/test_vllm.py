@@ -64,16 +64,17 @@ def test_vllm_engine_reproduces_memorized_summaries_like_the_default_engine(tmp_
 SAMPLES_SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-import infer
+import generate
+from pathlib import Path
 
 if __name__ == "__main__":  # vLLM spawns its engine process, which imports this module again
-    settings = infer.EngineSettings(engine="vllm", enforce_eager=True, dtype="float32", gpu_memory_utilization=0.05)
-    engine = infer.open_engine(sys.argv[2], infer.read_run_config(infer.Path(sys.argv[2])), settings,
-                               batch_size=8, max_seq_length=None, load_in_4bit=None)
-    prompts = [infer.chat_prompt(engine.tokenizer, record, False) for record in json.loads(open(sys.argv[3], encoding="utf-8").read())]
+    settings = generate.EngineSettings(engine="vllm", enforce_eager=True, dtype="float32", gpu_memory_utilization=0.05)
+    engine = generate.open_engine(sys.argv[2], generate.read_run_config(Path(sys.argv[2])), settings,
+                                  batch_size=8, max_seq_length=None, load_in_4bit=None)
+    prompts = [generate.chat_prompt(engine.tokenizer, record, False) for record in json.loads(open(sys.argv[3], encoding="utf-8").read())]
     finished = []
-    greedy = engine.generate_candidates(prompts, infer.Sampling(256), 1, on_finished=lambda i, texts, n: finished.append(i))
-    sampled = engine.generate_candidates(prompts, infer.Sampling(256, do_sample=True, temperature=1.5), 8)
+    greedy = engine.generate_candidates(prompts, generate.Sampling(256), 1, on_finished=lambda i, texts, n: finished.append(i))
+    sampled = engine.generate_candidates(prompts, generate.Sampling(256, do_sample=True, temperature=1.5), 8)
     with open(sys.argv[4], "w", encoding="utf-8") as handle:
         json.dump({"greedy": greedy, "sampled": sampled, "finished": finished}, handle, ensure_ascii=False)
 """

@@ -56,19 +56,19 @@ def best_of(repeats: int, run):
 
 
 def vllm_worker(args) -> None:
-    """Child process (vLLM's venv): the greedy and the N-sample runs through infer.VllmEngine."""
-    import infer
+    """Child process (vLLM's venv): the greedy and the N-sample runs through generate.VllmEngine."""
+    import generate
 
     spec = json.loads(Path(args.worker_spec).read_text(encoding="utf-8"))
-    settings = infer.EngineSettings(engine="vllm", **spec["engine"])
+    settings = generate.EngineSettings(engine="vllm", **spec["engine"])
     start = time.perf_counter()
-    engine = infer.open_engine(spec["model"], infer.read_run_config(Path(spec["model"])), settings,
+    engine = generate.open_engine(spec["model"], generate.read_run_config(Path(spec["model"])), settings,
                                batch_size=1, max_seq_length=4096, load_in_4bit=None)
     startup_s = time.perf_counter() - start
-    greedy_sampling = infer.Sampling(spec["max_new_tokens"])
+    greedy_sampling = generate.Sampling(spec["max_new_tokens"])
     engine.generate(spec["prompts"][:4], greedy_sampling)  # warm-up
     greedy, greedy_s = best_of(spec["repeats"], lambda: engine.generate(spec["prompts"], greedy_sampling))
-    sampled = infer.Sampling(spec["max_new_tokens"], do_sample=True, temperature=1.0)
+    sampled = generate.Sampling(spec["max_new_tokens"], do_sample=True, temperature=1.0)
     _, samples_s = best_of(spec["repeats"], lambda: engine.generate_candidates(spec["prompts"], sampled, spec["num_samples"]))
     Path(args.worker_out).write_text(json.dumps({"startup_s": startup_s, "greedy": greedy, "greedy_s": greedy_s, "samples_s": samples_s}), encoding="utf-8")
 
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="time each mode this many times and keep the fastest")
     parser.add_argument("--vllm_python", default=str(REPO / ".venv-vllm" / "bin" / "python"), help="python of vLLM's venv")
     parser.add_argument("--vllm_engine_settings", default='{"enforce_eager": true, "dtype": "float32", "gpu_memory_utilization": 0.1}',
-                        help="infer.EngineSettings fields for vLLM as JSON (the default suits the CPU build)")
+                        help="generate.EngineSettings fields for vLLM as JSON (the default suits the CPU build)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--worker_spec", help=argparse.SUPPRESS)
     parser.add_argument("--worker_out", help=argparse.SUPPRESS)
@@ -114,7 +114,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    import infer
+    import generate
 
     quiet = Console(quiet=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,19 +123,19 @@ def main() -> None:
             from conftest import VLLM_SHAPE, build_tiny_gemma2
 
             model_path = str(build_tiny_gemma2(Path(tmp) / "tiny", **VLLM_SHAPE))
-        model, tokenizer, _ = infer.load_model(model_path, 4096, args.load_in_4bit)
-        prompts = [infer.chat_prompt(tokenizer, record, False) for record in bench_prompts(args.n_prompts)]
+        model, tokenizer, _ = generate.load_model(model_path, 4096, args.load_in_4bit)
+        prompts = [generate.chat_prompt(tokenizer, record, False) for record in bench_prompts(args.n_prompts)]
         lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         generate = dict(max_new_tokens=args.max_new_tokens, console=quiet)
 
         # Warm-up: the first calls of each batch shape are slower (kernel selection, allocator growth).
-        infer.generate_texts(model, tokenizer, prompts[:args.batch_size], batch_size=args.batch_size, **generate)
-        infer.generate_texts(model, tokenizer, prompts[:1], batch_size=1, **generate)
-        single, single_s = best_of(args.repeats, lambda: [infer.generate_texts(model, tokenizer, [p], batch_size=1, **generate)[0] for p in prompts])
-        batched, batched_s = best_of(args.repeats, lambda: infer.generate_texts(model, tokenizer, prompts, batch_size=args.batch_size, **generate))
+        generate.generate_texts(model, tokenizer, prompts[:args.batch_size], batch_size=args.batch_size, **generate)
+        generate.generate_texts(model, tokenizer, prompts[:1], batch_size=1, **generate)
+        single, single_s = best_of(args.repeats, lambda: [generate.generate_texts(model, tokenizer, [p], batch_size=1, **generate)[0] for p in prompts])
+        batched, batched_s = best_of(args.repeats, lambda: generate.generate_texts(model, tokenizer, prompts, batch_size=args.batch_size, **generate))
         # N candidates on the default engine: each prompt repeated N times, sampled, in the same batches.
         repeated = [p for p in prompts for _ in range(args.num_samples)]
-        _, samples_s = best_of(args.repeats, lambda: infer.generate_texts(model, tokenizer, repeated, batch_size=args.batch_size,
+        _, samples_s = best_of(args.repeats, lambda: generate.generate_texts(model, tokenizer, repeated, batch_size=args.batch_size,
                                                                             do_sample=True, **generate))
         del model
         vllm = run_vllm(args, model_path, prompts, tmp)
@@ -156,9 +156,9 @@ def main() -> None:
     for name, items_per_s, extra, differing in rows:
         table.add_row(name, f"{items_per_s:.2f}", f"{items_per_s * single_s / n:.1f}x", extra, "" if differing is None else f"{differing} of {n}")
     Console().print(table)
-    waste = infer.padding_waste(lengths, infer.plan_batches(lengths, args.batch_size))
+    waste = generate.padding_waste(lengths, generate.plan_batches(lengths, args.batch_size))
     input_order = [list(range(i, min(i + args.batch_size, n))) for i in range(0, n, args.batch_size)]
-    print(f"padding waste of the length-sorted batches: {waste:.0%} of prompt positions ({infer.padding_waste(lengths, input_order):.0%} in input order)")
+    print(f"padding waste of the length-sorted batches: {waste:.0%} of prompt positions ({generate.padding_waste(lengths, input_order):.0%} in input order)")
     if vllm:
         print(f"vLLM start-up (not in items/s): {vllm['startup_s']:.1f} s")
     if args.json:
