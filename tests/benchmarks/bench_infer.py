@@ -126,17 +126,17 @@ def main() -> None:
         model, tokenizer, _ = generate.load_model(model_path, 4096, args.load_in_4bit)
         prompts = [generate.chat_prompt(tokenizer, record, False) for record in bench_prompts(args.n_prompts)]
         lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-        generate = dict(max_new_tokens=args.max_new_tokens, console=quiet)
+        generation = dict(max_new_tokens=args.max_new_tokens, console=quiet)
 
         # Warm-up: the first calls of each batch shape are slower (kernel selection, allocator growth).
-        generate.generate_texts(model, tokenizer, prompts[:args.batch_size], batch_size=args.batch_size, **generate)
-        generate.generate_texts(model, tokenizer, prompts[:1], batch_size=1, **generate)
-        single, single_s = best_of(args.repeats, lambda: [generate.generate_texts(model, tokenizer, [p], batch_size=1, **generate)[0] for p in prompts])
-        batched, batched_s = best_of(args.repeats, lambda: generate.generate_texts(model, tokenizer, prompts, batch_size=args.batch_size, **generate))
+        generate.generate_texts(model, tokenizer, prompts[:args.batch_size], batch_size=args.batch_size, **generation)
+        generate.generate_texts(model, tokenizer, prompts[:1], batch_size=1, **generation)
+        single, single_s = best_of(args.repeats, lambda: [generate.generate_texts(model, tokenizer, [p], batch_size=1, **generation)[0] for p in prompts])
+        batched, batched_s = best_of(args.repeats, lambda: generate.generate_texts(model, tokenizer, prompts, batch_size=args.batch_size, **generation))
         # N candidates on the default engine: each prompt repeated N times, sampled, in the same batches.
         repeated = [p for p in prompts for _ in range(args.num_samples)]
         _, samples_s = best_of(args.repeats, lambda: generate.generate_texts(model, tokenizer, repeated, batch_size=args.batch_size,
-                                                                            do_sample=True, **generate))
+                                                                            do_sample=True, **generation))
         del model
         vllm = run_vllm(args, model_path, prompts, tmp)
 
