@@ -272,17 +272,13 @@ def free_decode_memory(model) -> None:
     (unsloth/models/gemma2.py: paged_attention*, temp_*, RH_Q, attention) until the next prefill
     replaces them layer by layer; while they are referenced, torch.cuda.empty_cache() cannot return
     their memory, and the retry runs out again."""
-    import gc
-
     import torch
 
     for module in model.modules():
         for name in UNSLOTH_DECODE_BUFFERS:
             if isinstance(module.__dict__.get(name), torch.Tensor):
                 del module.__dict__[name]
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_accelerator_memory()
 
 
 def new_token_count(row: list[int], stops: list[int], pad_id: int) -> int:
@@ -710,7 +706,8 @@ def shorten_to_fit(record: dict, render: Callable[[dict], str], count_tokens: Ca
 
 
 def free_accelerator_memory() -> None:
-    """Release the last checkpoint's model before the next one loads (main's locals are gone once it returns)."""
+    """Return unreferenced GPU memory to the driver: after an out-of-memory batch, and between checkpoints
+    (main's locals are gone once it returns)."""
     import gc
 
     gc.collect()
