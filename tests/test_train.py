@@ -75,6 +75,12 @@ cfg = train.parse_train_settings(sys.argv[3:])
 rows, dev, _ = train.load_prepared(cfg.data)
 model, tokenizer = train.load_lora_model(cfg)
 trainer = train.build_trainer(cfg, model, tokenizer, rows, dev, bf16=False)
+# The premise: a model of mixed precision (float32 LoRA weights beside a half-precision base, as PEFT keeps them
+# on a GPU). Unsloth's CPU backend loads everything in bfloat16 on a CPU with bf16 hardware and TRL casts a
+# quantized model's adapters to bfloat16, so build the mix here whatever the CPU.
+for name, parameter in model.named_parameters():
+    if "lora_" in name:
+        parameter.data = parameter.data.float()
 dtypes = lambda: {name: str(p.dtype) for name, p in model.named_parameters() if p.dtype.is_floating_point}
 before = dtypes()
 trainer.args.bf16_full_eval = True
@@ -86,9 +92,9 @@ json.dump({"before": before, "kept": kept, "plain_evaluate": dtypes()}, open(sys
 """
 
 
-def python(code: str, *args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env={**os.environ, **OFFLINE_ENV},
-                          capture_output=True, text=True, timeout=900)
+def python(code: str, *args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd,
+                          env={**os.environ, **OFFLINE_ENV, **(env or {})}, capture_output=True, text=True, timeout=900)
 
 
 def interrupt_when(command: list[str], marker: str, tmp_path: Path) -> tuple[int, str, str]:
@@ -244,10 +250,13 @@ def test_ctrl_c_before_any_checkpoint_says_nothing_was_saved(tiny_model_dir, pre
     assert not train.checkpoint_dirs(tmp_path / "run")
 
 
-def test_evaluation_after_training_keeps_the_trained_precision(tiny_model_dir, prepared, tmp_path):
+@pytest.mark.parametrize("cpu_bf16", ["0", "1"], ids=["cpu_without_bf16", "cpu_with_bf16"])
+def test_evaluation_after_training_keeps_the_trained_precision(tiny_model_dir, prepared, tmp_path, cpu_bf16):
+    """Both kinds of CPU, whichever this one is: UNSLOTH_CPU_BF16 overrides Unsloth's hardware check."""
     out = tmp_path / "dtypes.json"
     result = python(EVALUATE_AFTER_TRAINING, REPO_ROOT, out, "--model", tiny_model_dir, "--data", prepared,
-                    "--max_seq_length", "1024", "--output_dir", tmp_path / "run", cwd=tmp_path)
+                    "--max_seq_length", "1024", "--output_dir", tmp_path / "run", cwd=tmp_path,
+                    env={"UNSLOTH_CPU_BF16": cpu_bf16})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     dtypes = json.loads(out.read_text(encoding="utf-8"))
     assert dtypes["kept"] == dtypes["before"]
