@@ -189,7 +189,8 @@ def test_prefill_attention_is_budgeted_for_gemma2_9b():
     budget = int(generate.DEFAULT_MAX_ATTENTION_GIB * 2**30)
     rows = [generate.fitting_batch_size(length, 1024, 8, 32768, heads, budget) for length in (7000, 4000, 3000, 2000)]
     assert rows == [1, 2, 4, 8]  # at 2,000 tokens --batch_size 8 is the limit, as before
-    assert generate.plan_batches([7000] * 3 + [2000] * 8, 8, 1024, 32768, heads, budget) == [[0], [1], [2], list(range(3, 11))]
+    plan = generate.plan_batches([7000] * 3 + [2000] * 8, 8, 1024, 32768, heads, budget)
+    assert plan == [[0], [1], [2], list(range(3, 11))]
 
 
 def test_run_batches_keeps_prefill_attention_within_its_budget():
@@ -199,6 +200,58 @@ def test_run_batches_keeps_prefill_attention_within_its_budget():
     gpu.schedule(max_batch_size=8, max_batch_tokens=32768, max_attention_bytes=3 * 2**30)
     assert sorted(gpu.done) == list(range(16)) and gpu.freed == 0
     assert [len(call) for call in gpu.calls] == [2, 2, 2, 2, 8]  # 1.48 GB of scores a row at 3,000 tokens
+
+
+# Runs Unsloth's own prefill attention (GPU-only in a real run: the CPU backend generates through transformers)
+# on CPU under torch's profiler and reports the most bytes it held at once per score. In a subprocess: importing
+# unsloth patches transformers for the whole process.
+MEASURE_PREFILL_ATTENTION = """
+import json
+import unsloth  # first: it patches transformers
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import Gemma2Config
+from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention
+from unsloth.kernels.flex_attention import slow_inference_attention_softcapping
+
+rows, heads, kv_heads, head_dim, length = 2, 4, 2, 16, 512
+config = Gemma2Config(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, query_pre_attn_scalar=head_dim, num_hidden_layers=1)
+attention = Gemma2Attention(config, layer_idx=0)
+peaks = {}
+for dtype in (torch.float32, torch.bfloat16):
+    Q = torch.randn(rows, heads, length, head_dim, dtype=dtype)
+    K, V = (torch.randn(rows, kv_heads, length, head_dim, dtype=dtype) for _ in range(2))
+    mask = torch.zeros(rows, 1, length, length, dtype=dtype)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        slow_inference_attention_softcapping(Q, K, V, mask, attention, rows, length)
+    # An op's own allocations happen as it starts, what it frees itself as it ends.
+    moves = sorted((e.time_range.end if e.self_cpu_memory_usage < 0 and e.name != "[memory]" else e.time_range.start,
+                    e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    held = peak = 0
+    for _, change in moves:
+        held += change
+        peak = max(peak, held)
+    peaks[str(dtype)] = peak / (rows * heads * length * length)
+print(json.dumps(peaks))
+"""
+
+
+def test_score_bytes_match_unsloths_gemma2_prefill_attention_measured():
+    result = subprocess.run([sys.executable, "-c", MEASURE_PREFILL_ATTENTION], env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    peaks = json.loads(result.stdout.strip().splitlines()[-1])
+    # bfloat16: the scores (2 bytes), softmax's float32 copy of them (4) and its float32 output (4); float32:
+    # the scores and the output. A little more for Q, K and V (length 512 against head_dim 16).
+    assert generate.SCORE_BYTES <= peaks["torch.bfloat16"] <= generate.SCORE_BYTES + 0.5, peaks
+    assert 8 <= peaks["torch.float32"] <= generate.SCORE_BYTES, peaks
+
+
+def test_max_attention_gib_must_be_positive(tmp_path):
+    result = run_infer("--input", str(REPO / "data/sample/test.json"), "--max_attention_gib", "0", cwd=tmp_path)
+    assert_one_line_error(result, "--max_attention_gib")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_free_decode_memory_drops_the_buffers_unsloth_leaves_on_attention_modules():
