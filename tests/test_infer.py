@@ -148,6 +148,14 @@ def test_growing_back_skips_a_row_count_that_ran_out_of_memory_at_about_that_len
     assert sizes[:6] == [4, 2, 2, 2, 2, 3] and set(sizes[6:-1]) == {3}
 
 
+def test_rows_known_to_fail_cover_the_same_length_and_longer_only():
+    failures = [(1000, 4), (2000, 3)]
+    assert generate.rows_known_to_fail([], 1000) is None
+    assert generate.rows_known_to_fail(failures, 2500) == 3  # longer than both
+    assert generate.rows_known_to_fail(failures, 1800) == 3 and generate.rows_known_to_fail(failures, 1799) == 4
+    assert generate.rows_known_to_fail(failures, 900) == 4 and generate.rows_known_to_fail(failures, 899) is None
+
+
 def test_an_error_that_is_not_out_of_memory_is_raised_and_nothing_is_retried():
     import torch
 
