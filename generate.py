@@ -35,6 +35,26 @@ ENGINES = ("unsloth", "vllm")
 # gemma-2-9b keeps 42 layers x 2 x 8 KV heads x 256 dims x 2 bytes = 344 KB of KV cache per token:
 # 32K token positions are ~11 GB, beside the ~6.5 GB of 4-bit weights on a 24 GB card.
 DEFAULT_MAX_BATCH_TOKENS = 32768
+# Unsloth's Gemma 2 prefill of a left-padded batch takes slow_inference_attention_softcapping
+# (unsloth/models/gemma2.py:203,255-261: flash-attn only when attention_mask is None, which padding rules out),
+# and that materializes every layer's rows x heads x L x L scores (unsloth/kernels/flex_attention.py:212-222):
+# the scores in the model dtype, softmax's float32 copy of them and its output, then the cast back. Measured on
+# the same code (tests/test_infer.py): 10 bytes a score in bfloat16 (2 + 4 + 4 while softmax runs), 8 in float32.
+# Beside them the model keeps two rows x 1 x L x L masks, sliding and global (unsloth/models/llama.py:1519-1524).
+SCORE_BYTES = 10
+MASK_BYTES = 4  # two masks of 2 bytes (bfloat16 / float16) per position pair and row
+# gemma-2-9b (16 heads): 16 x 10 + 4 = 164 bytes x L^2 a row, 8.0 GB at L = 7,000, so 4 rows (32 GB) cannot
+# fit a 24 GB card. 6 GiB next to ~6.5 GB of 4-bit weights and up to ~11 GB of KV cache (--max_batch_tokens)
+# gives 1 row above L = 4,400, 2 at 4,000, 4 at 3,000, 9 at 2,000 (--batch_size and --max_batch_tokens cap it first).
+DEFAULT_MAX_ATTENTION_GIB = 6.0
+# A length that ran out of memory at N rows caps prompts down to this share of it below N rows: the KV cache
+# grows with the length and the scores with its square, so a prompt 10% shorter still needs 81% of the scores.
+SAME_LENGTH_SHARE = 0.9
+# Messages of allocation failures torch raises as a plain RuntimeError or torch.AcceleratorError: cuBLAS's
+# handle or workspace (ATen/cuda/Exceptions.h:63-69, TORCH_CUDABLAS_CHECK: "CUDA error: CUBLAS_STATUS_ALLOC_FAILED
+# when calling `cublasCreate(handle)`"), the CUDA runtime's cudaErrorMemoryAllocation (c10/cuda/CUDAException.h:31:
+# "CUDA error: out of memory") and the CPU allocator ("DefaultCPUAllocator: can't allocate memory").
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "can't allocate memory")
 
 
 @dataclass
@@ -42,6 +62,9 @@ class EngineSettings:
     """How the model generates; shared by infer.py and distill.py's local teacher."""
     engine: str = field(default="unsloth", metadata={"help": "unsloth: Unsloth's generate() in length-sorted batches; vllm: vLLM's offline engine (continuous batching, prefix caching; its own venv, see README)", "choices": ENGINES})
     max_batch_tokens: int = field(default=DEFAULT_MAX_BATCH_TOKENS, metadata={"help": "unsloth engine: most token positions per generate() call, batch x (longest prompt + max_new_tokens); shrinks on CUDA out-of-memory, grows back after successes"})
+    max_attention_gib: float = field(default=DEFAULT_MAX_ATTENTION_GIB, metadata={
+        "help": "unsloth engine, Gemma 2: most GiB for one layer's prefill attention scores, rows x heads x "
+                "longest prompt^2 x 10 bytes (Unsloth builds them whole for a padded batch); 6 suits a 24 GB card"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm engine: GPUs the model is split over"})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm engine: share of each GPU's memory vLLM may take (weights + KV cache)"})
     max_model_len: int | None = field(default=None, metadata={"help": "vllm engine: context length (prompt + answer); default: --max_seq_length's value"})
@@ -52,6 +75,8 @@ class EngineSettings:
 def check_engine_settings(settings: EngineSettings) -> None:
     if settings.max_batch_tokens < 1 or settings.tensor_parallel_size < 1:
         raise UserError("--max_batch_tokens and --tensor_parallel_size must be at least 1")
+    if not settings.max_attention_gib > 0:
+        raise UserError("--max_attention_gib must be above 0")
     if not 0 < settings.gpu_memory_utilization <= 1:
         raise UserError("--gpu_memory_utilization must be in (0, 1]")
     if settings.max_model_len is not None and settings.max_model_len < 1:
@@ -195,17 +220,55 @@ def batch_tokens(size: int, longest_prompt: int, max_new_tokens: int) -> int:
     return size * (longest_prompt + max_new_tokens)
 
 
-def fitting_batch_size(longest_prompt: int, max_new_tokens: int, max_batch_size: int, max_batch_tokens: int) -> int:
-    """Most rows (at least one, at most `max_batch_size`) whose batch_tokens stay within `max_batch_tokens`."""
-    return max(1, min(max_batch_size, max_batch_tokens // (longest_prompt + max_new_tokens)))
+def prefill_attention_bytes(size: int, longest_prompt: int, heads: int) -> int:
+    """Peak bytes of one layer's attention while Unsloth prefills `size` rows padded to `longest_prompt`
+    (see SCORE_BYTES): the scores of every head and the two masks."""
+    return size * longest_prompt ** 2 * (heads * SCORE_BYTES + MASK_BYTES)
 
 
-def plan_batches(lengths: list[int], max_batch_size: int, max_new_tokens: int = 0, max_batch_tokens: int | None = None) -> list[list[int]]:
-    """The batches run_batches starts with: longest prompts first, each within the token budget
-    (until an out-of-memory error shrinks it)."""
+def prefill_score_heads(config) -> int:
+    """Heads whose L x L scores the prefill materializes: Gemma 2's (Unsloth's softcapping path, IS_GEMMA2 in
+    unsloth/models/llama.py:1405), 0 for other models, whose attention is not budgeted here."""
+    return config.num_attention_heads if str(getattr(config, "model_type", "")).startswith("gemma2") else 0
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation failure that a smaller batch can avoid: torch.OutOfMemoryError (what
+    bitsandbytes' 4-bit kernels raise too, allocating through torch.empty: bitsandbytes/backends/cuda/ops.py),
+    Python's MemoryError, or a RuntimeError carrying one of OUT_OF_MEMORY_MESSAGES."""
+    torch = sys.modules.get("torch")  # not imported here: no torch error can exist without it
+    if isinstance(error, MemoryError) or (torch is not None and isinstance(error, torch.OutOfMemoryError)):
+        return True
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and any(text.lower() in message for text in OUT_OF_MEMORY_MESSAGES)
+
+
+def rows_known_to_fail(failures: list[tuple[int, int]], longest_prompt: int) -> int | None:
+    """Fewest rows that ran out of memory, as (longest prompt, rows) in `failures`, at this length or one up to
+    1 / SAME_LENGTH_SHARE longer; None when none did."""
+    rows = [size for length, size in failures if longest_prompt >= SAME_LENGTH_SHARE * length]
+    return min(rows) if rows else None
+
+
+def fitting_batch_size(longest_prompt: int, max_new_tokens: int, max_batch_size: int, max_batch_tokens: int,
+                       heads: int = 0, max_attention_bytes: int | None = None) -> int:
+    """Most rows (at least one, at most `max_batch_size`) whose batch_tokens stay within `max_batch_tokens`
+    and, for a model with `heads` budgeted (prefill_score_heads), whose prefill_attention_bytes stay within
+    `max_attention_bytes`."""
+    rows = min(max_batch_size, max_batch_tokens // (longest_prompt + max_new_tokens))
+    if heads and max_attention_bytes is not None:
+        rows = min(rows, max_attention_bytes // prefill_attention_bytes(1, longest_prompt, heads))
+    return max(1, rows)
+
+
+def plan_batches(lengths: list[int], max_batch_size: int, max_new_tokens: int = 0, max_batch_tokens: int | None = None,
+                 heads: int = 0, max_attention_bytes: int | None = None) -> list[list[int]]:
+    """The batches run_batches starts with: longest prompts first, each within the token and attention
+    budgets (until an out-of-memory error shrinks them)."""
     order, batches, position = length_order(lengths), [], 0
     while position < len(order):
-        size = max_batch_size if max_batch_tokens is None else fitting_batch_size(lengths[order[position]], max_new_tokens, max_batch_size, max_batch_tokens)
+        size = max_batch_size if max_batch_tokens is None else fitting_batch_size(
+            lengths[order[position]], max_new_tokens, max_batch_size, max_batch_tokens, heads, max_attention_bytes)
         batches.append(order[position:position + size])
         position += size
     return batches
@@ -224,46 +287,65 @@ def run_batches(
     max_new_tokens: int,
     max_batch_size: int,
     max_batch_tokens: int,
-    out_of_memory: type[BaseException],
+    heads: int = 0,
+    max_attention_bytes: int | None = None,
     free_memory: Callable[[], None],
     on_batch: Callable[[list[int], list[str], int], None],
     on_set_aside: Callable[[int], None],
     say: Callable[[str], None],
 ) -> None:
-    """Run every prompt once, longest first, in batches of at most `max_batch_size` rows and
-    `max_batch_tokens` token positions (batch_tokens).
+    """Run every prompt once, longest first, in batches of at most `max_batch_size` rows, `max_batch_tokens`
+    token positions (batch_tokens) and, with `heads`, `max_attention_bytes` (prefill_attention_bytes).
 
-    `run_batch(indices) -> (texts, new_tokens)`. When it raises `out_of_memory`, memory is freed and
-    the same prompts are retried with half the rows; after GROW_BACK_AFTER batches in a row the
-    budget doubles again, up to `max_batch_tokens`, so one long batch does not slow the whole run.
+    `run_batch(indices) -> (texts, new_tokens)`. When it raises an out-of-memory error (is_out_of_memory;
+    others propagate), memory is freed and the same prompts are retried with half the rows: both budgets
+    shrink to that. After GROW_BACK_AFTER batches in a row they double again, up to their maxima, so one long
+    batch does not slow the whole run; but a row count that ran out of memory is not tried again for prompts of
+    about the same length (rows_known_to_fail), so the run does not grow back into the same error.
     A prompt that runs out of memory alone is handed to `on_set_aside(index)` and the run goes on.
     """
     order = length_order(lengths)
-    budget, position, successes = max_batch_tokens, 0, 0
+    tokens, attention = max_batch_tokens, max_attention_bytes
+    failures: list[tuple[int, int]] = []
+    position, successes = 0, 0
     while position < len(order):
         longest = lengths[order[position]]
-        size = min(fitting_batch_size(longest, max_new_tokens, max_batch_size, budget), len(order) - position)
+        size = min(fitting_batch_size(longest, max_new_tokens, max_batch_size, tokens, heads, attention),
+                   len(order) - position)
+        known_to_fail = rows_known_to_fail(failures, longest)
+        if known_to_fail is not None:
+            size = max(1, min(size, known_to_fail - 1))
         indices = order[position:position + size]
         try:
             texts, new_tokens = run_batch(indices)
-        except out_of_memory:
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
             texts = None  # freed below, outside this block: the traceback still holds the batch's tensors here
         if texts is not None:
             on_batch(indices, texts, new_tokens)
             position, successes = position + size, successes + 1
-            if successes >= GROW_BACK_AFTER and budget < max_batch_tokens:
-                budget, successes = min(max_batch_tokens, 2 * budget), 0
-                say(f"batch token budget back up to {budget}")
+            shrunk = tokens < max_batch_tokens or (attention is not None and attention < max_attention_bytes)
+            if successes >= GROW_BACK_AFTER and shrunk:
+                tokens, successes = min(max_batch_tokens, 2 * tokens), 0
+                if attention is not None:
+                    attention = min(max_attention_bytes, 2 * attention)
+                say(f"batch token budget back up to {tokens}")
             continue
         free_memory()
         successes = 0
+        failures.append((longest, size))
         if size == 1:
             on_set_aside(indices[0])
             position += 1
-            say(f"[yellow]CUDA out of memory for one prompt of {longest} tokens + {max_new_tokens} new: set aside, the rest go on")
+            say(f"[yellow]CUDA out of memory for one prompt of {longest} tokens + {max_new_tokens} new: "
+                "set aside, the rest go on")
         else:
-            budget = batch_tokens(size // 2, longest, max_new_tokens)
-            say(f"[yellow]CUDA out of memory at {size} x {longest + max_new_tokens} tokens: batch token budget now {budget}")
+            tokens = batch_tokens(size // 2, longest, max_new_tokens)
+            if attention is not None and heads:
+                attention = prefill_attention_bytes(size // 2, longest, heads)
+            say(f"[yellow]CUDA out of memory at {size} x {longest + max_new_tokens} tokens: "
+                f"batch token budget now {tokens}")
 
 
 def free_decode_memory(model) -> None:
@@ -400,6 +482,7 @@ def generate_texts(
     batch_size: int,
     max_new_tokens: int,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    max_attention_gib: float = DEFAULT_MAX_ATTENTION_GIB,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -413,16 +496,15 @@ def generate_texts(
 
     `prompts` are finished chat-templated strings (they already start with `<bos>`, so they are
     tokenized without adding special tokens). They are sorted by length and left-padded in batches
-    of at most `batch_size` prompts and `max_batch_tokens` token positions (run_batches: shrinks on a
-    CUDA out-of-memory error, grows back after successes); greedy unless `do_sample`. Each text is the
-    decoded new tokens only, stopped at `<end_of_turn>` / `<eos>`, whitespace stripped.
+    of at most `batch_size` prompts, `max_batch_tokens` token positions and, for Gemma 2, `max_attention_gib`
+    of prefill attention (run_batches: shrinks on an out-of-memory error, grows back after successes);
+    greedy unless `do_sample`. Each text is the decoded new tokens only, stopped at `<end_of_turn>` /
+    `<eos>`, whitespace stripped.
     `on_batch(indices, texts, new_tokens)` runs after every finished batch (indices into `prompts`),
     e.g. to save progress; a prompt that does not fit in memory even alone gets "" and
     `on_set_aside(index)`. Progress goes through generation_progress (ItemProgress) unless `show_progress` is off
     (a caller that reports its own, coarser progress).
     """
-    import torch
-
     stops = stop_token_ids(tokenizer)
     encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
     generation_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "repetition_penalty": repetition_penalty}
@@ -450,7 +532,8 @@ def generate_texts(
             [len(ids) for ids in encoded],
             lambda indices: _generate_batch(model, tokenizer, [encoded[i] for i in indices], stops, generation_kwargs),
             max_new_tokens=max_new_tokens, max_batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-            out_of_memory=torch.cuda.OutOfMemoryError, free_memory=lambda: free_decode_memory(model),
+            heads=prefill_score_heads(model.config), max_attention_bytes=int(max_attention_gib * 2**30),
+            free_memory=lambda: free_decode_memory(model),
             on_batch=finished, on_set_aside=set_aside, say=advance.say,
         )
     return results
@@ -500,18 +583,21 @@ class UnslothEngine:
         self.model, self.tokenizer, self.run_config = load_model(model_name, max_seq_length, load_in_4bit)
         self.max_seq_length = self.run_config["max_seq_length"]
         self.batch_size, self.max_batch_tokens = batch_size, settings.max_batch_tokens
+        self.max_attention_gib = settings.max_attention_gib
 
     def generate(self, prompts: list[str], sampling: Sampling, *, on_batch=None, on_set_aside=None, console=None) -> list[str]:
         return generate_texts(
             self.model, self.tokenizer, prompts, batch_size=self.batch_size, max_new_tokens=sampling.max_new_tokens,
-            max_batch_tokens=self.max_batch_tokens, do_sample=sampling.do_sample, temperature=sampling.temperature,
+            max_batch_tokens=self.max_batch_tokens, max_attention_gib=self.max_attention_gib,
+            do_sample=sampling.do_sample, temperature=sampling.temperature,
             top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty, on_batch=on_batch, on_set_aside=on_set_aside, console=console,
         )
 
     def sample(self, prompts: list[str], n: int, sampling: Sampling, *, on_prompt=None, console=None) -> list[list[str]]:
         """`n` sampled completions per prompt (sample_texts); `on_prompt(index, texts)` as each prompt's are done."""
         return sample_texts(self.model, self.tokenizer, prompts, num_samples=n, on_prompt=on_prompt, batch_size=self.batch_size,
-                            max_new_tokens=sampling.max_new_tokens, max_batch_tokens=self.max_batch_tokens, temperature=sampling.temperature,
+                            max_new_tokens=sampling.max_new_tokens, max_batch_tokens=self.max_batch_tokens,
+                            max_attention_gib=self.max_attention_gib, temperature=sampling.temperature,
                             top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty, console=console)
 
     def peak_memory(self) -> str:

@@ -64,28 +64,55 @@ def test_batches_are_budgeted_by_tokens():
     assert generate.plan_batches(lengths, 4, max_new_tokens=20, max_batch_tokens=50) == [[0], [3], [5], [2], [4], [1]]  # never below one row
 
 
+def cuda_out_of_memory():
+    import torch
+
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def cublas_alloc_failed():
+    # What torch raises when cuBLAS cannot get memory for a handle (ATen/cuda/Exceptions.h, TORCH_CUDABLAS_CHECK).
+    return RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+
+def cpu_allocator_failure():
+    """A real failed allocation: 2**50 bytes lie beyond any x86-64 / arm64 user address space (2**47-2**48)."""
+    import torch
+
+    try:
+        torch.empty(2**50, dtype=torch.uint8)
+    except RuntimeError as error:
+        return error
+    raise AssertionError("a petabyte was allocated")
+
+
 class FakeGPU:
-    """A generate() stand-in that runs out of memory above `capacity` token positions, the way a CUDA
-    allocator would: torch's real OutOfMemoryError, raised by our own function, not a library mock."""
+    """A generate() stand-in that runs out of memory above `capacity` token positions (and, with `heads`, above
+    `attention_capacity` bytes of prefill attention), the way a CUDA allocator would: a real torch / cuBLAS
+    error (`error()`), raised by our own function, not a library mock."""
 
-    def __init__(self, lengths, max_new_tokens, capacity, huge=()):
-        import torch
-
-        self.error = torch.cuda.OutOfMemoryError
+    def __init__(self, lengths, max_new_tokens, capacity, huge=(), error=cuda_out_of_memory, heads=0,
+                 attention_capacity=None):
+        self.error = error
         self.lengths, self.max_new_tokens, self.capacity, self.huge = lengths, max_new_tokens, capacity, set(huge)
+        self.heads, self.attention_capacity = heads, attention_capacity
         self.calls, self.freed, self.done, self.set_aside, self.said = [], 0, {}, [], []
 
     def run(self, indices):
         self.calls.append(list(indices))
-        tokens = generate.batch_tokens(len(indices), max(self.lengths[i] for i in indices), self.max_new_tokens)
-        if tokens > self.capacity or self.huge & set(indices):
-            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        longest = max(self.lengths[i] for i in indices)
+        tokens = generate.batch_tokens(len(indices), longest, self.max_new_tokens)
+        attention = generate.prefill_attention_bytes(len(indices), longest, self.heads)
+        if tokens > self.capacity or self.huge & set(indices) or (
+                self.attention_capacity is not None and attention > self.attention_capacity):
+            raise self.error()
         return [f"summary {i}" for i in indices], len(indices) * self.max_new_tokens
 
-    def schedule(self, max_batch_size, max_batch_tokens):
+    def schedule(self, max_batch_size, max_batch_tokens, max_attention_bytes=None):
         generate.run_batches(
-            self.lengths, self.run, max_new_tokens=self.max_new_tokens, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
-            out_of_memory=self.error, free_memory=self.free, on_batch=self.finished, on_set_aside=self.set_aside.append, say=self.said.append,
+            self.lengths, self.run, max_new_tokens=self.max_new_tokens, max_batch_size=max_batch_size,
+            max_batch_tokens=max_batch_tokens, heads=self.heads, max_attention_bytes=max_attention_bytes,
+            free_memory=self.free, on_batch=self.finished, on_set_aside=self.set_aside.append, say=self.said.append,
         )
 
     def free(self):
@@ -96,9 +123,10 @@ class FakeGPU:
         self.done.update(zip(indices, texts))
 
 
-def test_out_of_memory_shrinks_the_batch_then_grows_back():
+@pytest.mark.parametrize("error", [cuda_out_of_memory, cublas_alloc_failed, cpu_allocator_failure])
+def test_out_of_memory_shrinks_the_batch_then_grows_back(error):
     lengths = [1000] * 4 + [100] * 40  # a long head, then short prompts
-    gpu = FakeGPU(lengths, max_new_tokens=100, capacity=3300)
+    gpu = FakeGPU(lengths, max_new_tokens=100, capacity=3300, error=error)
     gpu.schedule(max_batch_size=16, max_batch_tokens=8800)
     assert gpu.done == {i: f"summary {i}" for i in range(44)} and gpu.set_aside == []
     # 8 x 1100 and 4 x 1100 run out, 2 x 1100 fits: the budget is 2200 tokens, which still takes 11
@@ -108,14 +136,130 @@ def test_out_of_memory_shrinks_the_batch_then_grows_back():
     assert sum("batch token budget now 2200" in line for line in gpu.said) == 1
 
 
-def test_a_prompt_that_runs_out_of_memory_alone_is_set_aside_and_the_rest_go_on():
-    lengths = [300, 200, 100, 50]
-    gpu = FakeGPU(lengths, max_new_tokens=10, capacity=10_000, huge={1})
-    gpu.schedule(max_batch_size=4, max_batch_tokens=10_000)
-    assert gpu.set_aside == [1]
-    assert gpu.done == {0: "summary 0", 2: "summary 2", 3: "summary 3"}
-    assert gpu.freed == 3  # after the batch of 4, the batch of 2 and prompt 1 alone
-    assert any("set aside" in line for line in gpu.said)
+def test_growing_back_skips_a_row_count_that_ran_out_of_memory_at_about_that_length():
+    """Before, 4 rows ran out at 1,000 tokens, 2 ran, the budget doubled after 4 batches and 4 rows of
+    992 tokens ran out again, and again for every 8 prompts of about that length."""
+    lengths = list(range(1000, 960, -1))  # 40 prompts of about the same length
+    gpu = FakeGPU(lengths, max_new_tokens=100, capacity=3300)
+    gpu.schedule(max_batch_size=4, max_batch_tokens=4400)
+    assert sorted(gpu.done) == list(range(40)) and gpu.set_aside == []
+    assert gpu.freed == 1  # the first batch only
+    sizes = [len(call) for call in gpu.calls]
+    assert sizes[:6] == [4, 2, 2, 2, 2, 3] and set(sizes[6:-1]) == {3}
+
+
+def test_rows_known_to_fail_cover_the_same_length_and_longer_only():
+    failures = [(1000, 4), (2000, 3)]
+    assert generate.rows_known_to_fail([], 1000) is None
+    assert generate.rows_known_to_fail(failures, 2500) == 3  # longer than both
+    assert generate.rows_known_to_fail(failures, 1800) == 3 and generate.rows_known_to_fail(failures, 1799) == 4
+    assert generate.rows_known_to_fail(failures, 900) == 4 and generate.rows_known_to_fail(failures, 899) is None
+
+
+def test_an_error_that_is_not_out_of_memory_is_raised_and_nothing_is_retried():
+    import torch
+
+    def broken(indices):
+        return torch.ones(len(indices)) @ torch.ones(len(indices) + 1)  # torch's own shape error
+
+    freed = []
+    with pytest.raises(RuntimeError, match="inconsistent tensor size"):
+        generate.run_batches([10, 20, 30], broken, max_new_tokens=5, max_batch_size=4, max_batch_tokens=1000,
+                             free_memory=lambda: freed.append(1), on_batch=None, on_set_aside=None, say=print)
+    assert freed == []
+
+
+def test_is_out_of_memory_tells_allocation_failures_from_other_errors():
+    import torch
+
+    assert torch.cuda.OutOfMemoryError is torch.OutOfMemoryError  # what bitsandbytes' torch.empty raises too
+    for error in (cuda_out_of_memory(), cublas_alloc_failed(), cpu_allocator_failure(), MemoryError(),
+                  torch.AcceleratorError("CUDA error: out of memory"),
+                  RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasLtCreate(&handle)`")):
+        assert generate.is_out_of_memory(error), error
+    try:
+        torch.ones(2) @ torch.ones(3)
+    except RuntimeError as shape_error:
+        assert not generate.is_out_of_memory(shape_error)
+    for error in (RuntimeError("CUDA error: device-side assert triggered"), ValueError("out of memory?"),
+                  KeyboardInterrupt(), RuntimeError("cublasLt ran into an error!")):
+        assert not generate.is_out_of_memory(error), error
+
+
+def test_prefill_attention_is_budgeted_for_gemma2_9b():
+    """Issue 16: at L ~ 7,000 the 32,768-token budget alone allows 4 rows, whose prefill scores need ~32 GB."""
+    from transformers import Gemma2Config, LlamaConfig
+
+    heads = generate.prefill_score_heads(Gemma2Config(num_attention_heads=16, num_key_value_heads=8, head_dim=256))
+    assert heads == 16 and generate.prefill_score_heads(LlamaConfig()) == 0
+    assert generate.fitting_batch_size(7000, 1024, 8, 32768) == 4
+    assert generate.prefill_attention_bytes(4, 7000, heads) == 4 * 7000**2 * (16 * 10 + 4)  # 32.1 GB
+    budget = int(generate.DEFAULT_MAX_ATTENTION_GIB * 2**30)
+    rows = [generate.fitting_batch_size(length, 1024, 8, 32768, heads, budget) for length in (7000, 4000, 3000, 2000)]
+    assert rows == [1, 2, 4, 8]  # at 2,000 tokens --batch_size 8 is the limit, as before
+    plan = generate.plan_batches([7000] * 3 + [2000] * 8, 8, 1024, 32768, heads, budget)
+    assert plan == [[0], [1], [2], list(range(3, 11))]
+
+
+def test_run_batches_keeps_prefill_attention_within_its_budget():
+    """Long prompts that fit the token budget 4 at a time but not the attention scores: no error at all."""
+    lengths = [3000] * 8 + [500] * 8
+    gpu = FakeGPU(lengths, max_new_tokens=100, capacity=32768, heads=16, attention_capacity=3 * 2**30)
+    gpu.schedule(max_batch_size=8, max_batch_tokens=32768, max_attention_bytes=3 * 2**30)
+    assert sorted(gpu.done) == list(range(16)) and gpu.freed == 0
+    assert [len(call) for call in gpu.calls] == [2, 2, 2, 2, 8]  # 1.48 GB of scores a row at 3,000 tokens
+
+
+# Runs Unsloth's own prefill attention (GPU-only in a real run: the CPU backend generates through transformers)
+# on CPU under torch's profiler and reports the most bytes it held at once per score. In a subprocess: importing
+# unsloth patches transformers for the whole process.
+MEASURE_PREFILL_ATTENTION = """
+import json
+import unsloth  # first: it patches transformers
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import Gemma2Config
+from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention
+from unsloth.kernels.flex_attention import slow_inference_attention_softcapping
+
+rows, heads, kv_heads, head_dim, length = 2, 4, 2, 16, 512
+config = Gemma2Config(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, query_pre_attn_scalar=head_dim, num_hidden_layers=1)
+attention = Gemma2Attention(config, layer_idx=0)
+peaks = {}
+for dtype in (torch.float32, torch.bfloat16):
+    Q = torch.randn(rows, heads, length, head_dim, dtype=dtype)
+    K, V = (torch.randn(rows, kv_heads, length, head_dim, dtype=dtype) for _ in range(2))
+    mask = torch.zeros(rows, 1, length, length, dtype=dtype)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        slow_inference_attention_softcapping(Q, K, V, mask, attention, rows, length)
+    # An op's own allocations happen as it starts, what it frees itself as it ends.
+    moves = sorted((e.time_range.end if e.self_cpu_memory_usage < 0 and e.name != "[memory]" else e.time_range.start,
+                    e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    held = peak = 0
+    for _, change in moves:
+        held += change
+        peak = max(peak, held)
+    peaks[str(dtype)] = peak / (rows * heads * length * length)
+print(json.dumps(peaks))
+"""
+
+
+def test_score_bytes_match_unsloths_gemma2_prefill_attention_measured():
+    result = subprocess.run([sys.executable, "-c", MEASURE_PREFILL_ATTENTION], env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    peaks = json.loads(result.stdout.strip().splitlines()[-1])
+    # bfloat16: the scores (2 bytes), softmax's float32 copy of them (4) and its float32 output (4); float32:
+    # the scores and the output. A little more for Q, K and V (length 512 against head_dim 16).
+    assert generate.SCORE_BYTES <= peaks["torch.bfloat16"] <= generate.SCORE_BYTES + 0.5, peaks
+    assert 8 <= peaks["torch.float32"] <= generate.SCORE_BYTES, peaks
+
+
+def test_max_attention_gib_must_be_positive(tmp_path):
+    result = run_infer("--input", str(REPO / "data/sample/test.json"), "--max_attention_gib", "0", cwd=tmp_path)
+    assert_one_line_error(result, "--max_attention_gib")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_free_decode_memory_drops_the_buffers_unsloth_leaves_on_attention_modules():
