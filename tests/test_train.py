@@ -97,7 +97,13 @@ def interrupt_when(command: list[str], marker: str, tmp_path: Path, signum: int 
     (exit code, stdout, stderr)."""
     stderr_path = tmp_path / "interrupted.stderr"
     env = {**(env or os.environ), **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
-    preexec = None if umask is None else (lambda: os.umask(umask))
+
+    def preexec() -> None:
+        # As from a terminal: a shell's background job (`pytest ... &`) passes SIGINT on as ignored.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if umask is not None:
+            os.umask(umask)
+
     with open(stderr_path, "w", encoding="utf-8") as stderr, \
             subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
                              preexec_fn=preexec) as proc:
