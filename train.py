@@ -6,7 +6,8 @@ Terminal (one 24 GB GPU, the seed team's hyperparameters are the defaults):
     python train.py                                      # same command after an interruption: resumes
     python train.py --config run.yaml --learning_rate 1e-5          # YAML holds the same names; flags win
     python train.py --per_device_train_batch_size 4 --gradient_accumulation_steps 4   # seed's 4 x 4 (48-80 GB)
-    torchrun --standalone --nproc_per_node 2 train.py --gradient_accumulation_steps 8  # 2 GPUs (DDP), same effective 16
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300 torchrun --standalone --nproc_per_node 2 train.py \
+        --gradient_accumulation_steps 8     # 2 GPUs (DDP), same effective 16; 300 s to checkpoint on Ctrl-C
 
 Colab (keep output_dir on Drive so a disconnect does not lose the checkpoints):
     !python train.py --output_dir /content/drive/MyDrive/gemma2-9b-dcs
