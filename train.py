@@ -6,7 +6,8 @@ Terminal (one 24 GB GPU, the seed team's hyperparameters are the defaults):
     python train.py                                      # same command after an interruption: resumes
     python train.py --config run.yaml --learning_rate 1e-5          # YAML holds the same names; flags win
     python train.py --per_device_train_batch_size 4 --gradient_accumulation_steps 4   # seed's 4 x 4 (48-80 GB)
-    torchrun --standalone --nproc_per_node 2 train.py --gradient_accumulation_steps 8  # 2 GPUs (DDP), same effective 16
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300 torchrun --standalone --nproc_per_node 2 train.py \
+        --gradient_accumulation_steps 8     # 2 GPUs (DDP), same effective 16; 300 s to checkpoint on Ctrl-C
 
 Colab (keep output_dir on Drive so a disconnect does not lose the checkpoints):
     !python train.py --output_dir /content/drive/MyDrive/gemma2-9b-dcs
@@ -336,12 +337,12 @@ def clear_previous_run(output_dir: Path) -> None:
             shutil.rmtree(output_dir / name)
 
 
-def interrupted_message(output_dir: Path) -> str:
-    """What a Ctrl-C leaves behind, as it is: the newest complete checkpoint, or nothing."""
+def interrupted_message(output_dir: Path, how: str = "interrupted") -> str:
+    """What a Ctrl-C or a SIGTERM leaves behind, as it is: the newest complete checkpoint, or nothing."""
     checkpoint = find_resumable_checkpoint(output_dir)
     if checkpoint is None:
-        return f"interrupted before the first checkpoint: nothing was saved in {output_dir}; the same command starts over"
-    return f"interrupted: {checkpoint} is saved; run the same command again to resume from it"
+        return f"{how} before the first checkpoint: nothing was saved in {output_dir}; the same command starts over"
+    return f"{how}: {checkpoint} is saved; run the same command again to resume from it"
 
 
 def merge_space_problem(need_bytes: int, free_bytes: int | None, where: Path) -> str | None:
@@ -481,6 +482,7 @@ def add_run_config_to_checkpoints(trainer, make_run_config: Callable[[Any], dict
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and checkpoint.is_dir():
                 write_json(checkpoint / "run_config.json", make_run_config(state))
+                give_usual_file_modes(checkpoint)  # safetensors leaves the weights 0600, unreadable to a teammate
 
     trainer.add_callback(RunConfigInCheckpoints())
 
@@ -556,8 +558,38 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def use_plain_cpu_device(environ: typing.MutableMapping[str, str]) -> None:
+    """For CPU runs. With several processes accelerate names each one's device cpu:<local rank modulo the CPU
+    device count>, and Trainer resuming with several processes loads optimizer.pt with map_location=args.device,
+    which torch.load refuses for any CPU location but "cpu". ACCELERATE_TORCH_DEVICE is the device accelerate
+    takes as given instead (a GPU run keeps cuda:<local rank>, which torch.load accepts)."""
+    environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a spot instance's preemption, a scheduler, torchrun passing on a stop) handled like Ctrl-C."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def shutdown_timeout_warning(environ: typing.Mapping[str, str]) -> str | None:
+    """Under torchrun, a Ctrl-C or SIGTERM reaches the agent, which passes it on to the processes (each in a
+    session of its own) and SIGKILLs them TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later, 30 by default: less
+    than one 16-micro-batch step at 8192 tokens plus a checkpoint may take. `torchrun --shutdown-timeout N`
+    does the same but is invisible to the processes; its variable form, PET_SHUTDOWN_TIMEOUT, is not."""
+    if int(environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in environ or "PET_SHUTDOWN_TIMEOUT" in environ:
+        return None
+    return ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT is not set: on Ctrl-C or SIGTERM torchrun kills the processes after 30 s, "
+            "maybe before the step ends and its checkpoint is written; start it as "
+            "`TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300 torchrun ...` (ignore this if you passed --shutdown-timeout)")
+
+
 def save_and_stop_on_request():
-    """A callback: once `requested` is set (by Ctrl-C), the Trainer checkpoints at the end of the current
+    """A callback: once `requested` is set (by Ctrl-C or SIGTERM), the Trainer checkpoints at the end of the current
     optimizer step and stops. Under torchrun every process must stop at the same step, or the others wait
     forever in the next all-reduce: the processes agree on the request each step (one tiny all-reduce)."""
     import torch
@@ -567,6 +599,7 @@ def save_and_stop_on_request():
     class SaveAndStopOnRequest(TrainerCallback):
         requested = False
         stopped = False
+        signal_name = "Ctrl-C"  # what asked for the stop, for the closing message
 
         def agreed(self, args) -> bool:
             if not (dist.is_available() and dist.is_initialized()):
@@ -588,20 +621,23 @@ def save_and_stop_on_request():
 
 
 @contextlib.contextmanager
-def checkpoint_on_ctrl_c(stop, console):
-    """While training, the first Ctrl-C asks `stop` for a checkpoint at the step's end; a second one
-    interrupts at once (KeyboardInterrupt), leaving the newest complete checkpoint."""
+def checkpoint_on_stop_signal(stop, console):
+    """While training, the first Ctrl-C or SIGTERM asks `stop` for a checkpoint at the step's end; a second
+    one of either interrupts at once, leaving the newest complete checkpoint."""
     def request_stop(signum, frame):
         stop.requested = True
+        stop.signal_name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        console.print("[yellow]Ctrl-C: saving a checkpoint when this optimizer step ends, then stopping "
-                      "(Ctrl-C again stops at once, without it)[/yellow]")
+        signal.signal(signal.SIGTERM, raise_terminated)
+        console.print(f"[yellow]{stop.signal_name}: saving a checkpoint when this optimizer step ends, then stopping "
+                      "(Ctrl-C or SIGTERM again stops at once, without it)[/yellow]")
 
-    previous = signal.signal(signal.SIGINT, request_stop)
+    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def evaluate_without_half_precision_cast(trainer) -> None:
@@ -684,8 +720,12 @@ def main(cfg: TrainSettings) -> None:
                       "(meant for tests and smoke runs on tiny models, not for the 9B model).[/yellow]")
         if cfg.save_merged and cfg.load_in_4bit:
             raise UserError("--save_merged on the CPU backend needs --no-load_in_4bit (it cannot merge into 4-bit weights)")
+        use_plain_cpu_device(os.environ)
     if world_size > 1:
         device = f"{world_size} processes x {device}"
+    warning = shutdown_timeout_warning(os.environ)
+    if warning:
+        console.print(f"[yellow]{warning}[/yellow]")
     set_seed(cfg.seed)
 
     try:
@@ -731,10 +771,10 @@ def main(cfg: TrainSettings) -> None:
     trainer.accelerator.wait_for_everyone()  # no process starts writing checkpoints into a folder being cleared
     if resume:
         console.print(f"Resuming from {resume}")
-    with checkpoint_on_ctrl_c(stop, console):
+    with checkpoint_on_stop_signal(stop, console):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.stopped:
-        raise KeyboardInterrupt
+        raise Terminated if stop.signal_name == "SIGTERM" else KeyboardInterrupt
     if dev_rows and not loss_curves(trainer.state.log_history)[1]:
         evaluate_without_half_precision_cast(trainer)  # every process: evaluation is collective
     if not main_process:
@@ -877,9 +917,10 @@ def merge_main(cfg: MergeSettings) -> None:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """Errors as one line, Ctrl-C as what it left behind; under torchrun only rank 0 speaks."""
+    """Errors as one line, Ctrl-C and SIGTERM as what they left behind; under torchrun only rank 0 speaks."""
     argv = sys.argv[1:] if argv is None else argv
     main_process = is_main_process()
+    signal.signal(signal.SIGTERM, raise_terminated)  # a preemption before or after training: like Ctrl-C
     if not main_process:
         sys.stdout = open(os.devnull, "w", encoding="utf-8")
     cfg = None
@@ -894,8 +935,10 @@ def cli(argv: list[str] | None = None) -> None:
         return
     except UserError as err:
         message, code = f"error: {err}", 2
-    except KeyboardInterrupt:
-        message, code = interrupted_message(Path(cfg.output_dir)) if cfg else "interrupted", 130
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        how, code = ("stopped by SIGTERM", 128 + signal.SIGTERM) if terminated else ("interrupted", 128 + signal.SIGINT)
+        message = interrupted_message(Path(cfg.output_dir), how) if cfg else how
     if main_process:
         print(message, file=sys.stderr)
     sys.exit(code)

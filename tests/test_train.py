@@ -97,17 +97,27 @@ def python(code: str, *args, cwd: Path, env: dict | None = None) -> subprocess.C
                           env={**os.environ, **OFFLINE_ENV, **(env or {})}, capture_output=True, text=True, timeout=900)
 
 
-def interrupt_when(command: list[str], marker: str, tmp_path: Path) -> tuple[int, str, str]:
-    """Run a command and press Ctrl-C (SIGINT) once `marker` shows in its stdout: (exit code, stdout, stderr)."""
+def interrupt_when(command: list[str], marker: str, tmp_path: Path, signum: int = signal.SIGINT,
+                   env: dict | None = None, umask: int | None = None) -> tuple[int, str, str]:
+    """Run a command and press Ctrl-C (SIGINT), or send `signum`, once `marker` shows in its stdout:
+    (exit code, stdout, stderr)."""
     stderr_path = tmp_path / "interrupted.stderr"
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
+    env = {**(env or os.environ), **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
+
+    def preexec() -> None:
+        # As from a terminal: a shell's background job (`pytest ... &`) passes SIGINT on as ignored.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if umask is not None:
+            os.umask(umask)
+
     with open(stderr_path, "w", encoding="utf-8") as stderr, \
-            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True) as proc:
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                             preexec_fn=preexec) as proc:
         seen = []
         for line in proc.stdout:
             seen.append(line)
             if marker in line:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signum)
                 break
         rest, _ = proc.communicate(timeout=900)
     return proc.returncode, "".join(seen) + rest, stderr_path.read_text(encoding="utf-8")
@@ -250,6 +260,25 @@ def test_ctrl_c_before_any_checkpoint_says_nothing_was_saved(tiny_model_dir, pre
     assert not train.checkpoint_dirs(tmp_path / "run")
 
 
+def test_sigterm_checkpoints_like_ctrl_c_and_checkpoint_files_are_readable(tiny_model_dir, prepared, tmp_path):
+    """Spot instances and schedulers stop a job with SIGTERM: the run finishes the step, checkpoints and exits
+    143, and the same command resumes from there. Every checkpoint file gets the mode the umask gives (0644
+    under 022), the weights too, which safetensors would leave 0600."""
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--model", str(tiny_model_dir), "--data", str(prepared),
+               "--output_dir", str(tmp_path / "run"), *RESUME_FLAGS]
+    code, stdout, stderr = interrupt_when(command, "{'loss'", tmp_path, signal.SIGTERM, umask=0o022)
+    assert code == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
+    assert "SIGTERM: saving a checkpoint when this optimizer step ends" in stdout
+    stopped_at = train.find_resumable_checkpoint(tmp_path / "run")
+    assert stopped_at is not None and int(stopped_at.name.split("-")[1]) < 12
+    assert stderr.strip().splitlines()[-1] == (f"stopped by SIGTERM: {stopped_at} is saved; "
+                                               "run the same command again to resume from it")
+    assert "Traceback" not in stderr and not (tmp_path / "run" / "final").exists()
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in stopped_at.iterdir() if path.is_file()}
+    assert "adapter_model.safetensors" in modes and "optimizer.pt" in modes and "run_config.json" in modes
+    assert set(modes.values()) == {oct(0o644)}, modes
+
+
 @pytest.mark.parametrize("cpu_bf16", ["0", "1"], ids=["cpu_without_bf16", "cpu_with_bf16"])
 def test_evaluation_after_training_keeps_the_trained_precision(tiny_model_dir, prepared, tmp_path, cpu_bf16):
     """Both kinds of CPU, whichever this one is: UNSLOTH_CPU_BF16 overrides Unsloth's hardware check."""
@@ -261,7 +290,7 @@ def test_evaluation_after_training_keeps_the_trained_precision(tiny_model_dir, p
     dtypes = json.loads(out.read_text(encoding="utf-8"))
     assert dtypes["kept"] == dtypes["before"]
     assert "torch.float32" in dtypes["before"].values()
-    # What the fallback did before: HF Trainer casts the float32 norms and embeddings to bf16 for good.
+    # What the fallback did before: HF Trainer casts the float32 weights to bf16 for good.
     assert dtypes["plain_evaluate"] != dtypes["before"]
 
 
@@ -289,11 +318,42 @@ def test_save_merged_failure_is_one_line_and_final_is_kept(tiny_model_dir, prepa
     assert not (tmp_path / "run" / "merged").exists() and not (tmp_path / "run" / ".merged.partial").exists()
 
 
-def torchrun(*args) -> subprocess.CompletedProcess:
+def torchrun_command(*args) -> list[str]:
     """train.py in 2 processes on CPU (gloo), as `torchrun --standalone --nproc_per_node 2` (a free port)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO_ROOT / "train.py"), *map(str, args)]
-    return subprocess.run(command, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=1200)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(REPO_ROOT / "train.py"), *map(str, args)]
+
+
+def torchrun(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_command(*args), env={**os.environ, **OFFLINE_ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=1200)
+
+
+def test_torchrun_preempted_by_sigterm_resumes_to_the_end(tiny_model_dir, prepared, tmp_path):
+    """A preempted 2-process run: torchrun passes SIGTERM on to both processes, which agree to stop after the
+    same step and checkpoint; the same command resumes (each process loads the optimizer state) to the last
+    step. Without TORCH_ELASTIC_SHUTDOWN_TIMEOUT, rank 0 warns once that torchrun kills the processes after 30 s."""
+    run = tmp_path / "run"
+    command = torchrun_command("--model", tiny_model_dir, "--data", prepared, "--output_dir", run, *RESUME_FLAGS)
+    unset = {key: value for key, value in os.environ.items()
+             if key not in ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "PET_SHUTDOWN_TIMEOUT")}
+    code, stdout, stderr = interrupt_when(command, "{'loss'", tmp_path, signal.SIGTERM, env=unset)
+    assert code != 0, stdout[-2000:] + stderr[-2000:]
+    assert stdout.count("TORCH_ELASTIC_SHUTDOWN_TIMEOUT is not set") == 1, stdout[-3000:]
+    stopped_at = train.find_resumable_checkpoint(run)
+    assert stopped_at is not None and int(stopped_at.name.split("-")[1]) < 6, stdout[-2000:] + stderr[-3000:]
+    assert stderr.count(f"stopped by SIGTERM: {stopped_at} is saved; run the same command again to resume from it") == 1
+    assert {p.name for p in stopped_at.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+
+    resumed = subprocess.run(command, env={**os.environ, **OFFLINE_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"},
+                             capture_output=True, text=True, timeout=1200)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"Resuming from {stopped_at}" in resumed.stdout and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in resumed.stdout
+    config = json.loads((run / "final" / "run_config.json").read_text(encoding="utf-8"))
+    assert config["global_step"] == 6  # 8 rows in batches of 2, dealt to 2 processes: 2 steps per epoch, 3 epochs
+    steps_logged = [e["step"] for e in json.loads((train.checkpoint_dirs(run)[0] / "trainer_state.json")
+                                                  .read_text(encoding="utf-8"))["log_history"] if "loss" in e]
+    assert steps_logged == list(range(1, 7)), "the resumed run continues the interrupted run's history"
 
 
 def test_torchrun_two_processes_write_once_and_feed_infer(tiny_model_dir, memorize_data, tmp_path):
@@ -519,3 +579,12 @@ def test_resume_skips_a_half_written_checkpoint(tmp_path):
 def test_loss_curves_split_train_and_eval():
     history = [{"loss": 3.0, "step": 1}, {"eval_loss": 2.5, "step": 1}, {"loss": 2.0, "step": 2}, {"train_runtime": 1.0, "step": 2}]
     assert train.loss_curves(history) == ([(1, 3.0), (2, 2.0)], [(1, 2.5)])
+
+
+def test_shutdown_timeout_warning_only_for_several_processes_without_a_timeout():
+    assert train.shutdown_timeout_warning({}) is None
+    assert train.shutdown_timeout_warning({"WORLD_SIZE": "1"}) is None
+    warning = train.shutdown_timeout_warning({"WORLD_SIZE": "2"})
+    assert warning is not None and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300 torchrun" in warning
+    assert train.shutdown_timeout_warning({"WORLD_SIZE": "2", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}) is None
+    assert train.shutdown_timeout_warning({"WORLD_SIZE": "2", "PET_SHUTDOWN_TIMEOUT": "300"}) is None
