@@ -39,7 +39,6 @@ from prep import (
     UserError,
     check_environment,
     checkpoint_dirs,
-    clean_record,
     dump_submission_json,
     filter_known_noise,
     is_complete_checkpoint,
@@ -83,6 +82,7 @@ from score import (
     select_candidates,
     write_scores,
 )
+from targets import clean_record
 
 
 @dataclass
