@@ -7,6 +7,8 @@ Terminal:
     python prep.py --extra data/sample/extra_alpaca.json nayohan/Magpie-Gemma2-Pro-200K-Filtered-ko \
         --test data/일상대화요약_test.json --tokenizer google/gemma-2-9b-it   # augmentation, leak-checked
     python prep.py --train_on_dev --clean_inputs     # the final run: dev folded into train
+    python prep.py --unify_targets --show_changes 5  # preview the target rules (then drop --show_changes to write)
+    python prep.py --unify_targets --target_format structured   # one format, in ## sections (infer.py flattens)
     (augmentation generators: python distill.py distill|magpie ...; their JSONL goes in with --extra)
 
 Colab:
@@ -39,7 +41,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from dedup import keep_first_of_near_duplicates, leaked_rows
-from targets import clean_records, drop_middle_utterances, target_change_lines, unify_records
+from targets import (STRUCTURED_INSTRUCTION, TARGET_FORMATS, clean_records, drop_middle_utterances, format_target,
+                     name_ids, target_change_lines, unify_records)
 
 
 @dataclass
@@ -60,6 +63,9 @@ class PrepSettings:
         "ids per rule in stats.json; dev.jsonl and the files scoring reads keep their references")})
     show_changes: int | None = field(default=None, metadata={"help": (
         "print N before/after pairs of what --unify_targets changes, then exit without writing anything")})
+    target_format: str = field(default="prose", metadata={"help": (
+        "prose: the summary as written; structured: ## 전반적인 요약 / ## SDa 요약 sections with - bullets, and the "
+        "prompt asks for them (infer.py turns them back into prose)")})
     limit: int | None = field(default=None, metadata={"help": "keep a random N rows of each training source (quick tries)"})
     seed: int = field(default=42, metadata={"help": "seed for --limit sampling"})
     check_env: bool = field(default=False, metadata={"help": "only check Python (>= 3.11) and torch (>= 2.4, < 2.15) before installing requirements.txt, then exit"})
@@ -384,8 +390,8 @@ def conversation_text(turns: list[dict]) -> str:
     return "\n".join(f"화자{turn['speaker']}: {turn['utterance']}" for turn in turns)
 
 
-def build_user_text(record: dict, system_prompt: bool = False) -> str:
-    """The official baseline's prompt, byte for byte (REFERENCE.md section 3)."""
+def build_user_text(record: dict, system_prompt: bool = False, target_format: str = "prose") -> str:
+    """The official baseline's prompt, byte for byte (REFERENCE.md section 3); a structured run adds the layout."""
     inp = record["input"]
     keywords = inp["subject_keyword"]
     keywords = [keywords] if isinstance(keywords, str) else keywords
@@ -394,13 +400,14 @@ def build_user_text(record: dict, system_prompt: bool = False) -> str:
         + conversation_text(inp["conversation"])
         + "\n\n[Question]\n"
         + f"위 {', '.join(keywords)} 주제에 대한 대화를 요약해주세요."
+        + (f"\n{STRUCTURED_INSTRUCTION}" if target_format == "structured" else "")
     )
     return f"{BASELINE_SYSTEM_PROMPT}\n\n{text}" if system_prompt else text
 
 
-def build_messages(record: dict, system_prompt: bool = False) -> list[dict]:
+def build_messages(record: dict, system_prompt: bool = False, target_format: str = "prose") -> list[dict]:
     """Chat messages for one competition record; used for training rows AND for inference prompts."""
-    return [{"role": "user", "content": build_user_text(record, system_prompt)}]
+    return [{"role": "user", "content": build_user_text(record, system_prompt, target_format)}]
 
 
 # =============================================================================================
@@ -639,14 +646,15 @@ def count_tokens(tokenizer: Any, conversations: list[list[dict]]) -> list[int]:
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def competition_row(record: dict, source: str, system_prompt: bool) -> Row:
-    return Row(record["id"], source, build_messages(record, system_prompt), [{"role": "assistant", "content": record["output"]}])
+def competition_row(record: dict, source: str, system_prompt: bool, target_format: str = "prose") -> Row:
+    completion = [{"role": "assistant", "content": format_target(record, target_format)}]
+    return Row(record["id"], source, build_messages(record, system_prompt, target_format), completion)
 
 
 def fit_competition_record(record: dict, source: str, cfg: "PrepSettings", tokenizer: Any) -> tuple[Row | None, int]:
     """(row that fits --max_seq_length or None, utterances cut). Cuts only middle utterances."""
     def measure(rec: dict) -> Row:
-        row = competition_row(rec, source, cfg.system_prompt)
+        row = competition_row(rec, source, cfg.system_prompt, cfg.target_format)
         row.tokens = count_tokens(tokenizer, [row.prompt + row.completion])[0]
         return row
 
@@ -738,21 +746,13 @@ def load_competition(paths: list[str], role: str, seen_ids: dict[str, str]) -> t
     return out, dropped
 
 
-def name_ids(ids: list[str], shown: int = 3) -> str:
-    """': a, b, c and 4 more' for a console line; '' when there are none."""
-    if not ids:
-        return ""
-    from rich.markup import escape  # ids are user text: a "[...]" in one is not console markup
-
-    more = f" and {len(ids) - shown} more (all in stats.json)" if len(ids) > shown else ""
-    return ": " + escape(", ".join(ids[:shown])) + more
-
-
 def check_settings(cfg: PrepSettings) -> None:
     if cfg.max_seq_length < 64:
         raise UserError(f"--max_seq_length {cfg.max_seq_length}: must be at least 64 tokens")
     if not 0.5 <= cfg.dedup_threshold <= 1:
         raise UserError(f"--dedup_threshold {cfg.dedup_threshold}: must be between 0.5 and 1 (MinHash LSH finds few pairs below 0.6)")
+    if cfg.target_format not in TARGET_FORMATS:
+        raise UserError(f"--target_format {cfg.target_format}: unknown; choose {' or '.join(TARGET_FORMATS)}")
     if cfg.show_changes is not None and cfg.show_changes < 1:
         raise UserError(f"--show_changes {cfg.show_changes}: must be at least 1 (how many before/after pairs to print)")
     if cfg.limit is not None and cfg.limit < 1:
@@ -945,6 +945,7 @@ def main(cfg: PrepSettings) -> None:
         # How the prompt was built: train.py carries these to the adapter so inference matches.
         "system_prompt": cfg.system_prompt,
         "clean_inputs": cfg.clean_inputs,
+        "target_format": cfg.target_format,
         "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "check_env")},  # same inputs, same bytes
         "length_counting": length_method,
         "rows": {"train": len(train_rows), "dev": len(dev_rows)},

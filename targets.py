@@ -87,12 +87,12 @@ SPEAKER_ID = re.compile(r"(?<![A-Za-z])SD\d+")
 # A speaker id's particle follows the Korean reading of its last digit: 영 일 삼 육 칠 팔 end in a
 # consonant (은 이 과 을), 이 사 오 구 in a vowel (는 가 와 를).
 CONSONANT_FINAL_DIGITS = frozenset("013678")
-PARTICLE_AFTER_VOWEL = {"은": "는", "이": "가", "과": "와", "을": "를"}
-PARTICLE_AFTER_CONSONANT = {vowel: consonant for consonant, vowel in PARTICLE_AFTER_VOWEL.items()}
+AFTER_VOWEL = {"은": "는", "이": "가", "과": "와", "을": "를"}  # a particle -> its form after a vowel
+AFTER_CONSONANT = {vowel: consonant for consonant, vowel in AFTER_VOWEL.items()}  # -> its form after a consonant
 # What may follow an id and count as "the id's particle": the four pairs, and 과/와 with 는/도/의 after
 # them ("SD2000012와는"). Anything longer ("SD2000010이라고") is left alone.
 _ID_WITH_SUFFIX = re.compile(r"(?<![A-Za-z])(SD\d+)([가-힣]+)")
-_PARTICLE_SUFFIXES = frozenset(PARTICLE_AFTER_VOWEL) | frozenset(PARTICLE_AFTER_CONSONANT) | {
+_PARTICLE_SUFFIXES = frozenset(AFTER_VOWEL) | frozenset(AFTER_CONSONANT) | {
     f"{p}{tail}" for p in ("과", "와") for tail in ("는", "도", "의")}
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -105,9 +105,9 @@ def speakers_in_order(record: dict) -> list[str]:
 def particle_for(speaker: str, particle: str) -> str:
     """The form of `particle` (either spelling) that follows `speaker`'s id when read aloud."""
     if speaker[-1:] in CONSONANT_FINAL_DIGITS:
-        return PARTICLE_AFTER_CONSONANT.get(particle, particle)
+        return AFTER_CONSONANT.get(particle, particle)
     if speaker[-1:].isdigit():
-        return PARTICLE_AFTER_VOWEL.get(particle, particle)
+        return AFTER_VOWEL.get(particle, particle)
     return particle  # not an id read as digits: leave it as written
 
 
@@ -294,6 +294,7 @@ def unify_target(text: str, speakers: list[str]) -> tuple[str, list[str], list[s
 # --target_format structured: sections a model keeps apart more easily, and back to prose
 # ---------------------------------------------------------------------------------------------
 
+TARGET_FORMATS = ("prose", "structured")
 OVERALL_HEADING = "## 전반적인 요약"
 _SPEAKER_HEADING = re.compile(r"^## (\S+) 요약$")
 _BULLET = "- "
@@ -310,6 +311,13 @@ def to_structured(text: str, speakers: list[str]) -> str:
     sections = [f"{OVERALL_HEADING}\n{' '.join(overall)}"] if overall else []
     sections += [f"## {speaker} 요약\n" + "\n".join(_BULLET + s for s in sentences) for speaker, sentences in parts]
     return "\n\n".join(sections)
+
+
+def format_target(record: dict, target_format: str) -> str:
+    """A competition record's summary as a training target in `target_format` (one of TARGET_FORMATS)."""
+    if target_format == "structured":
+        return to_structured(record["output"], speakers_in_order(record))
+    return record["output"]
 
 
 def parse_structured(text: str) -> list[str] | None:
@@ -336,6 +344,11 @@ def parse_structured(text: str) -> list[str] | None:
     return pieces if section_sizes and all(section_sizes) else None
 
 
+def looks_structured(text: str) -> bool:
+    """Whether a text has heading or bullet lines (a structured model's output, well-formed or not)."""
+    return bool(re.search(r"^\s*(?:#|[-*•]\s)", text, re.MULTILINE))
+
+
 _MARKUP_LINE = re.compile(r"^\s*(?:#+[^\n]*|[-*•]\s*|\d+[.)]\s+)", re.MULTILINE)
 
 
@@ -354,6 +367,16 @@ def flatten_structured(text: str) -> tuple[str, bool]:
 # ---------------------------------------------------------------------------------------------
 # prep.py's --unify_targets stage and its --show_changes preview
 # ---------------------------------------------------------------------------------------------
+
+def name_ids(ids: list[str], shown: int = 3) -> str:
+    """': a, b, c and 4 more' for a console line; '' when there are none."""
+    if not ids:
+        return ""
+    from rich.markup import escape  # ids are user text: a "[...]" in one is not console markup
+
+    more = f" and {len(ids) - shown} more (all in stats.json)" if len(ids) > shown else ""
+    return ": " + escape(", ".join(ids[:shown])) + more
+
 
 def unify_records(records: list[dict]) -> tuple[list[dict], dict, list[tuple[str, str, str]]]:
     """(records with unified `output`, the stats.json report: ids per rule and per problem left,
@@ -393,9 +416,8 @@ def target_change_lines(report: dict, changes: list[tuple[str, str, str]], show:
     lines.append(f"{report['changed']} of {report['targets']} training targets changed ({rules or 'no rule applied'})")
     for name, entry in report["left_as_is"].items():
         if entry["count"]:
-            more = f" and {entry['count'] - 3} more (all in stats.json)" if entry["count"] > 3 else ""
-            shown = escape(", ".join(entry["ids"][:3]) + more)
-            lines.append(f"[yellow]left as is, {name}: {entry['count']}: {shown} ({PROBLEM_HELP[name]})[/yellow]")
+            lines.append(f"[yellow]left as is, {name}: {entry['count']}{name_ids(entry['ids'])} "
+                         f"({PROBLEM_HELP[name]})[/yellow]")
     return lines
 
 

@@ -8,8 +8,9 @@ import sys
 from conftest import REPO_ROOT
 
 SCRIPTS = ("dedup", "targets", "prep", "score", "generate", "train", "infer", "distill")
-ALLOWED = {"dedup": set(), "targets": set(), "prep": {"dedup", "targets"}, "score": {"prep"}, "generate": {"prep"},
-           "train": {"prep"}, "infer": {"prep", "score", "generate", "targets"}, "distill": {"dedup", "prep", "generate"}}
+ALLOWED = {"dedup": set(), "targets": set(), "prep": {"dedup", "targets"}, "score": {"prep", "targets"}, "generate": {"prep"},
+           "train": {"prep"}, "infer": {"prep", "score", "generate", "targets"},
+           "distill": {"dedup", "prep", "generate"}}
 
 
 def project_imports(script: str) -> set[str]:

@@ -298,7 +298,7 @@ def test_e2e_unify_targets_rewrites_train_targets_only_and_counts_each_rule(tmp_
     assert rows[0]["completion"][0]["content"].startswith("두 화자는 이 대화에서 해외여행에 대해 말했습니다. SD2000010은 ")
     dev = json.loads((SAMPLE / "dev.json").read_text(encoding="utf-8"))
     dev_rows = [json.loads(line) for line in (out / "dev.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [row["completion"][0]["content"] for row in dev_rows] == [r["output"] for r in dev], "dev keeps its references"
+    assert [row["completion"][0]["content"] for row in dev_rows] == [r["output"] for r in dev], "dev keeps its refs"
     effect = json.loads((out / "stats.json").read_text(encoding="utf-8"))["unify_targets_effect"]
     openings = [r["id"] for r in raw[2:] if r["output"].startswith("이 대화에서 화자들은")]
     assert effect["rules"]["opening"] == {"count": len(openings), "ids": openings}
@@ -336,3 +336,132 @@ def test_show_changes_marks_dropped_and_added_words():
     assert (old.plain, new.plain) == (before, after), "user text is never read as markup"
     assert [old.plain[s.start:s.end] for s in old.spans] == ["화자들은"]
     assert [new.plain[s.start:s.end] for s in new.spans] == ["두 화자는"]
+
+
+# ------------------------------------------------------------------------------------------------
+# --target_format structured: the layout, the exact way back, and malformed generations
+# ------------------------------------------------------------------------------------------------
+
+def test_structured_layout():
+    text = f"{UNIFIED} 그리고 여행 앱을 추천했습니다."
+    assert targets.to_structured(text, SPEAKERS) == (
+        "## 전반적인 요약\n두 화자는 이 대화에서 여행에 대해 말했습니다.\n\n"
+        f"## {A} 요약\n- {A}은 여행을 좋아한다고 말했습니다.\n\n"
+        f"## {B} 요약\n- {B}는 대만에 가겠다고 말했습니다.\n- 그리고 여행 앱을 추천했습니다."
+    )
+
+
+def test_structured_round_trip_gives_every_unified_sample_target_exactly():
+    records = sample_records()
+    for rec in records:
+        speakers = targets.speakers_in_order(rec)
+        unified = targets.unify_target(rec["output"], speakers)[0]
+        structured = targets.to_structured(unified, speakers)
+        assert structured.startswith("## 전반적인 요약\n") and f"## {speakers[0]} 요약\n- " in structured
+        assert structured.index(f"## {speakers[0]} 요약") < structured.index(f"## {speakers[1]} 요약")
+        assert targets.flatten_structured(structured) == (unified, True)
+    assert len(records) == 11
+
+
+def test_round_trip_without_an_overall_sentence():
+    assert targets.flatten_structured(targets.to_structured(PARTS, SPEAKERS)) == (PARTS, True)
+
+
+@pytest.mark.parametrize("generated, prose", [
+    ("두 화자는 여행에 대해 말했습니다.", "두 화자는 여행에 대해 말했습니다."),  # prose from a structured model
+    (f"## 전반적인 요약\n두 화자는 말했습니다.\n## {A} 요약\n{A}은 갔습니다.", f"두 화자는 말했습니다. {A}은 갔습니다."),  # no bullet
+    (f"## 전반적인 요약\n두 화자는 말했습니다.\n## {A} 요약\n- {A}은 갔습니다.\n## {B} 요약",
+     f"두 화자는 말했습니다. {A}은 갔습니다."),  # a section cut off by the token limit
+    (f"## 전반적인 요약\n두 화자는 말했습니다.\n### 화자별\n* {A}은 갔습니다.\n• {B}는 왔습니다.\n1. 끝입니다.",
+     f"두 화자는 말했습니다. {A}은 갔습니다. {B}는 왔습니다. 끝입니다."),
+    (f"## {A} 요약\n- {A}은 갔습니다. - 그리고 ## 왔습니다.\n- ", f"{A}은 갔습니다. 그리고 왔습니다."),
+    ("", ""),
+])
+def test_malformed_generations_are_flattened_and_marked(generated, prose):
+    flat, well_formed = targets.flatten_structured(generated)
+    assert (flat, well_formed) == (prose, False)
+    assert "#" not in flat and "- " not in flat
+
+
+def test_e2e_structured_targets_and_prompt(tmp_path, run_script):
+    out = tmp_path / "out"
+    result = run_script(["prep.py", "--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"),
+                         "--out", str(out), "--unify_targets", "--target_format", "structured"], timeout=300)
+    assert result.returncode == 0, result.stderr
+    records = {r["id"]: r for r in sample_records()}
+    for name in ("train.jsonl", "dev.jsonl"):  # dev.jsonl too: its eval loss is on what the model is asked to write
+        for line in (out / name).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            rec = records[row["id"]]
+            assert row["prompt"][0]["content"].endswith("요약해주세요.\n" + targets.STRUCTURED_INSTRUCTION)
+            structured = row["completion"][0]["content"]
+            assert structured.startswith("## 전반적인 요약\n")
+            expected = rec["output"]
+            if name == "train.jsonl":
+                expected = targets.unify_target(expected, targets.speakers_in_order(rec))[0]
+            assert targets.flatten_structured(structured) == (expected, True)
+    assert json.loads((out / "stats.json").read_text(encoding="utf-8"))["target_format"] == "structured"
+    import score  # the output guard's length band is measured on the prose the guard will see
+
+    unified = [targets.unify_target(r["output"], targets.speakers_in_order(r))[0] for r in sample_records()[:8]]
+    assert score.training_summary_lengths(out) == [len(text) for text in unified]
+
+
+def test_e2e_unknown_target_format(tmp_path, run_script):
+    result = run_script(["prep.py", "--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"),
+                         "--out", str(tmp_path / "out"), "--target_format", "markdown"], timeout=120)
+    assert_one_line_error(result, "--target_format markdown", "prose or structured")
+    assert not (tmp_path / "out").exists()
+
+
+def test_infer_flattens_and_flags_malformed_structure():
+    import infer
+
+    assert infer.as_prose(f"## {A} 요약\n- {A}은 갔습니다.", "structured") == {"output": f"{A}은 갔습니다."}
+    assert infer.as_prose(f"{A}은 갔습니다.", "structured") == {"output": f"{A}은 갔습니다.", "malformed_structure": True}
+    assert infer.as_prose("## 그대로", "prose") == {"output": "## 그대로"}, "a prose model's text is not touched"
+    guard = {"flags": {"a": [], "b": ["long: 900 chars > 800"], "c": []}, "flagged": ["b"]}
+    infer.flag_malformed_structure(guard, ["c"])
+    assert guard["flagged"] == ["b", "c"] and guard["flags"]["c"] == ["structure: not the trained sections (flattened)"]
+
+
+def test_e2e_structured_model_writes_prose(tmp_path, tiny_model_dir, run_script):
+    """prep.py --unify_targets --target_format structured -> train.py memorizes 4 rows -> infer.py: the model writes
+    the sections, and the submission and the scores get them back as the unified prose; a partial file of a prose
+    model is refused in one line."""
+    from conftest import MEMORIZE_FLAGS, MEMORIZE_ROWS
+
+    prepared, four = tmp_path / "prepared", tmp_path / "four"
+    result = run_script(["prep.py", "--train", SAMPLE / "train.json", "--dev", SAMPLE / "dev.json", "--out", prepared,
+                         "--tokenizer", tiny_model_dir, "--max_seq_length", "1024", "--unify_targets",
+                         "--target_format", "structured"], timeout=300)
+    assert result.returncode == 0, result.stderr
+    four.mkdir()
+    lines = (prepared / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:MEMORIZE_ROWS]
+    (four / "train.jsonl").write_text("".join(lines), encoding="utf-8")
+    for name in ("dev.jsonl", "stats.json"):
+        (four / name).write_bytes((prepared / name).read_bytes())
+    result = run_script(["train.py", "--model", tiny_model_dir, "--data", four, "--output_dir", tmp_path / "run",
+                         *MEMORIZE_FLAGS], cwd=tmp_path, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "run_config.json").read_text(encoding="utf-8"))["target_format"] == "structured"
+
+    ids = [json.loads(line)["id"] for line in lines]
+    records = [r for r in sample_records() if r["id"] in ids]
+    (tmp_path / "memorized.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    stale = tmp_path / "memorized_pred.json.partial.jsonl"
+    stale.write_text(json.dumps({"fingerprint": {"target_format": "prose"}}) + "\n", encoding="utf-8")
+    result = run_script(["infer.py", "--model", final, "--input", "memorized.json", "--max_new_tokens", "256",
+                         "--no-load_in_4bit"], cwd=tmp_path, timeout=900)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: {stale.name}: holds summaries of a --target_format prose"), error
+    stale.unlink()
+    result = run_script(["infer.py", "--model", final, "--input", "memorized.json", "--max_new_tokens", "256",
+                         "--no-load_in_4bit", "--batch_size", "4"], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    predictions = [r["output"] for r in json.loads((tmp_path / "memorized_pred.json").read_text(encoding="utf-8"))]
+    assert predictions == [targets.unify_target(r["output"], targets.speakers_in_order(r))[0] for r in records]
+    scores = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
+    assert scores["guard"]["flagged"] == []
