@@ -674,7 +674,7 @@ def rewrite_main(cfg: RewriteSettings) -> None:
     answers_path, report_path = f"{stem}.answers.jsonl", f"{stem}.report.json"
     cfg.rejects = cfg.rejects or f"{stem}.rejects.jsonl"
     if Path(cfg.output).resolve() == Path(cfg.input).resolve():
-        raise UserError(f"--output {cfg.output} is the --input file: choose another name (an input is never overwritten)")
+        raise UserError(f"--output {cfg.output} is the --input file: choose another name (inputs stay as they are)")
     console.rule("[bold]distill.py rewrite")
     print_settings(console, "settings", cfg)
 

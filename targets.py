@@ -229,6 +229,18 @@ def order_speaker_parts(text: str, speakers: list[str]) -> str:
     return " ".join(overall + ordered)
 
 
+def topic_particle_on_parts(text: str, speakers: list[str]) -> str:
+    """A speaker's part opens with the id and the topic particle: "SD2000010이 …" -> "SD2000010은 …" (only a bare 이/가;
+    "SD2000010이라고" and the like stay)."""
+    def retopic(sentence: str) -> str:
+        match = _ID_WITH_SUFFIX.match(sentence)
+        if sentence_speaker(sentence, speakers) is None or match[2] not in ("이", "가"):
+            return sentence
+        return match[1] + particle_for(match[1], "은") + sentence[match.end():]
+
+    return " ".join(retopic(sentence) for sentence in split_sentences(text))
+
+
 def agree_particles(text: str, speakers: list[str]) -> str:
     """Every particle on a speaker id (은/는, 이/가, 과/와, 을/를) follows the id's last digit."""
     def replace(match: re.Match) -> str:
@@ -255,6 +267,7 @@ TARGET_RULES: tuple[tuple[str, TargetRule, str], ...] = (
     ("repeated_sentence", drop_repeated_sentences, "a repeated sentence dropped"),
     ("opening", unify_opening, "the overall sentence opens 두 화자는 이 대화에서"),
     ("speaker_order", order_speaker_parts, "speakers' parts in the order they first speak"),
+    ("part_topic", topic_particle_on_parts, "a speaker's part opens with the id and 은/는, not 이/가"),
     ("particles", agree_particles, "particles on ids follow the id's last digit (은/는, 이/가, 과/와, 을/를)"),
 )
 RULE_HELP = {name: help_text for name, _, help_text in TARGET_RULES}

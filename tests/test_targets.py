@@ -103,6 +103,7 @@ def test_every_opening_variant_becomes_one(opening):
     (UNIFIED[:-1], UNIFIED, ["final_period"]),
     (f"두 화자는 이 대화에서 여행에 대해 말했습니다. {B}는 대만에 가겠다고 말했습니다. {A}은 여행을 좋아한다고 말했습니다.",
      UNIFIED, ["speaker_order"]),
+    (UNIFIED.replace(f"{A}은", f"{A}이").replace(f"{B}는", f"{B}이"), UNIFIED, ["part_topic"]),
 ])
 def test_each_rule_on_crafted_references(before, after, rules):
     text, changed_by, problems = targets.unify_target(before, SPEAKERS)
@@ -222,6 +223,12 @@ def check_rule(name: str, before: str, after: str, speakers: list[str]) -> None:
         assert sorted(sentences(before)) == sorted(sentences(after)) and sentences(before) != sentences(after)
     elif name == "particles":
         check_particles(before, after)
+    elif name == "part_topic":  # a part's opening id + 이/가 becomes the same id + 은/는, nothing else changes
+        for old, new in word_ops(before, after):
+            assert len(old) == len(new)
+            for (old_id, old_rest), (new_id, new_rest) in zip(map(id_and_rest, old), map(id_and_rest, new)):
+                assert old_id == new_id and old_rest in ("이", "가") and new_rest in ("은", "는")
+                assert (new_rest == "은") == (new_id[-1] in "013678")
     else:
         raise AssertionError(f"no meaning check for rule {name}: write one")
 
@@ -233,7 +240,7 @@ def crafted_references() -> list[str]:
         f"\t이 대화에서 화자들은  여행에 대해 말했습니다.화자 화자 SSD2000019는 여행을 좋아한다고 말했습니다.\x07 "
         f"SD20000250은 대만에 가겠다고 말했습니다. SD20000250은 대만에 가겠다고 말했습니다",
         f"두 화자는 이 대화에서 여행에 대해 말했습니다. {B}은 대만에 가겠다고 말했습니다. 그리고 그리고 {A}를 만났습니다. "
-        f"{A}는 {B}과 하나 하나 말했습니다",
+        f"{A}는 {B}과 하나 하나 말했습니다. {B}가 다시 말했습니다. {A}이라고 불렀습니다",
     ]
     return texts
 
