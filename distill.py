@@ -840,10 +840,10 @@ def run_generator_command(argv: list[str]) -> None:
 
 
 GENERATOR_COMMANDS = {
-    "rewrite": (RewriteSettings, rewrite_main, "Have a teacher rewrite each summary of a competition JSON in one "
-                "style; keep a rewrite only where it passes the guard; resumably."),
     "distill": (DistillSettings, distill_main, "Have a teacher model (OpenAI-compatible server or local) answer every input row; append to JSONL, resumably."),
     "magpie": (MagpieSettings, magpie_main, "Synthesize instruction/answer pairs from an aligned chat model given only its user-turn prefix (Magpie); append to JSONL, resumably."),
+    "rewrite": (RewriteSettings, rewrite_main, "Have a teacher rewrite each summary of a competition JSON in one "
+                "style; keep a rewrite only where it passes the guard; resumably."),
 }
 
 
