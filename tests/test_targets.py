@@ -472,3 +472,21 @@ def test_e2e_structured_model_writes_prose(tmp_path, tiny_model_dir, run_script)
     assert predictions == [targets.unify_target(r["output"], targets.speakers_in_order(r))[0] for r in records]
     scores = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
     assert scores["guard"]["flagged"] == []
+
+
+def test_e2e_unparsed_generations_are_flattened_and_flagged(tmp_path, chatty_model_dir, run_script):
+    """A model whose run says structured but that writes plain chat text (the tiny chatty model): every summary
+    reaches the submission as prose, and the output guard flags each one as not the trained sections."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(chatty_model_dir, model)
+    (model / "run_config.json").write_text(json.dumps({"target_format": "structured"}), encoding="utf-8")
+    result = run_script(["infer.py", "--model", model, "--input", SAMPLE / "test.json", "--output", "submission.json",
+                         "--max_new_tokens", "24", "--no-load_in_4bit"], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    outputs = [r["output"] for r in json.loads((tmp_path / "submission.json").read_text(encoding="utf-8"))]
+    assert all(text and "#" not in text and "- " not in text for text in outputs)
+    guard = json.loads((tmp_path / "submission.guard.json").read_text(encoding="utf-8"))
+    assert all("structure: not the trained sections (flattened)" in item["guard"] for item in guard["items"])
+    assert len(guard["guard"]["flagged"]) == len(outputs) == 3
