@@ -490,3 +490,16 @@ def test_e2e_unparsed_generations_are_flattened_and_flagged(tmp_path, chatty_mod
     guard = json.loads((tmp_path / "submission.guard.json").read_text(encoding="utf-8"))
     assert all("structure: not the trained sections (flattened)" in item["guard"] for item in guard["items"])
     assert len(guard["guard"]["flagged"]) == len(outputs) == 3
+
+
+def test_e2e_score_flattens_a_prediction_file_with_sections(tmp_path, run_script):
+    """--score on a structured model's raw text scores the prose it stands for (the same ROUGE-1 as the prose)."""
+    dev = json.loads((SAMPLE / "dev.json").read_text(encoding="utf-8"))
+    raw = [{**r, "output": targets.to_structured(r["output"], targets.speakers_in_order(r))} for r in dev]
+    (tmp_path / "raw.json").write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
+    result = run_script(["infer.py", "--score", "raw.json", "--ref", SAMPLE / "dev.json", "--metrics", "rouge1",
+                         "--scores_file", "scores.json"], cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "raw.json: 3 predictions hold ## headings or - bullets; flattened to prose" in result.stdout
+    scores = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
+    assert scores["means"]["rouge1"] == pytest.approx(1.0)
