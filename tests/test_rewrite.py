@@ -123,3 +123,20 @@ def test_rewrite_guard():
     shorter = original[: int(len(original) * 0.6)]
     assert distill.rewrite_problems(original, shorter, speakers, {}, 0.5, 0.3) == [
         "length -40% (limit ±30%)", "speaker id missing: SD2000025"]
+
+
+def test_local_teacher(tmp_path, chatty_model_dir):
+    """--teacher_url local runs the rewrite through generate.py's engine: the tiny chatty model's answers are no
+    summaries, so the guard keeps every original, and the report says why."""
+    make_input(tmp_path / "in.json", 3)
+    out = tmp_path / "rewritten.json"
+    result = run(rewrite_command(tmp_path / "in.json", out, "local", "--teacher_model", str(chatty_model_dir),
+                                 "--no-load_in_4bit", "--max_new_tokens", "24", "--batch_size", "3"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = json.loads((tmp_path / "in.json").read_text(encoding="utf-8"))
+    assert json.loads(out.read_text(encoding="utf-8")) == records
+    report = json.loads((tmp_path / "rewritten.report.json").read_text(encoding="utf-8"))
+    assert report["kept"] == 0 and report["not_kept"] == 3
+    assert all(item["reasons"] for item in report["items"])
+    answered = read_jsonl(tmp_path / "rewritten.answers.jsonl") + read_jsonl(tmp_path / "rewritten.rejects.jsonl")
+    assert sorted(row["id"] for row in answered) == ["row-00", "row-01", "row-02"]
