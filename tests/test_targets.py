@@ -503,3 +503,15 @@ def test_e2e_score_flattens_a_prediction_file_with_sections(tmp_path, run_script
     assert "raw.json: 3 predictions hold ## headings or - bullets; flattened to prose" in result.stdout
     scores = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
     assert scores["means"]["rouge1"] == pytest.approx(1.0)
+
+
+def test_merge_refuses_adapters_of_both_target_formats(tmp_path, run_script):
+    from test_checkpoints import fake_adapter
+
+    prose, structured = fake_adapter(tmp_path / "prose", 8), fake_adapter(tmp_path / "structured", 8)
+    config = json.loads((structured / "run_config.json").read_text(encoding="utf-8"))
+    (structured / "run_config.json").write_text(json.dumps({**config, "target_format": "structured"}), encoding="utf-8")
+    result = run_script(["train.py", "merge", "--adapters", prose, structured, "--output_dir", tmp_path / "out"],
+                        cwd=tmp_path)
+    assert_one_line_error(result, "trained with different prompts (target_format differs)")
+    assert not (tmp_path / "out").exists()
