@@ -5,6 +5,9 @@ Terminal:
     python distill.py distill --teacher_url local --teacher_model outputs/run/final          # a local model, through generate.py
     python distill.py magpie --model google/gemma-2-27b-it --n 1000                          # synthetic pairs -> JSONL
     python prep.py --extra data/distill/teacher.jsonl                                        # then train on them
+    python distill.py rewrite --input data/일상대화요약_train.json --output data/rewrite/train.json \
+        --teacher_url http://localhost:8000/v1 --teacher_model MODEL     # references rewritten in our style, guarded
+    python prep.py --train data/rewrite/train.json                       # then train on the rewritten targets
 
 Colab:
     !python distill.py distill --teacher_url local --teacher_model google/gemma-2-27b-it --limit 50
@@ -13,8 +16,11 @@ Both commands append each finished row to a JSONL file at once (one line, flushe
 again, skip every id already in the output or rejects file: an interrupted run resumes where it
 stopped, and nothing finished is lost or generated twice. Both outputs are valid --extra sources.
 
-Imports go one way: this script builds on prep.py (records, prompt, IO, settings) and generate.py
-(model loading, batched generation); nothing imports it.
+`rewrite` keeps a teacher's answer only where it passes a guard against the original (agreement, length,
+speaker ids) and writes the input's competition JSON with those outputs replaced.
+
+Imports go one way: this script builds on prep.py (records, prompt, IO, settings), generate.py (model loading,
+batched generation), score.py (the rewrite guard's metrics) and targets.py (speaker ids); nothing imports it.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ from prep import (
     check_environment,
     conversation_text,
     detect_shape,
+    dump_submission_json,
     filter_known_noise,
     load_competition_file,
     load_extra_rows,
@@ -46,7 +53,11 @@ from prep import (
     read_json,
     row_messages,
     run_cli,
+    validate_competition_data,
+    write_text_atomic,
 )
+from score import BERTSCORE_MODEL, MetricModels, load_scorers
+from targets import speakers_in_order
 REFUSAL_PREFIXES = (
     "I'm sorry", "I am sorry", "I cannot", "I can't", "As an AI", "Sorry, I",
     "죄송하지만", "죄송합니다만", "죄송합니다. 저는", "저는 AI", "요청하신 내용은 도와드릴 수 없",
@@ -82,6 +93,24 @@ class DistillSettings(generate.EngineSettings):
     batch_size: int = field(default=8, metadata={"help": "--teacher_url local, unsloth engine: most prompts generated together"})
     load_in_4bit: bool | None = field(default=None, metadata={"help": "--teacher_url local: load in 4 bit (default: as the model's training run, else on)"})
     limit: int | None = field(default=None, metadata={"help": "send only the first N input rows (try a run cheaply)"})
+
+
+@dataclass
+class RewriteSettings(DistillSettings):
+    input: str = field(default="data/일상대화요약_train.json", metadata={"help": (
+        "competition JSON whose outputs the teacher rewrites: training references, or a prediction file (infer.py's)")})
+    output: str = field(default="data/rewrite/train.json", metadata={"help": (
+        "the input's JSON with each kept rewrite as its output (ids, order and inputs unchanged); the teacher's "
+        "answers are appended to <output>.answers.jsonl as they come, so a run resumes, and the verdicts go to "
+        "<output>.report.json")})
+    instruction: str | None = field(default=None, metadata={"help": "a style instruction instead of the built-in one"})
+    min_agreement: float = field(default=0.5, metadata={"help": (
+        "a rewrite is kept only if each of --guard_metrics against the original is at least this")})
+    max_length_change: float = field(default=0.3, metadata={"help": (
+        "... and its length is within this share of the original's (0.3: 70%%-130%%)")})
+    guard_metrics: list[str] = field(default_factory=lambda: ["rouge1", "bertscore"], metadata={"help": (
+        "agreement measures: rouge1 always, bertscore when its model loads (skipped with the reason otherwise)")})
+    bertscore_model: str = field(default=BERTSCORE_MODEL, metadata={"help": "BERTScore model, Hub id or local folder"})
 
 
 @dataclass
@@ -472,15 +501,8 @@ def print_settings(console: Any, title: str, cfg: Any) -> None:
     console.print(table)
 
 
-def distill_main(cfg: DistillSettings) -> None:
-    check_environment(needs_torch=cfg.teacher_url == "local")  # a teacher behind a URL needs no torch here
-    filter_known_noise()
-    import asyncio
-    import time
-
-    from rich.console import Console
-
-    console = Console()
+def check_teacher_settings(cfg: DistillSettings) -> None:
+    """The teacher flags `distill` and `rewrite` share."""
     local = cfg.teacher_url == "local"
     if not cfg.teacher_model:
         raise UserError("--teacher_model is required: the model name the server serves, or a local path with --teacher_url local")
@@ -494,10 +516,18 @@ def distill_main(cfg: DistillSettings) -> None:
         raise UserError(f"--engine {cfg.engine} runs a local teacher: pass --teacher_url local (a server is its own engine)")
     if cfg.max_retries < 0 or cfg.request_timeout <= 0 or cfg.backoff_base < 0:
         raise UserError("--max_retries must be >= 0, --request_timeout > 0 and --backoff_base >= 0")
+
+
+def distill_main(cfg: DistillSettings) -> None:
+    check_environment(needs_torch=cfg.teacher_url == "local")  # a teacher behind a URL needs no torch here
+    filter_known_noise()
+    from rich.console import Console
+
+    console = Console()
+    check_teacher_settings(cfg)
     cfg.rejects = cfg.rejects or str(Path(cfg.output).with_suffix("")) + ".rejects.jsonl"
     if Path(cfg.rejects).resolve() == Path(cfg.output).resolve():
         raise UserError(f"--rejects {cfg.rejects}: must differ from --output")
-    started = time.time()
     console.rule("[bold]prep.py distill")
     print_settings(console, "settings", cfg)
 
@@ -506,11 +536,22 @@ def distill_main(cfg: DistillSettings) -> None:
     check_output_format(cfg.output, cfg.format)
     todo = [item for item in items if item.id not in done]
     console.print(f"{len(items)} input rows: {len(items) - len(todo)} already done (resumed), {len(todo)} to send to {cfg.teacher_model}")
+    ask_for_answers(todo, cfg, console)
+    console.print(f"next: python prep.py --extra {cfg.output}")
+
+
+def ask_for_answers(todo: list[DistillItem], cfg: DistillSettings, console: Any) -> None:
+    """The teacher answers every item: each answer is appended to --output and each unusable one to --rejects as it
+    arrives; rows that failed every retry end the run with one line (run again to retry just those)."""
+    import asyncio
+    import time
+
+    started = time.time()
     token_param = "max_tokens" if cfg.max_tokens_param == "auto" else cfg.max_tokens_param
     stats = {"written": 0, "rejected": 0, "failed": 0, "token_param": token_param}
     output, rejects = JsonlAppender(cfg.output), JsonlAppender(cfg.rejects)
     try:
-        if local and todo:
+        if cfg.teacher_url == "local" and todo:
             distill_locally(todo, cfg, output, rejects, stats, console)
         elif todo:
             with generate.ItemProgress(console, "teacher answers", len(todo)) as progress:
@@ -527,7 +568,140 @@ def distill_main(cfg: DistillSettings) -> None:
         console.print(f"the server rejected {token_param}, so this run sent {stats['token_param']}; next time pass --max_tokens_param {stats['token_param']}")
     if stats["failed"]:
         raise UserError(f"{stats['failed']} rows failed every retry and were not written; run the same command again to retry them")
-    console.print(f"next: python prep.py --extra {cfg.output}")
+
+
+REWRITE_INSTRUCTION = (
+    "위 요약문을 다음 형식으로 다시 써 주세요. 첫 문장은 '두 화자는 이 대화에서'로 시작해 대화 전체를 요약합니다. "
+    "그다음 화자마다 먼저 말한 화자부터, 화자 ID와 조사('SD2000001은', 'SD2000002는')로 시작하는 문장들로 그 화자의 "
+    "이야기를 요약합니다. 요약문의 사실은 하나도 빠뜨리지 말고, 대화에 없는 내용은 더하지 마세요. 필러(어~, 음~), "
+    "말 더듬, 반복, xx 같은 전사 잡음은 쓰지 않습니다. 문장은 '~습니다.'로 끝냅니다. 다시 쓴 요약문만 출력하세요."
+)
+
+
+def rewrite_user_text(record: dict, instruction: str) -> str:
+    """What the teacher sees: the dialogue and its question as the competition prompt, the summary, the style."""
+    return f"{build_user_text(record)}\n\n[Summary]\n{record['output'].strip()}\n\n[Instruction]\n{instruction}"
+
+
+def load_rewrite_input(path: str) -> tuple[list[dict], list[dict]]:
+    """(the file's records as given, validated copies); every record needs the `output` to rewrite."""
+    raw = read_json(path)
+    records, _ = validate_competition_data(raw, path)
+    for index, record in enumerate(records):
+        if not record["output"].strip():
+            raise UserError(f"{path}: record {index} (id {record['id']!r}): field 'output' is empty; rewrite needs the "
+                            "summary to rewrite (a training file or a prediction file, not a test file)")
+    return raw, records
+
+
+def read_answers(path: str | Path) -> dict[str, str]:
+    """{id: answer} from the answers JSONL (prompt/completion rows, the last of an id wins)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    rows = parse_jsonl(path.read_text(encoding="utf-8"), path, "; fix or delete that line")
+    return {row["id"]: row["completion"] for _, row in rows if isinstance(row, dict) and "completion" in row}
+
+
+def read_reasons(path: str | Path) -> dict[str, str]:
+    """{id: why the teacher's answer was unusable} from the rejects JSONL."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    return {row["id"]: row.get("reason", "") for _, row in parse_jsonl(path.read_text(encoding="utf-8"), path)}
+
+
+def rewrite_problems(original: str, rewrite: str, speakers: list[str], agreement: dict[str, float],
+                     min_agreement: float, max_length_change: float) -> list[str]:
+    """Why a rewrite may not replace the original ([] when it may): an agreement below the floor, a length too far
+    from the original's, a speaker id of the original missing from it."""
+    problems = [f"{name} {value:.3f} < {min_agreement:g}" for name, value in agreement.items() if value < min_agreement]
+    change = len(rewrite) / max(len(original), 1) - 1
+    if abs(change) > max_length_change:
+        problems.append(f"length {change:+.0%} (limit ±{max_length_change:.0%})")
+    missing = [speaker for speaker in speakers if speaker in original and speaker not in rewrite]
+    if missing:
+        problems.append(f"speaker id missing: {', '.join(missing)}")
+    return problems
+
+
+def judge_rewrites(records: list[dict], answers: dict[str, str], teacher_reasons: dict[str, str],
+                   scorers: dict[str, Any], cfg: RewriteSettings) -> list[dict]:
+    """Per record: {id, kept, reasons, agreement, length_change}; one without a usable answer keeps its original."""
+    answered = [r for r in records if r["id"] in answers]
+    originals, rewrites = [r["output"].strip() for r in answered], [answers[r["id"]] for r in answered]
+    values = {name: scorer(rewrites, originals) for name, scorer in scorers.items()}
+    verdicts = {}
+    for k, record in enumerate(answered):
+        agreement = {name: round(column[k], 4) for name, column in values.items()}
+        problems = rewrite_problems(originals[k], rewrites[k], speakers_in_order(record), agreement,
+                                    cfg.min_agreement, cfg.max_length_change)
+        verdicts[record["id"]] = {"id": record["id"], "kept": not problems, "reasons": problems, "agreement": agreement,
+                                  "length_change": round(len(rewrites[k]) / max(len(originals[k]), 1) - 1, 4)}
+    for record in records:
+        if record["id"] not in verdicts:
+            reason = teacher_reasons.get(record["id"], "not sent (--limit)")
+            verdicts[record["id"]] = {"id": record["id"], "kept": False, "reasons": [f"teacher: {reason}"]}
+    return [verdicts[r["id"]] for r in records]
+
+
+def rewrite_report(verdicts: list[dict], skipped: dict[str, str], cfg: RewriteSettings) -> dict:
+    """What was kept and, for the rest, why not: counted by kind of reason, every record's verdict listed."""
+    why_not: dict[str, int] = {}
+    for verdict in verdicts:
+        for kind in {reason.split(" ")[0].rstrip(":") for reason in verdict["reasons"]}:
+            why_not[kind] = why_not.get(kind, 0) + 1
+    return {"input": cfg.input, "teacher": cfg.teacher_model, "kept": sum(v["kept"] for v in verdicts),
+            "not_kept": sum(not v["kept"] for v in verdicts), "not_kept_by_reason": dict(sorted(why_not.items())),
+            "guard": {"min_agreement": cfg.min_agreement, "max_length_change": cfg.max_length_change,
+                      "metrics": sorted(set(cfg.guard_metrics) - set(skipped)), "skipped": skipped},
+            "items": verdicts}
+
+
+def rewrite_main(cfg: RewriteSettings) -> None:
+    check_environment(needs_torch=cfg.teacher_url == "local")
+    filter_known_noise()
+    from rich.console import Console
+
+    console = Console()
+    check_teacher_settings(cfg)
+    unknown = [name for name in cfg.guard_metrics if name not in ("rouge1", "bertscore")]
+    if unknown or "rouge1" not in cfg.guard_metrics:
+        raise UserError(f"--guard_metrics {' '.join(cfg.guard_metrics)}: rouge1, optionally with bertscore")
+    if not 0 <= cfg.min_agreement <= 1 or cfg.max_length_change <= 0:
+        raise UserError("--min_agreement must be in [0, 1] and --max_length_change positive (0.3 = within 30%)")
+    stem = str(Path(cfg.output).with_suffix(""))
+    answers_path, report_path = f"{stem}.answers.jsonl", f"{stem}.report.json"
+    cfg.rejects = cfg.rejects or f"{stem}.rejects.jsonl"
+    if Path(cfg.output).resolve() == Path(cfg.input).resolve():
+        raise UserError(f"--output {cfg.output} is the --input file: choose another name (inputs stay as they are)")
+    console.rule("[bold]distill.py rewrite")
+    print_settings(console, "settings", cfg)
+
+    raw, records = load_rewrite_input(cfg.input)
+    instruction = cfg.instruction or REWRITE_INSTRUCTION
+    asked = records[: cfg.limit] if cfg.limit is not None else records
+    items = [DistillItem(r["id"], cfg.input, [{"role": "user", "content": rewrite_user_text(r, instruction)}])
+             for r in asked]
+    done = read_done_ids(answers_path) | read_done_ids(cfg.rejects)
+    todo = [item for item in items if item.id not in done]
+    console.print(f"{len(records)} records, {len(items)} to rewrite: {len(items) - len(todo)} already answered "
+                  f"(resumed), {len(todo)} to send to {cfg.teacher_model}")
+    ask_for_answers(todo, dataclasses.replace(cfg, output=answers_path, format="prompt_completion"), console)
+
+    console.rule("guard: each rewrite against its original")
+    scorers, skipped = load_scorers(cfg.guard_metrics, MetricModels(bertscore_model=cfg.bertscore_model), console)
+    answers = read_answers(answers_path)
+    verdicts = judge_rewrites(records, answers, read_reasons(cfg.rejects), scorers, cfg)
+    kept = {v["id"]: answers[v["id"]] for v in verdicts if v["kept"]}
+    rewritten = [{**row, "output": kept.get(record["id"], row.get("output", ""))} for row, record in zip(raw, records)]
+    report = rewrite_report(verdicts, skipped, cfg)
+    write_text_atomic(cfg.output, dump_submission_json(rewritten))
+    write_text_atomic(report_path, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    reasons = ", ".join(f"{kind} {n}" for kind, n in report["not_kept_by_reason"].items()) or "none"
+    console.print(f"kept {report['kept']} of {len(records)} rewrites; the original stays for {report['not_kept']} "
+                  f"(by reason: {reasons}) -> {cfg.output}; verdicts -> {report_path}")
+    console.print(f"next: python prep.py --train {cfg.output}   (or upload it, if it holds test predictions)")
 
 
 @dataclass
@@ -668,6 +842,8 @@ def run_generator_command(argv: list[str]) -> None:
 GENERATOR_COMMANDS = {
     "distill": (DistillSettings, distill_main, "Have a teacher model (OpenAI-compatible server or local) answer every input row; append to JSONL, resumably."),
     "magpie": (MagpieSettings, magpie_main, "Synthesize instruction/answer pairs from an aligned chat model given only its user-turn prefix (Magpie); append to JSONL, resumably."),
+    "rewrite": (RewriteSettings, rewrite_main, "Have a teacher rewrite each summary of a competition JSON in one "
+                "style; keep a rewrite only where it passes the guard; resumably."),
 }
 
 

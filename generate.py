@@ -152,6 +152,11 @@ def trained_clean_inputs(run_config: dict) -> bool:
     return bool(run_config.get("clean_inputs", False))
 
 
+def trained_target_format(run_config: dict) -> str:
+    """prep.py's --target_format: "structured" models are prompted for sections and their text is flattened."""
+    return run_config.get("target_format", "prose")
+
+
 def resolve_model(model: str | None) -> tuple[str, dict]:
     """(name or folder to load, run_config) for --model; errors name the missing folder."""
     if model is None:
@@ -736,9 +741,10 @@ def open_engine(model_name: str, run_config: dict, settings: EngineSettings, *, 
 # Prompts that fit
 # ---------------------------------------------------------------------------------------------
 
-def chat_prompt(tokenizer, record: dict, system_prompt: bool) -> str:
+def chat_prompt(tokenizer, record: dict, system_prompt: bool, target_format: str = "prose") -> str:
     """The training prompt for one record, rendered by the tokenizer's chat template, ready for the model turn."""
-    return tokenizer.apply_chat_template(build_messages(record, system_prompt), tokenize=False, add_generation_prompt=True)
+    messages = build_messages(record, system_prompt, target_format)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _with_turns(record: dict, turns: list[dict]) -> dict:

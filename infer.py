@@ -39,7 +39,6 @@ from prep import (
     UserError,
     check_environment,
     checkpoint_dirs,
-    clean_record,
     dump_submission_json,
     filter_known_noise,
     is_complete_checkpoint,
@@ -64,6 +63,7 @@ from generate import (
     shorten_to_fit,
     trained_clean_inputs,
     trained_system_prompt,
+    trained_target_format,
 )
 from score import (
     BERTSCORE_LAYERS,
@@ -83,6 +83,7 @@ from score import (
     select_candidates,
     write_scores,
 )
+from targets import clean_record, flatten_structured, looks_structured
 
 
 @dataclass
@@ -143,6 +144,10 @@ def load_partial(path: Path, fingerprint: dict) -> dict[str, dict]:
         header = json.loads(lines[0]) if lines else {}
     except json.JSONDecodeError:
         header = {}
+    made_for = (header.get("fingerprint") or {}).get("target_format", "prose")
+    if made_for != fingerprint.get("target_format", "prose"):
+        raise UserError(f"{path}: holds summaries of a --target_format {made_for} model, and this model was trained "
+                        f"with --target_format {fingerprint.get('target_format', 'prose')}; delete it to start over")
     if header.get("fingerprint") != fingerprint:
         raise UserError(f"{path}: left by a run with a different input, model or prompt settings; delete it to start over, or rerun that command")
     rows = {}
@@ -165,6 +170,31 @@ def append_partial(path: Path, fingerprint: dict, rows: list[dict]) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def as_prose(text: str, target_format: str) -> dict:
+    """A partial-file row's text: a structured model's sections flattened to the one paragraph the submission,
+    scoring, the guard and --select see; a text that did not parse is marked, for the guard to flag."""
+    if target_format != "structured":
+        return {"output": text}
+    prose, well_formed = flatten_structured(text)
+    return {"output": prose} if well_formed else {"output": prose, "malformed_structure": True}
+
+
+def flatten_predictions(texts: list[str], where: str, console) -> list[str]:
+    """Prediction files for --score / --select may hold a structured model's raw text: scored as prose."""
+    structured = [k for k, text in enumerate(texts) if looks_structured(text)]
+    if structured:
+        console.print(f"[yellow]{where}: {len(structured)} predictions hold ## headings or - bullets; "
+                      "flattened to prose")
+    return [flatten_structured(text)[0] if k in set(structured) else text for k, text in enumerate(texts)]
+
+
+def flag_malformed_structure(guard: dict, ids: list[str]) -> None:
+    """Add the guard flag of a structured generation that did not parse (it was flattened all the same)."""
+    for item_id in ids:
+        guard["flags"][item_id].append("structure: not the trained sections (flattened)")
+    guard["flagged"] = [i for i in guard["flags"] if guard["flags"][i]]
 
 
 def build_submission(raw_records: list[dict], outputs: dict[str, str]) -> list[dict]:
@@ -468,6 +498,7 @@ def score_only(cfg: InferSettings, console) -> None:
     predictions, _ = load_competition_file(cfg.score)
     references, _ = load_competition_file(cfg.ref)
     ids, preds, refs = pair_by_id(predictions, references, cfg.score, cfg.ref)
+    preds = flatten_predictions(preds, cfg.score, console)
     console.rule(f"scoring {cfg.score} against {cfg.ref} ({len(ids)} items)")
     result = score_predictions(ids, preds, refs, cfg.metrics, console, metric_models(cfg))
     print_scores(result, console)
@@ -514,6 +545,9 @@ def select_only(cfg: InferSettings, console) -> None:
     if any(output.resolve() == Path(path).resolve() for path in [*cfg.select, *([cfg.ref] if cfg.ref else [])]):
         raise UserError(f"--output {output} is one of the input files: choose another name (inputs are never overwritten)")
     records, candidates = read_candidate_files(cfg.select)
+    width = len(cfg.select)
+    flat = flatten_predictions([text for row in candidates for text in row], "--select", console)
+    candidates = [flat[k * width:(k + 1) * width] for k in range(len(candidates))]
     ids = [record["id"] for record in records]
     references = pair_by_id(records, load_competition_file(cfg.ref)[0], cfg.select[0], cfg.ref)[2] if cfg.ref else None
     console.rule(f"selecting among {len(cfg.select)} files ({len(ids)} records)")
@@ -546,6 +580,7 @@ def sample_and_select(cfg: InferSettings, records: list[dict], greedy: dict[str,
         set_seed(cfg.seed)
 
         def save(index: int, texts: list[str]) -> None:
+            texts = [as_prose(text, fingerprint.get("target_format", "prose"))["output"] for text in texts]
             row = {"id": todo[index]["id"], "candidates": [greedy.get(todo[index]["id"], ""), *texts]}
             append_partial(path, fingerprint, [row])
             sampled[row["id"]] = row["candidates"]
@@ -650,10 +685,12 @@ def main(cfg: InferSettings) -> None:
         raise UserError(f"{cfg.input}: --eval needs every record's 'output' filled (the references)")
     model_name, run_config = resolve_model(cfg.model)
     system_prompt, clean_inputs = trained_system_prompt(run_config), trained_clean_inputs(run_config)
+    target_format = trained_target_format(run_config)
     # What makes the prompts and the model: a partial file made with anything else is not this run's.
     fingerprint = {
         "input_sha256": file_sha256(cfg.input), "model": str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
         "system_prompt": system_prompt, "clean_inputs": clean_inputs, "max_seq_length": cfg.max_seq_length,
+        "target_format": target_format,
     }
     partial = partial_path(output)
     band = length_band(run_config)
@@ -661,7 +698,8 @@ def main(cfg: InferSettings) -> None:
     table = Table(title="infer.py settings", show_header=False)
     load_in_4bit = default_load_in_4bit(model_name, run_config) if cfg.load_in_4bit is None else cfg.load_in_4bit
     for key, value in {**asdict(cfg), "model": model_name, "load_in_4bit": load_in_4bit, "system_prompt (from training)": system_prompt,
-                       "clean_inputs (from training)": clean_inputs}.items():
+                       "clean_inputs (from training)": clean_inputs,
+                       "target_format (from training)": target_format}.items():
         table.add_row(key, str(value))
     console.print(table)
     if not run_config and Path(model_name).is_dir():
@@ -696,7 +734,8 @@ def main(cfg: InferSettings) -> None:
         prompts, shortened = [], 0
         for record in todo_records:
             record = clean_record(record)[0] if clean_inputs else record
-            prompt, was_shortened = shorten_to_fit(record, lambda r: chat_prompt(tokenizer, r, system_prompt), count_tokens, budget)
+            render = functools.partial(chat_prompt, tokenizer, system_prompt=system_prompt, target_format=target_format)
+            prompt, was_shortened = shorten_to_fit(record, render, count_tokens, budget)
             prompts.append(prompt)
             shortened += was_shortened
         totals["shortened"] += shortened
@@ -709,7 +748,8 @@ def main(cfg: InferSettings) -> None:
 
         def save_batch(indices: list[int], texts: list[str], new_tokens: int) -> None:
             # Empty summaries are recorded too: a resume does not redo them with the same settings.
-            new_rows = [{"id": todo[i]["id"], "output": text, **generation} for i, text in zip(indices, texts)]
+            new_rows = [{"id": todo[i]["id"], **as_prose(text, target_format), **generation}
+                        for i, text in zip(indices, texts)]
             append_partial(partial, fingerprint, new_rows)
             rows.update({row["id"]: row for row in new_rows})
             totals["tokens"] += new_tokens
@@ -741,6 +781,8 @@ def main(cfg: InferSettings) -> None:
         console.print(f"[yellow]--limit {limit}: this file covers {limit} of {total} records; not a full submission")
     ids, texts = [r["id"] for r in submission], [r["output"] for r in submission]
     guard = guard_report(ids, texts, band)
+    malformed = [i for i in ids if rows.get(i, {}).get("malformed_structure") and rows[i]["output"] == outputs[i]]
+    flag_malformed_structure(guard, malformed)
     flagged_penalty = max((rows.get(i, {}).get("repetition_penalty", 1.0) for i in guard["flagged"]), default=1.0)
     print_guard(guard, console, next_repetition_penalty(flagged_penalty))
     summary = {key: guard[key] for key in ("band_chars", "band_source", "flagged")}

@@ -7,7 +7,10 @@ Terminal:
     python prep.py --extra data/sample/extra_alpaca.json nayohan/Magpie-Gemma2-Pro-200K-Filtered-ko \
         --test data/일상대화요약_test.json --tokenizer google/gemma-2-9b-it   # augmentation, leak-checked
     python prep.py --train_on_dev --clean_inputs     # the final run: dev folded into train
-    (augmentation generators: python distill.py distill|magpie ...; their JSONL goes in with --extra)
+    python prep.py --unify_targets --show_changes 5  # preview the target rules (then drop --show_changes to write)
+    python prep.py --unify_targets --target_format structured   # one format, in ## sections (infer.py flattens)
+    (augmentation generators: python distill.py distill|magpie ...; their JSONL goes in with --extra;
+     python distill.py rewrite writes a competition JSON with teacher-rewritten summaries, for --train)
 
 Colab:
     !python prep.py --tokenizer unsloth/gemma-2-9b-it-bnb-4bit
@@ -39,6 +42,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from dedup import keep_first_of_near_duplicates, leaked_rows
+from targets import (STRUCTURED_INSTRUCTION, TARGET_FORMATS, clean_records, drop_middle_utterances, format_target,
+                     name_ids, target_change_lines, unify_records)
 
 
 @dataclass
@@ -54,6 +59,14 @@ class PrepSettings:
     train_on_dev: bool = field(default=False, metadata={"help": "also train on dev (the final run)"})
     system_prompt: bool = field(default=False, metadata={"help": "put the baseline's system text at the top of the user turn"})
     clean_inputs: bool = field(default=False, metadata={"help": "remove fillers (어~, 음~), xx masks and stuttered word repeats (그 그) from utterances; reduplication (무슨 무슨) stays"})
+    unify_targets: bool = field(default=False, metadata={"help": (
+        "rewrite the training targets into one format by rules (opening, ids, particles, typos, speaker order); "
+        "ids per rule in stats.json; dev.jsonl and the files scoring reads keep their references")})
+    show_changes: int | None = field(default=None, metadata={"help": (
+        "print N before/after pairs of what --unify_targets changes, then exit without writing anything")})
+    target_format: str = field(default="prose", metadata={"help": (
+        "prose: the summary as written; structured: ## 전반적인 요약 / ## SDa 요약 sections with - bullets, and the "
+        "prompt asks for them (infer.py turns them back into prose)")})
     limit: int | None = field(default=None, metadata={"help": "keep a random N rows of each training source (quick tries)"})
     seed: int = field(default=42, metadata={"help": "seed for --limit sampling"})
     check_env: bool = field(default=False, metadata={"help": "only check Python (>= 3.11) and torch (>= 2.4, < 2.15) before installing requirements.txt, then exit"})
@@ -378,8 +391,8 @@ def conversation_text(turns: list[dict]) -> str:
     return "\n".join(f"화자{turn['speaker']}: {turn['utterance']}" for turn in turns)
 
 
-def build_user_text(record: dict, system_prompt: bool = False) -> str:
-    """The official baseline's prompt, byte for byte (REFERENCE.md section 3)."""
+def build_user_text(record: dict, system_prompt: bool = False, target_format: str = "prose") -> str:
+    """The official baseline's prompt, byte for byte (REFERENCE.md section 3); a structured run adds the layout."""
     inp = record["input"]
     keywords = inp["subject_keyword"]
     keywords = [keywords] if isinstance(keywords, str) else keywords
@@ -388,65 +401,14 @@ def build_user_text(record: dict, system_prompt: bool = False) -> str:
         + conversation_text(inp["conversation"])
         + "\n\n[Question]\n"
         + f"위 {', '.join(keywords)} 주제에 대한 대화를 요약해주세요."
+        + (f"\n{STRUCTURED_INSTRUCTION}" if target_format == "structured" else "")
     )
     return f"{BASELINE_SYSTEM_PROMPT}\n\n{text}" if system_prompt else text
 
 
-def build_messages(record: dict, system_prompt: bool = False) -> list[dict]:
+def build_messages(record: dict, system_prompt: bool = False, target_format: str = "prose") -> list[dict]:
     """Chat messages for one competition record; used for training rows AND for inference prompts."""
-    return [{"role": "user", "content": build_user_text(record, system_prompt)}]
-
-
-def clean_utterance(text: str) -> str:
-    """`--clean_inputs`: drop fillers ("어~", "음~"), `xx` masks and stuttered word repeats ("그 그 사람"),
-    keeping Korean reduplication ("무슨 무슨", "하나 하나": see REDUPLICATED_WORDS)."""
-    text = _FILLER.sub(" ", text)
-    text = _MASK.sub(" ", text)
-    text = _WORD_REPEAT.sub(collapse_word_repeat, text)
-    return _SPACES.sub(" ", text).strip()
-
-
-def collapse_word_repeat(match: re.Match) -> str:
-    """A stutter ("그 그", "이제 이제 이제") becomes one word; a reduplication stays doubled, never tripled."""
-    word = match[1]
-    return f"{word} {word}" if word in REDUPLICATED_WORDS else word
-
-
-def clean_record(record: dict) -> tuple[dict, int, int]:
-    """Clean every utterance; returns (record, characters saved, utterances left empty and dropped)."""
-    turns, saved = [], 0
-    for turn in record["input"]["conversation"]:
-        cleaned = clean_utterance(turn["utterance"])
-        saved += len(turn["utterance"]) - len(cleaned)
-        if cleaned:
-            turns.append({**turn, "utterance": cleaned})
-    dropped = len(record["input"]["conversation"]) - len(turns)
-    if not turns:  # a conversation of nothing but fillers keeps its original text rather than vanish
-        return record, 0, 0
-    return {**record, "input": {**record["input"], "conversation": turns}}, saved, dropped
-
-
-def drop_middle_utterances(record: dict, count: int) -> dict:
-    """Remove `count` utterances from the middle of the conversation: its opening and its end stay."""
-    turns = record["input"]["conversation"]
-    start = (len(turns) - count) // 2
-    kept = turns[:start] + turns[start + count:]
-    return {**record, "input": {**record["input"], "conversation": kept}}
-
-
-# Fillers are a filler syllable run ending in "~" standing as its own word; "좋죠~" is left alone.
-_FILLER = re.compile(r"(?<!\S)(?:어|음|아|으|흠|에|그|저|뭐|응|오)+~+[.,]?(?!\S)")
-_MASK = re.compile(r"(?<![A-Za-z])[xX]{2,}(?![A-Za-z])")
-_WORD_REPEAT = re.compile(r"(?<!\S)(\S+)(?:\s+\1)+(?!\S)")
-# Words Korean doubles on purpose ("무슨 무슨 얘기" 'all sorts of talk', "하나 하나" 'one by one',
-# "따로 따로" 'each separately', "계속 계속" 'on and on'): the pair carries meaning, so --clean_inputs
-# keeps it. Every other doubled word is a stutter ("그 그", "이제 이제", "저는 저는") and goes.
-REDUPLICATED_WORDS = frozenset({
-    "무슨", "하나", "하나씩", "따로", "계속", "가끔", "조금", "조금씩", "천천히", "빨리", "얼른", "어서", "자주",
-    "많이", "너무", "정말", "진짜", "아주", "여러", "구석", "군데", "차근", "하루", "오래", "살금", "대충", "띄엄",
-    "골고루", "차례", "가지", "사이", "곳",
-})
-_SPACES = re.compile(r"\s+")
+    return [{"role": "user", "content": build_user_text(record, system_prompt, target_format)}]
 
 
 # =============================================================================================
@@ -685,14 +647,15 @@ def count_tokens(tokenizer: Any, conversations: list[list[dict]]) -> list[int]:
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def competition_row(record: dict, source: str, system_prompt: bool) -> Row:
-    return Row(record["id"], source, build_messages(record, system_prompt), [{"role": "assistant", "content": record["output"]}])
+def competition_row(record: dict, source: str, system_prompt: bool, target_format: str = "prose") -> Row:
+    completion = [{"role": "assistant", "content": format_target(record, target_format)}]
+    return Row(record["id"], source, build_messages(record, system_prompt, target_format), completion)
 
 
 def fit_competition_record(record: dict, source: str, cfg: "PrepSettings", tokenizer: Any) -> tuple[Row | None, int]:
     """(row that fits --max_seq_length or None, utterances cut). Cuts only middle utterances."""
     def measure(rec: dict) -> Row:
-        row = competition_row(rec, source, cfg.system_prompt)
+        row = competition_row(rec, source, cfg.system_prompt, cfg.target_format)
         row.tokens = count_tokens(tokenizer, [row.prompt + row.completion])[0]
         return row
 
@@ -784,21 +747,15 @@ def load_competition(paths: list[str], role: str, seen_ids: dict[str, str]) -> t
     return out, dropped
 
 
-def name_ids(ids: list[str], shown: int = 3) -> str:
-    """': a, b, c and 4 more' for a console line; '' when there are none."""
-    if not ids:
-        return ""
-    from rich.markup import escape  # ids are user text: a "[...]" in one is not console markup
-
-    more = f" and {len(ids) - shown} more (all in stats.json)" if len(ids) > shown else ""
-    return ": " + escape(", ".join(ids[:shown])) + more
-
-
 def check_settings(cfg: PrepSettings) -> None:
     if cfg.max_seq_length < 64:
         raise UserError(f"--max_seq_length {cfg.max_seq_length}: must be at least 64 tokens")
     if not 0.5 <= cfg.dedup_threshold <= 1:
         raise UserError(f"--dedup_threshold {cfg.dedup_threshold}: must be between 0.5 and 1 (MinHash LSH finds few pairs below 0.6)")
+    if cfg.target_format not in TARGET_FORMATS:
+        raise UserError(f"--target_format {cfg.target_format}: unknown; choose {' or '.join(TARGET_FORMATS)}")
+    if cfg.show_changes is not None and cfg.show_changes < 1:
+        raise UserError(f"--show_changes {cfg.show_changes}: must be at least 1 (how many before/after pairs to print)")
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"--limit {cfg.limit}: must be at least 1")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
@@ -880,20 +837,23 @@ def main(cfg: PrepSettings) -> None:
         train_pairs, dev_pairs = train_pairs + dev_pairs, []
     for source, _ in train_pairs:
         counts[source]["sampled"] += 1
-    cleaning = {"chars_before": 0, "chars_saved": 0, "utterances_dropped": 0}
+    unified = None
+    if cfg.unify_targets or cfg.show_changes:
+        console.rule("targets (--unify_targets)")
+        records, unified, changes = unify_records([record for _, record in train_pairs])
+        train_pairs = [(source, record) for (source, _), record in zip(train_pairs, records)]
+        for line in target_change_lines(unified, changes, cfg.show_changes or 0):
+            console.print(line, soft_wrap=True)
+        if cfg.show_changes:
+            return
+    cleaning = None
     if cfg.clean_inputs:
-        cleaned_pairs = {}
-        for source, record in train_pairs + dev_pairs:
-            if record["id"] not in cleaned_pairs:
-                cleaning["chars_before"] += sum(len(t["utterance"]) for t in record["input"]["conversation"])
-                new_record, saved, n_dropped = clean_record(record)
-                cleaned_pairs[record["id"]] = new_record
-                cleaning["chars_saved"] += saved
-                cleaning["utterances_dropped"] += n_dropped
-        train_pairs = [(s, cleaned_pairs[r["id"]]) for s, r in train_pairs]
-        dev_pairs = [(s, cleaned_pairs[r["id"]]) for s, r in dev_pairs]
+        records, cleaning = clean_records([record for _, record in train_pairs + dev_pairs])
+        pairs = [(source, record) for (source, _), record in zip(train_pairs + dev_pairs, records)]
+        train_pairs, dev_pairs = pairs[:len(train_pairs)], pairs[len(train_pairs):]
         share = cleaning["chars_saved"] / max(cleaning["chars_before"], 1)
-        console.print(f"--clean_inputs: {cleaning['chars_saved']} characters saved ({share:.1%}), {cleaning['utterances_dropped']} utterances left empty")
+        console.print(f"--clean_inputs: {cleaning['chars_saved']} characters saved ({share:.1%}), "
+                      f"{cleaning['utterances_dropped']} utterances left empty")
 
     console.rule("augmentation sources")
     extras: list[Row] = []
@@ -986,13 +946,15 @@ def main(cfg: PrepSettings) -> None:
         # How the prompt was built: train.py carries these to the adapter so inference matches.
         "system_prompt": cfg.system_prompt,
         "clean_inputs": cfg.clean_inputs,
+        "target_format": cfg.target_format,
         "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "check_env")},  # same inputs, same bytes
         "length_counting": length_method,
         "rows": {"train": len(train_rows), "dev": len(dev_rows)},
         "sources": counts,
         "stage_meaning": STAGE_HELP,
         "empty_utterances_dropped": empty_dropped,
-        "clean_inputs_effect": cleaning if cfg.clean_inputs else None,
+        "clean_inputs_effect": cleaning,
+        "unify_targets_effect": unified,  # ids per rule and per problem left, train targets only
         "utterances_cut_from_middle": cut_utterances,
         "cut_ids": cut_ids,  # train and dev rows that lost middle utterances
         "too_long_ids": too_long_ids,  # competition train rows dropped: question + summary alone exceed the limit

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from prep import UserError, load_competition_file, read_json, write_text_atomic
+from targets import flatten_structured
 
 KNOWN_METRICS = ("rouge1", "bertscore", "bleurt")
 BERTSCORE_MODEL = "bert-base-multilingual-cased"
@@ -409,7 +410,8 @@ def nearest_rank(sorted_values: list[int], percent: float) -> int:
 
 def training_summary_lengths(prepared: Path) -> list[int]:
     """Character lengths of the competition summaries among prep.py's train rows (augmentation rows
-    answer other questions, so their lengths say nothing about a summary's)."""
+    answer other questions, so their lengths say nothing about a summary's), as prose: a structured run's
+    sections are measured flattened, as infer.py's guard sees its generations."""
     stats = read_json(prepared / "stats.json")
     settings = stats.get("settings", {}) if isinstance(stats, dict) else {}
     sources = set(settings.get("train", [])) | ({settings.get("dev")} if settings.get("train_on_dev") else set())
@@ -420,7 +422,9 @@ def training_summary_lengths(prepared: Path) -> list[int]:
             if any(marker in line for marker in markers):  # skips parsing what may be 100k augmentation rows
                 row = json.loads(line)
                 if row.get("source") in sources:
-                    lengths.append(len(row["completion"][-1]["content"].strip()))
+                    text = row["completion"][-1]["content"].strip()
+                    structured = stats.get("target_format") == "structured"
+                    lengths.append(len(flatten_structured(text)[0] if structured else text))
     return lengths
 
 

@@ -410,7 +410,7 @@ def library_versions() -> dict[str, str]:
 def build_run_config(cfg: TrainSettings, stats: dict, device: str, log_history: list[dict],
                      global_step: int, epoch: float | None, n_train: int, n_dev: int) -> dict:
     """What travels with the adapter (final/ and every checkpoint-N/); infer.py reads base_model,
-    max_seq_length, load_in_4bit, system_prompt and clean_inputs back."""
+    max_seq_length, load_in_4bit, system_prompt, clean_inputs and target_format back."""
     train, evals = loss_curves(log_history)
     return {
         "base_model": cfg.model,
@@ -418,6 +418,7 @@ def build_run_config(cfg: TrainSettings, stats: dict, device: str, log_history: 
         "load_in_4bit": cfg.load_in_4bit,
         "system_prompt": bool(stats.get("system_prompt", False)),
         "clean_inputs": bool(stats.get("clean_inputs", False)),
+        "target_format": stats.get("target_format", "prose"),
         "settings": dataclasses.asdict(cfg),
         "versions": library_versions(),
         "device": device,
@@ -849,8 +850,8 @@ def check_merge(cfg: MergeSettings, adapters: list[tuple[dict, dict]]) -> list[f
     if not run_configs:
         raise UserError("--adapters: no folder has a run_config.json (train.py writes one into final/ and every "
                         "checkpoint-N/), so the merged adapter could not carry the run's prompt settings")
-    for key in ("system_prompt", "clean_inputs"):
-        if len({bool(run_config.get(key, False)) for run_config in run_configs}) > 1:
+    for key, default in (("system_prompt", False), ("clean_inputs", False), ("target_format", "prose")):
+        if len({run_config.get(key, default) for run_config in run_configs}) > 1:
             raise UserError(f"--adapters: trained with different prompts ({key} differs); a merged adapter is prompted one way")
     if Path(cfg.output_dir).exists() and not cfg.overwrite_output_dir:
         raise UserError(f"--output_dir {cfg.output_dir}: exists; pass --overwrite_output_dir or choose another folder")

@@ -34,6 +34,7 @@ class TeacherServer:
     def __init__(self, slow_seconds: float = 2.0):
         self.plans: dict[str, list[str]] = {}
         self.default_plan = ["ok"]
+        self.answers: dict[str, str] = {}  # a row's own answer instead of answer_for(key)
         self.requests: collections.Counter = collections.Counter()
         self.token_params: collections.Counter = collections.Counter()  # which answer-length field each request carried
         self.rejected_token_param: str | None = None  # answered with OpenAI's 400, as its newer models do for max_tokens
@@ -105,7 +106,7 @@ class TeacherServer:
                     time.sleep(server.slow_seconds)
                 if behaviour == "stall":
                     server.release.wait(60)
-                message = {"role": "assistant", "content": answer_for(key)}
+                message = {"role": "assistant", "content": server.answers.get(key) or answer_for(key)}
                 if behaviour == "empty":
                     message["content"] = "  \n"
                 if behaviour == "refuse":

@@ -58,6 +58,8 @@ def fake_installed_torch(root: Path, version: str) -> dict[str, str]:
     ["distill.py", "magpie", "--model", "some/model", "--output", "magpie.jsonl"],
     ["distill.py", "distill", "--input", str(SAMPLE / "train.json"), "--teacher_url", "local", "--teacher_model", "some/model",
      "--output", "teacher.jsonl"],
+    ["distill.py", "rewrite", "--input", str(SAMPLE / "train.json"), "--teacher_url", "local",
+     "--teacher_model", "some/model", "--output", "rewritten.json"],
     ["prep.py", "--check_env"],
 ])
 def test_old_torch_is_refused_in_one_line_before_anything_runs(tmp_path, args):

@@ -1,14 +1,16 @@
-"""The scripts import one way: prep.py is the base (with dedup.py, its numpy engine, below it); score.py, generate.py and
-train.py build on it; infer.py on score.py and generate.py; distill.py on generate.py."""
+"""The scripts import one way: prep.py is the base (with dedup.py, its numpy engine, and targets.py, its text rules,
+below it); score.py, generate.py and train.py build on it; infer.py on score.py and generate.py; distill.py on
+generate.py and score.py (its rewrite guard)."""
 import ast
 import subprocess
 import sys
 
 from conftest import REPO_ROOT
 
-SCRIPTS = ("dedup", "prep", "score", "generate", "train", "infer", "distill")
-ALLOWED = {"dedup": set(), "prep": {"dedup"}, "score": {"prep"}, "generate": {"prep"}, "train": {"prep"},
-           "infer": {"prep", "score", "generate"}, "distill": {"dedup", "prep", "generate"}}
+SCRIPTS = ("dedup", "targets", "prep", "score", "generate", "train", "infer", "distill")
+ALLOWED = {"dedup": set(), "targets": set(), "prep": {"dedup", "targets"}, "score": {"prep", "targets"},
+           "generate": {"prep"}, "train": {"prep"}, "infer": {"prep", "score", "generate", "targets"},
+           "distill": {"dedup", "prep", "generate", "score", "targets"}}
 
 
 def project_imports(script: str) -> set[str]:

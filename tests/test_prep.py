@@ -170,31 +170,8 @@ def test_unknown_shape_names_the_columns_found():
 
 
 # ------------------------------------------------------------------------------------------------
-# Clean-up and the length policy
+# The length policy (--clean_inputs and --unify_targets rules: tests/test_targets.py)
 # ------------------------------------------------------------------------------------------------
-
-def test_clean_utterance():
-    assert prep.clean_utterance("어~ 그 그 사람이 xx에서 음~~ 왔어요 좋죠~") == "그 사람이 에서 왔어요 좋죠~"
-    assert prep.clean_utterance("box xxx taxi") == "box taxi"
-
-
-@pytest.mark.parametrize("said, cleaned", [
-    ("무슨 무슨 얘기를 했는지 하나 하나 따로 따로 계속 계속 물어봤어요", "무슨 무슨 얘기를 했는지 하나 하나 따로 따로 계속 계속 물어봤어요"),
-    ("이제 이제 저는 저는 그 그 그 사람을 만났어요", "이제 저는 그 사람을 만났어요"),  # stutters go, whatever their length
-    ("계속 계속 계속 걸었어요", "계속 계속 걸었어요"),  # a reduplication stays doubled, not tripled
-    ("네 네 네", "네"),
-])
-def test_clean_inputs_keeps_reduplication_and_drops_stutters(said, cleaned):
-    assert prep.clean_utterance(said) == cleaned
-
-
-def test_clean_record_drops_an_utterance_only_when_nothing_is_left():
-    rec = record(conversation=[{"speaker": "A", "utterance": "어~ 음~ xx"}, {"speaker": "B", "utterance": "네 네"},
-                               {"speaker": "A", "utterance": "따로 따로 가요"}])
-    cleaned, saved, dropped = prep.clean_record(rec)
-    assert [t["utterance"] for t in cleaned["input"]["conversation"]] == ["네", "따로 따로 가요"]
-    assert dropped == 1 and saved == len("어~ 음~ xx") + len(" 네")
-
 
 def test_length_cut_drops_middle_utterances_and_keeps_question_and_summary():
     turns = [{"speaker": "SD2000001" if i % 2 else "SD2000002", "utterance": f"{i:02d}번째 발화입니다 " + "가" * 40} for i in range(30)]
