@@ -155,3 +155,21 @@ def test_default_run_without_a_gpu_says_so(repo):
     assert last.endswith("bash run.sh --smoke runs the chain on CPU"), last
     assert "Traceback" not in result.stdout + result.stderr
     assert not (repo / "outputs/sample").exists()
+
+
+def test_old_python_is_refused_before_a_venv_is_made(repo, tmp_path):
+    """Without PYTHON and .venv, run.sh makes .venv from python3: one that is too old is refused in one line first."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    fake_python = fake_bin / "python3"
+    # Answers like a Python 3.10 would to the two questions run.sh asks it: its version, and whether it is >= 3.11.
+    fake_python.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "Python 3.10.12"; exit 0; fi\nexit 1\n')
+    fake_python.chmod(0o755)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHON"}
+    result = subprocess.run(["bash", "run.sh", "--smoke"], cwd=repo, env={**env, "PATH": f"{fake_bin}:{env['PATH']}"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: Python 3.10.12 is too old: trl 1.15 and matplotlib 3.11.2 need Python >= 3.11; make .venv with one "
+        "(python3.11 -m venv --system-site-packages .venv; README Install) and run bash run.sh again"]
+    assert not (repo / ".venv").exists()
