@@ -27,6 +27,10 @@ for arg in "$@"; do
     esac
 done
 
+# rich draws tables and rules 80 columns wide when stdout is not a terminal (nohup, `> log`, Colab's `!`), which
+# folds the scripts' tables and paths; a log has room for more.
+[[ -t 1 ]] || export COLUMNS=${COLUMNS:-120}
+
 STAGES=6
 STARTED=$SECONDS
 stage_number=0
