@@ -173,3 +173,15 @@ def test_old_python_is_refused_before_a_venv_is_made(repo, tmp_path):
         "error: Python 3.10.12 is too old: trl 1.15 and matplotlib 3.11.2 need Python >= 3.11; make .venv with one "
         "(python3.11 -m venv --system-site-packages .venv; README Install) and run bash run.sh again"]
     assert not (repo / ".venv").exists()
+
+
+def test_some_competition_files_but_not_all_is_one_line(repo):
+    (repo / "data" / COMPETITION_NAMES["train"]).write_bytes((SAMPLE_DIR / "train.json").read_bytes())
+    try:
+        result = run_sh(repo)
+    finally:
+        (repo / "data" / COMPETITION_NAMES["train"]).unlink()
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: data/ holds data/일상대화요약_train.json but not data/일상대화요약_dev.json data/일상대화요약_test.json: "
+        "put all three competition files there"]
