@@ -123,8 +123,11 @@ else
         die "$("$base" --version 2>&1) is too old: trl 1.15 and matplotlib 3.11.2 need Python >= 3.11; make .venv" \
             "with one (python3.11 -m venv --system-site-packages .venv; README Install) and run bash run.sh again"
     # --system-site-packages keeps the image's CUDA torch (and numpy) visible in the venv.
-    show_and_run "$base" -m venv --system-site-packages .venv ||
+    # A half-made .venv would be taken for a finished one next time.
+    show_and_run "$base" -m venv --system-site-packages .venv || {
+        rm -rf .venv
         die "could not create .venv with $base (no ensurepip?): run PYTHON=$base bash run.sh to use it as it is"
+    }
     PY=.venv/bin/python
 fi
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
