@@ -185,7 +185,7 @@ print(f"CUDA: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else
 ' | tail -n 1) || die "import unsloth failed in $PY (the traceback is above; README Troubleshooting)"
 echo "torch $("$PY" -c 'import importlib.metadata as m; print(m.version("torch"))'), $device"
 if ((!SMOKE)) && [[ $device == "no CUDA" ]]; then
-    # On a GPU machine this means a CPU torch in $PY, e.g. the .venv that tests/run.sh builds.
+    # On a GPU machine this means a CPU torch in $PY.
     die "torch in $PY sees no GPU: training Gemma 2 9B needs one (a GPU machine with a CPU torch there? move .venv" \
         "away and run again); bash run.sh --smoke runs the chain on CPU"
 fi

@@ -4,18 +4,18 @@
 #     bash tests/run.sh                 # whole suite
 #     bash tests/run.sh -k memorize -x  # extra arguments go to pytest
 #
-# First use builds .venv at the repo root (~2-3 min): a CPU torch, requirements.txt, the test
+# First use builds .venv-tests at the repo root (~2-3 min): a CPU torch, requirements.txt, the test
 # tools, then unsloth + unsloth_zoo with --no-deps (they pin a certifi
 # newer than some registries hold; requirements.txt pins their dependencies instead). Later runs
 # reuse it while requirements.txt, tests/requirements-test.txt and this file are unchanged.
 # It also builds .venv-vllm (~5 min, ~3.5 GB): vLLM's CPU build for the --engine vllm tests, apart
-# from .venv because `import unsloth` imports vllm when it finds it; reused while
+# from .venv-tests because `import unsloth` imports vllm when it finds it; reused while
 # requirements-vllm.txt and this file are unchanged.
 # Exit code = pytest's.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-VENV=.venv
+VENV=.venv-tests  # not .venv: that is run.sh's (GPU) environment, which this one must never replace
 STAMP="$VENV/.tests-run-stamp"
 TORCH_VERSION=2.13.0  # CPU build; unsloth accepts torch<2.15
 wanted_stamp=$(cat requirements.txt tests/requirements-test.txt tests/run.sh | sha256sum | cut -d' ' -f1)

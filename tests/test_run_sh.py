@@ -25,7 +25,8 @@ COMPETITION_NAMES = {"train": "일상대화요약_train.json", "dev": "일상대
 
 def ignore_for_copy(directory: str, names: list[str]) -> set[str]:
     """What a fresh clone lacks: environments, run outputs, caches and the untracked competition files."""
-    skipped = {".git", ".venv", ".venv-vllm", "outputs", "__pycache__", ".pytest_cache", "unsloth_compiled_cache"}
+    skipped = {".git", "outputs", "__pycache__", ".pytest_cache", "unsloth_compiled_cache"}
+    skipped |= {name for name in names if name.startswith(".venv")}  # .venv, .venv-tests, .venv-vllm
     if Path(directory).resolve() == REPO_ROOT / "data":
         skipped |= {name for name in names if name.endswith((".json", ".jsonl"))} | {"prepared"}
     return skipped & set(names)
