@@ -163,6 +163,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
 
 
+def kill_after_rows(command: list[str], rows_file: Path, rows: int) -> None:
+    """Run `command` and SIGKILL it (no chance to clean up) once `rows_file` holds `rows` JSON lines."""
+    process = subprocess.Popen(command, cwd=REPO, env=local_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(read_jsonl(rows_file)) < rows:
+            assert process.poll() is None and time.monotonic() < deadline, f"never wrote the first {rows} rows"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_retries_rejects_and_exact_output(tmp_path, server):
     records = make_input(tmp_path / "in.json", 8)
     server.plans = {
@@ -236,17 +251,7 @@ def test_kill_mid_run_then_resume_never_rerequests_finished_rows(tmp_path, serve
     make_input(tmp_path / "in.json", 8)
     server.plans = {f"topic-{i:02d}": ["stall", "ok"] for i in range(4, 8)}
     out = tmp_path / "teacher.jsonl"
-    process = subprocess.Popen(distill_command(tmp_path / "in.json", out, server.url, "--concurrency", "2"), cwd=REPO, env=local_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while len(read_jsonl(out)) < 4:
-            assert process.poll() is None and time.monotonic() < deadline, "distill never wrote the first 4 rows"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait(30)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    kill_after_rows(distill_command(tmp_path / "in.json", out, server.url, "--concurrency", "2"), out, 4)
     # Two requests run at once, so the first four rows may land in either order.
     assert sorted(row["id"] for row in read_jsonl(out)) == [f"row-{i:02d}" for i in range(4)]
     in_flight = {key for key, count in server.requests.items() if key >= "topic-04"}

@@ -4,10 +4,7 @@ asks the teacher nothing, and a run killed mid-way resumes without asking again 
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ import pytest
 import distill
 import targets
 from conftest import REPO_ROOT as REPO, assert_one_line_error
-from test_distill import TeacherServer, local_env, make_input, read_jsonl, run
+from test_distill import TeacherServer, kill_after_rows, make_input, read_jsonl, run
 
 
 @pytest.fixture
@@ -84,18 +81,7 @@ def test_kill_mid_run_then_resume(tmp_path, server):
     server.plans = {f"topic-{i:02d}": ["stall", "ok"] for i in range(3, 6)}
     out = tmp_path / "rewritten.json"
     answers = tmp_path / "rewritten.answers.jsonl"
-    process = subprocess.Popen(rewrite_command(tmp_path / "in.json", out, server.url, "--concurrency", "2"), cwd=REPO,
-                               env=local_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while len(read_jsonl(answers)) < 3:
-            assert process.poll() is None and time.monotonic() < deadline, "rewrite never wrote the first 3 answers"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait(30)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    kill_after_rows(rewrite_command(tmp_path / "in.json", out, server.url, "--concurrency", "2"), answers, 3)
     assert not out.exists(), "no output until every record is answered"
     in_flight = {key for key, count in server.requests.items() if key >= "topic-03"}
     server.release.set()
