@@ -70,6 +70,12 @@ class EngineSettings:
     max_model_len: int | None = field(default=None, metadata={"help": "vllm engine: context length (prompt + answer); default: --max_seq_length's value"})
     dtype: str = field(default="auto", metadata={"help": "vllm engine: auto (the checkpoint's), bfloat16, float16 or float32"})
     enforce_eager: bool = field(default=False, metadata={"help": "vllm engine: no torch.compile / CUDA graphs (starts in seconds instead of minutes, decodes slower)"})
+    vllm_base_model: str | None = field(default=None, metadata={"help": (
+        "vllm engine: the 16-bit model vLLM serves the adapter on (or loads instead of a 4-bit --model); default: the "
+        "training base, or for a *-bnb-4bit one its 16-bit original (vLLM has no bitsandbytes support)")})
+    vllm_quantization: str | None = field(default=None, metadata={"help": (
+        "vllm engine: vLLM's own quantization of the 16-bit weights as they load, e.g. fp8_per_tensor (vLLM 0.33 on "
+        "a GPU: the 9B in ~9.5 GiB instead of 17.2, leaving room for KV cache on a 24 GB card)")})
 
 
 def check_engine_settings(settings: EngineSettings) -> None:
@@ -87,6 +93,8 @@ GEMMA2_CONTEXT = 8192  # Gemma 2's position limit, used when no training run say
 STOP_TOKENS = ("<end_of_turn>", "<eos>")
 GROW_BACK_AFTER = 4  # batches in a row without running out of memory before the token budget doubles again
 # Tensors Unsloth's fast decode path leaves on each attention module (unsloth/models/gemma2.py, llama.py).
+# Unsloth's 4-bit checkpoints: `unsloth/gemma-2-9b-it-bnb-4bit`, `unsloth/Llama-3.2-1B-unsloth-bnb-4bit` (dynamic).
+BNB_4BIT_SUFFIX = re.compile(r"-(unsloth-)?bnb-4bit$", re.IGNORECASE)
 UNSLOTH_DECODE_BUFFERS = ("paged_attention", "paged_attention_K", "paged_attention_V", "temp_QA", "temp_KV", "temp_O", "RH_Q", "attention")
 
 
@@ -587,6 +595,7 @@ class UnslothEngine:
     def __init__(self, model_name: str, settings: EngineSettings, *, batch_size: int, max_seq_length: int | None, load_in_4bit: bool | None):
         self.model, self.tokenizer, self.run_config = load_model(model_name, max_seq_length, load_in_4bit)
         self.max_seq_length = self.run_config["max_seq_length"]
+        self.served_on = self.run_config["loaded_from"]
         self.batch_size, self.max_batch_tokens = batch_size, settings.max_batch_tokens
         self.max_attention_gib = settings.max_attention_gib
 
@@ -610,6 +619,12 @@ class UnslothEngine:
 
         return f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB" if torch.cuda.is_available() else "n/a (no GPU)"
 
+    def close(self) -> str:
+        """Give the model's memory back (before the scorers load their own models); says what was done."""
+        del self.model
+        free_accelerator_memory()
+        return "model released"
+
 
 def adapter_rank(model_dir: Path) -> int | None:
     """The LoRA rank `r` of a PEFT adapter folder (train.py's final/), or None for a full model."""
@@ -629,8 +644,8 @@ def vllm_lora_rank(rank: int) -> int:
     return fitting[0]
 
 
-def vllm_base_model(model_dir: Path, run_config: dict) -> str:
-    """The model vLLM loads under an adapter: run_config.json's base_model, else adapter_config.json's."""
+def trained_base_model(model_dir: Path, run_config: dict) -> str:
+    """The model the adapter was trained on: run_config.json's base_model, else adapter_config.json's."""
     base = run_config.get("base_model")
     if not base:
         adapter = read_json(model_dir / "adapter_config.json")
@@ -638,6 +653,59 @@ def vllm_base_model(model_dir: Path, run_config: dict) -> str:
     if not base:
         raise UserError(f"{model_dir}: neither run_config.json nor adapter_config.json names the base model")
     return str(base)
+
+
+def sixteen_bit_original(name: str) -> str | None:
+    """The 16-bit checkpoint a `*-bnb-4bit` model was quantized from, or None when the name says nothing of 4 bit.
+
+    Hub names lose the suffix: every Gemma 2 entry of Unsloth's own table (unsloth/models/mapper.py,
+    __INT_TO_FLOAT_MAPPER) maps `unsloth/gemma-2-9b-it-bnb-4bit` to `unsloth/gemma-2-9b-it` this way, and
+    unsloth itself is not installed beside vLLM. A local folder maps to its sibling without the suffix,
+    when there is one."""
+    stripped = BNB_4BIT_SUFFIX.sub("", name.rstrip("/"))
+    if stripped == name.rstrip("/"):
+        return None
+    if Path(name).is_dir():
+        return stripped if Path(stripped).is_dir() else None
+    return stripped
+
+
+def quantization_method(name: str) -> str | None:
+    """config.json's quantization_config.quant_method of a local folder, or of a Hub model already in the local
+    cache (nothing is downloaded); None when unquantized or unknown."""
+    path = Path(name) / "config.json"
+    if not path.is_file():
+        if not looks_like_hub_id(name):
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    config = read_json(path)
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    return quantization.get("quant_method") if isinstance(quantization, dict) else None
+
+
+def is_bitsandbytes(name: str) -> bool:
+    """A bitsandbytes checkpoint by its config.json, or, for a Hub name not in the cache, by its `-bnb-4bit` name."""
+    return quantization_method(name) == "bitsandbytes" or (not Path(name).exists() and bool(BNB_4BIT_SUFFIX.search(name)))
+
+
+def vllm_model(name: str, chosen: str | None) -> tuple[str, str]:
+    """(the model vLLM loads in place of `name`, why): --vllm_base_model when given, else `name`, or its 16-bit
+    original when `name` is a `*-bnb-4bit` checkpoint. Refuses a bitsandbytes checkpoint in one line naming the
+    fix: vLLM has no bitsandbytes support."""
+    if chosen:
+        model, why = chosen, "--vllm_base_model"
+    else:
+        original = sixteen_bit_original(name)
+        model, why = (original, f"the 16-bit original of {name}") if original else (name, "as trained")
+    if is_bitsandbytes(model):
+        raise UserError(f"{model}: a bitsandbytes 4-bit checkpoint, which vLLM cannot load (it has no bitsandbytes "
+                        f"support); pass --vllm_base_model with the 16-bit model it was quantized from")
+    return model, why
 
 
 class VllmEngine:
@@ -656,10 +724,15 @@ class VllmEngine:
         self.max_seq_length = settings.max_model_len or max_seq_length or run_config.get("max_seq_length") or GEMMA2_CONTEXT
         self.lora = LoRARequest("final", 1, str(model_dir.resolve())) if rank else None
         self.gpu_memory_utilization, self.calls = settings.gpu_memory_utilization, 0
+        served, why = vllm_model(trained_base_model(model_dir, run_config) if rank else model_name, settings.vllm_base_model)
+        check_vllm_quantization(settings.vllm_quantization)
+        quantized = f", quantized by vLLM to {settings.vllm_quantization}" if settings.vllm_quantization else ""
+        self.served_on = f"{'the adapter on ' if rank else ''}{served} ({why}{quantized})"
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_name)
             self.llm = LLM(
-                model=vllm_base_model(model_dir, run_config) if rank else model_name,
+                model=served,
+                quantization=settings.vllm_quantization,
                 dtype=settings.dtype,
                 tensor_parallel_size=settings.tensor_parallel_size,
                 gpu_memory_utilization=settings.gpu_memory_utilization,

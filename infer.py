@@ -568,11 +568,22 @@ def select_only(cfg: InferSettings, console) -> None:
 
 
 def sample_and_select(cfg: InferSettings, records: list[dict], greedy: dict[str, str], sampled: dict[str, list[str]],
-                      generator: Callable[[list[dict]], tuple[Any, list[str]]], fingerprint: dict, path: Path, console) -> dict[str, str]:
+                      generator: Callable[[list[dict]], tuple[Any, list[str]]], release_engine: Callable[[], None],
+                      fingerprint: dict, path: Path, console) -> dict[str, str]:
     """--num_samples: sample the records not yet in `sampled` (each finished record's greedy output + samples
-    is appended to the candidates file at once), then keep per record the candidate that agrees most with the
-    others; the file is rewritten with each record's `chosen` index. Returns {id: chosen output}."""
+    is appended to the candidates file at once), close the engine, then keep per record the candidate that agrees
+    most with the others (BERTScore's model loads here); the file is rewritten with each record's `chosen` index.
+    Returns {id: chosen output}."""
     todo = [r for r in records if r["id"] not in sampled]
+    def release_engine() -> None:
+        """Close the engine once generation is over: the scorers load BLEURT and BERTScore next, and vLLM keeps
+        --gpu_memory_utilization of the card until its engine process ends."""
+        if engine_and_budget.cache_info().currsize:
+            engine = engine_and_budget()[0]
+            totals["peak_memory"] = engine.peak_memory()
+            console.print(f"{cfg.engine} engine closed before scoring: {engine.close()}", markup=False, highlight=False)
+            engine_and_budget.cache_clear()
+
     if todo:
         engine, prompts = generator(todo)
         from transformers import set_seed  # after the generator: unsloth must patch transformers first
@@ -588,6 +599,7 @@ def sample_and_select(cfg: InferSettings, records: list[dict], greedy: dict[str,
         console.rule(f"sampling {cfg.num_samples} more summaries for {len(todo)} records (temperature {cfg.temperature}, top_p {cfg.top_p})")
         engine.sample(prompts, cfg.num_samples, Sampling(cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
                                                          repetition_penalty=cfg.repetition_penalty or 1.0), on_prompt=save, console=console)
+    release_engine()
     candidates = [sampled[r["id"]] for r in records]
     _, _, agreement = selection_scorers(cfg, console, with_references=False)
     chosen, utilities = select_candidates(candidates, agreement)
@@ -714,13 +726,14 @@ def main(cfg: InferSettings) -> None:
         rows.update({i: {"id": i, "output": texts[0], **generation} for i, texts in sampled.items() if i not in rows and texts[0]})
         todo = [r for r in todo if r["id"] not in rows]
 
-    totals, set_aside = {"tokens": 0, "shortened": 0}, []
+    totals, set_aside = {"tokens": 0, "shortened": 0, "peak_memory": "n/a (no model loaded)"}, []
 
     @functools.cache
     def engine_and_budget() -> tuple[Any, int]:
         """Loaded on first use: a resumed run with nothing left to generate loads no model."""
         console.rule(f"loading model ({cfg.engine} engine)")
         engine = open_engine(model_name, run_config, cfg, batch_size=cfg.batch_size, max_seq_length=cfg.max_seq_length, load_in_4bit=cfg.load_in_4bit)
+        console.print(f"generating with {engine.served_on}", markup=False, highlight=False)
         budget = engine.max_seq_length - cfg.max_new_tokens
         if budget < 64:
             raise UserError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for the prompt in max_seq_length {engine.max_seq_length}")
@@ -743,6 +756,15 @@ def main(cfg: InferSettings) -> None:
             console.print(f"[yellow]{shortened} prompt(s) longer than {budget} tokens were shortened in the middle of the conversation")
         return engine, prompts
 
+    def release_engine() -> None:
+        """Close the engine once generation is over: the scorers load BLEURT and BERTScore next, and vLLM keeps
+        --gpu_memory_utilization of the card until its engine process ends."""
+        if engine_and_budget.cache_info().currsize:
+            engine = engine_and_budget()[0]
+            totals["peak_memory"] = engine.peak_memory()
+            console.print(f"{cfg.engine} engine closed before scoring: {engine.close()}", markup=False, highlight=False)
+            engine_and_budget.cache_clear()
+
     if todo:
         engine, prompts = generator(todo)
 
@@ -759,8 +781,8 @@ def main(cfg: InferSettings) -> None:
                         on_batch=save_batch, on_set_aside=lambda i: set_aside.append(todo[i]["id"]), console=console)
     outputs = {i: row["output"] for i, row in rows.items()}
     if cfg.num_samples:
-        outputs = sample_and_select(cfg, records, outputs, sampled, generator, sampling, candidates_path(output), console)
-    peak_memory = engine_and_budget()[0].peak_memory() if engine_and_budget.cache_info().currsize else "n/a (no model loaded)"
+        outputs = sample_and_select(cfg, records, outputs, sampled, generator, release_engine, sampling, candidates_path(output), console)
+    release_engine()
 
     if set_aside:
         raise UserError(f"{cfg.input}: record id {set_aside[0]!r} (and {len(set_aside) - 1} more): CUDA out of memory even alone, left unfinished; "
@@ -776,7 +798,7 @@ def main(cfg: InferSettings) -> None:
     console.rule("done")
     console.print(f"{len(submission)} summaries -> {output} (mean {sum(lengths) / len(lengths):.0f} chars); generated now: "
                   f"{len(todo)} items, {totals['tokens']} tokens, {totals['shortened']} prompts shortened; "
-                  f"wall time {time.perf_counter() - started:.1f} s; peak GPU memory {peak_memory}")
+                  f"wall time {time.perf_counter() - started:.1f} s; peak GPU memory {totals['peak_memory']}")
     if limit:
         console.print(f"[yellow]--limit {limit}: this file covers {limit} of {total} records; not a full submission")
     ids, texts = [r["id"] for r in submission], [r["output"] for r in submission]

@@ -6,12 +6,19 @@ for the default fixture's 16. Each vLLM start costs a minute or more on two core
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, VLLM_PYTHON, assert_one_line_error, run_script
+import generate
+from conftest import (MEMORIZE_FLAGS, OFFLINE_ENV, REPO_ROOT, VLLM_PYTHON, VLLM_SHAPE, assert_one_line_error,
+                      build_tiny_gemma2, run_script, train_memorized)
+from prep import UserError
+from test_score import tiny_bert_dir, tiny_bleurt_dir  # noqa: F401  (fixtures: BERTScore and BLEURT after a vLLM run)
 
 # Eager mode skips minutes of torch.compile on CPU; float32 as the tiny checkpoint; 5% of RAM for the KV cache.
 VLLM_CPU_FLAGS = ["--engine", "vllm", "--enforce_eager", "--dtype", "float32", "--gpu_memory_utilization", "0.05"]
@@ -105,3 +112,62 @@ def test_distill_local_teacher_through_vllm(tmp_path, vllm_python, vllm_memorize
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     by_id = {row["id"]: row["output"] for row in rows}
     assert by_id == {r["id"]: r["output"].strip() for r in vllm_memorized_run["records"]}
+
+
+def unsloth_int_to_float_mapper() -> dict:
+    """Unsloth's own table of 4-bit checkpoints and their 16-bit originals, read from unsloth/models/mapper.py
+    without importing unsloth (the file holds data and two small functions, no imports)."""
+    package = importlib.util.find_spec("unsloth")
+    spec = importlib.util.spec_from_file_location("unsloth_mapper", Path(package.submodule_search_locations[0]) / "models" / "mapper.py")
+    mapper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mapper)
+    return mapper.INT_TO_FLOAT_MAPPER
+
+
+def test_sixteen_bit_original_agrees_with_unsloths_mapper_for_gemma_2():
+    mapper = unsloth_int_to_float_mapper()
+    gemma2 = {name: original for name, original in mapper.items() if name.startswith("unsloth/gemma-2-") and name.endswith("-bnb-4bit")}
+    assert "unsloth/gemma-2-9b-it-bnb-4bit" in gemma2 and len(gemma2) >= 6
+    assert {name: generate.sixteen_bit_original(name) for name in gemma2} == gemma2
+    assert generate.sixteen_bit_original("unsloth/Llama-3.2-1B-Instruct-unsloth-bnb-4bit") == "unsloth/Llama-3.2-1B-Instruct"
+    assert generate.sixteen_bit_original("google/gemma-2-9b-it") is None
+
+
+def test_sixteen_bit_original_of_a_local_folder_is_its_sibling_when_there_is_one(tmp_path):
+    quantized = tmp_path / "tiny-bnb-4bit"
+    quantized.mkdir()
+    assert generate.sixteen_bit_original(str(quantized)) is None
+    (tmp_path / "tiny").mkdir()
+    assert generate.sixteen_bit_original(str(quantized)) == str(tmp_path / "tiny")
+    assert generate.sixteen_bit_original(str(quantized) + "/") == str(tmp_path / "tiny")
+
+
+def write_config(folder: Path, quant_method: str | None) -> Path:
+    folder.mkdir(parents=True)
+    config = {"model_type": "gemma2"} | ({"quantization_config": {"quant_method": quant_method}} if quant_method else {})
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def test_vllm_model_serves_the_16_bit_original_and_refuses_bitsandbytes(tmp_path):
+    quantized = str(write_config(tmp_path / "a" / "tiny-bnb-4bit", "bitsandbytes"))
+    plain = str(write_config(tmp_path / "b" / "tiny", None))
+    assert generate.vllm_model("unsloth/gemma-2-9b-it-bnb-4bit", None) == (
+        "unsloth/gemma-2-9b-it", "the 16-bit original of unsloth/gemma-2-9b-it-bnb-4bit")
+    assert generate.vllm_model(plain, None) == (plain, "as trained")
+    assert generate.vllm_model(quantized, plain) == (plain, "--vllm_base_model")
+    assert generate.vllm_model(str(write_config(tmp_path / "fp8", "fp8")), None)[0] == str(tmp_path / "fp8")  # vLLM loads fp8
+    for name, chosen in ((quantized, None), (plain, quantized), (plain, "unsloth/gemma-2-9b-it-bnb-4bit")):
+        with pytest.raises(UserError, match="bitsandbytes 4-bit checkpoint, which vLLM cannot load.*--vllm_base_model"):
+            generate.vllm_model(name, chosen)
+    write_config(tmp_path / "a" / "tiny", None)  # its 16-bit original beside it
+    assert generate.vllm_model(quantized, None) == (str(tmp_path / "a" / "tiny"), f"the 16-bit original of {quantized}")
+
+
+def test_bert_score_is_pinned_for_the_vllm_venv_as_for_the_default_one():
+    """BERTScore is a third of the final score; without bert-score in .venv-vllm a vLLM run silently skips it."""
+    def pins(name: str) -> dict:
+        lines = (REPO_ROOT / name).read_text(encoding="utf-8").splitlines()
+        return dict(line.split("#")[0].strip().split("==") for line in lines if "==" in line.split("#")[0])
+
+    assert pins("requirements-vllm.txt")["bert-score"] == pins("requirements.txt")["bert-score"]
