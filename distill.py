@@ -443,6 +443,7 @@ def distill_locally(items: list[DistillItem], cfg: DistillSettings, output: Json
     """--teacher_url local: the same engines infer.py uses (generate.py); each batch is written as it finishes."""
 
     engine = generate.open_engine(*generate.resolve_model(cfg.teacher_model), cfg, batch_size=cfg.batch_size, max_seq_length=None, load_in_4bit=cfg.load_in_4bit)
+    console.print(f"teacher: {engine.served_on}", markup=False, highlight=False)
     tokenizer = engine.tokenizer
     budget = engine.max_seq_length - cfg.max_new_tokens
     ready, prompts = [], []
@@ -476,6 +477,7 @@ def distill_locally(items: list[DistillItem], cfg: DistillSettings, output: Json
     if prompts:
         sampling = generate.Sampling(cfg.max_new_tokens, do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_p=cfg.top_p)
         engine.generate(prompts, sampling, on_batch=save_batch, on_set_aside=set_aside, console=console)
+    engine.close()
 
 
 def check_output_format(path: str | Path, fmt: str) -> None:

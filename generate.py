@@ -690,7 +690,9 @@ def quantization_method(name: str) -> str | None:
 
 def is_bitsandbytes(name: str) -> bool:
     """A bitsandbytes checkpoint by its config.json, or, for a Hub name not in the cache, by its `-bnb-4bit` name."""
-    return quantization_method(name) == "bitsandbytes" or (not Path(name).exists() and bool(BNB_4BIT_SUFFIX.search(name)))
+    if quantization_method(name) == "bitsandbytes":
+        return True
+    return not Path(name).exists() and bool(BNB_4BIT_SUFFIX.search(name))
 
 
 def vllm_model(name: str, chosen: str | None) -> tuple[str, str]:
@@ -706,6 +708,17 @@ def vllm_model(name: str, chosen: str | None) -> tuple[str, str]:
         raise UserError(f"{model}: a bitsandbytes 4-bit checkpoint, which vLLM cannot load (it has no bitsandbytes "
                         f"support); pass --vllm_base_model with the 16-bit model it was quantized from")
     return model, why
+
+
+def check_vllm_quantization(method: str | None) -> None:
+    """Refuse in one line a --vllm_quantization the installed vLLM does not know (vLLM's own error is a traceback)."""
+    if method is None:
+        return
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    if method not in QUANTIZATION_METHODS:
+        raise UserError(f"--vllm_quantization {method}: not a method this vLLM knows; for the 16-bit weights as they "
+                        f"load, fp8_per_tensor or fp8_per_block (vLLM 0.33)")
 
 
 class VllmEngine:
@@ -724,7 +737,8 @@ class VllmEngine:
         self.max_seq_length = settings.max_model_len or max_seq_length or run_config.get("max_seq_length") or GEMMA2_CONTEXT
         self.lora = LoRARequest("final", 1, str(model_dir.resolve())) if rank else None
         self.gpu_memory_utilization, self.calls = settings.gpu_memory_utilization, 0
-        served, why = vllm_model(trained_base_model(model_dir, run_config) if rank else model_name, settings.vllm_base_model)
+        trained = trained_base_model(model_dir, run_config) if rank else model_name
+        served, why = vllm_model(trained, settings.vllm_base_model)
         check_vllm_quantization(settings.vllm_quantization)
         quantized = f", quantized by vLLM to {settings.vllm_quantization}" if settings.vllm_quantization else ""
         self.served_on = f"{'the adapter on ' if rank else ''}{served} ({why}{quantized})"
@@ -797,6 +811,22 @@ class VllmEngine:
 
     def peak_memory(self) -> str:
         return f"n/a (vLLM reserves --gpu_memory_utilization {self.gpu_memory_utilization:g} of each GPU)"
+
+    def close(self) -> str:
+        """vLLM's own shutdown (vllm/v1/engine/core_client.py, MPClient.shutdown): the engine process ends, and with it
+        its hold on --gpu_memory_utilization of the card; then its distributed state and cached memory go
+        (vllm/distributed/parallel_state.py, cleanup_dist_env_and_memory). Says how many engine processes ended."""
+        import multiprocessing
+
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        running = len(multiprocessing.active_children())
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        cleanup_dist_env_and_memory()
+        free_accelerator_memory()
+        left = len(multiprocessing.active_children())
+        return f"vLLM shut down, {running - left} engine process(es) ended, {left} still running"
 
 
 def open_engine(model_name: str, run_config: dict, settings: EngineSettings, *, batch_size: int, max_seq_length: int | None, load_in_4bit: bool | None):

@@ -781,7 +781,8 @@ def main(cfg: InferSettings) -> None:
                         on_batch=save_batch, on_set_aside=lambda i: set_aside.append(todo[i]["id"]), console=console)
     outputs = {i: row["output"] for i, row in rows.items()}
     if cfg.num_samples:
-        outputs = sample_and_select(cfg, records, outputs, sampled, generator, release_engine, sampling, candidates_path(output), console)
+        outputs = sample_and_select(cfg, records, outputs, sampled, generator, release_engine, sampling,
+                                    candidates_path(output), console)
     release_engine()
 
     if set_aside:

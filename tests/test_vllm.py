@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import generate
-from conftest import (MEMORIZE_FLAGS, OFFLINE_ENV, REPO_ROOT, VLLM_PYTHON, VLLM_SHAPE, assert_one_line_error,
+from conftest import (OFFLINE_ENV, REPO_ROOT, VLLM_PYTHON, VLLM_SHAPE, assert_one_line_error,
                       build_tiny_gemma2, run_script, train_memorized)
 from prep import UserError
 from test_score import tiny_bert_dir, tiny_bleurt_dir  # noqa: F401  (fixtures: BERTScore and BLEURT after a vLLM run)
@@ -118,7 +119,8 @@ def unsloth_int_to_float_mapper() -> dict:
     """Unsloth's own table of 4-bit checkpoints and their 16-bit originals, read from unsloth/models/mapper.py
     without importing unsloth (the file holds data and two small functions, no imports)."""
     package = importlib.util.find_spec("unsloth")
-    spec = importlib.util.spec_from_file_location("unsloth_mapper", Path(package.submodule_search_locations[0]) / "models" / "mapper.py")
+    path = Path(package.submodule_search_locations[0]) / "models" / "mapper.py"
+    spec = importlib.util.spec_from_file_location("unsloth_mapper", path)
     mapper = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mapper)
     return mapper.INT_TO_FLOAT_MAPPER
@@ -126,10 +128,12 @@ def unsloth_int_to_float_mapper() -> dict:
 
 def test_sixteen_bit_original_agrees_with_unsloths_mapper_for_gemma_2():
     mapper = unsloth_int_to_float_mapper()
-    gemma2 = {name: original for name, original in mapper.items() if name.startswith("unsloth/gemma-2-") and name.endswith("-bnb-4bit")}
+    gemma2 = {name: original for name, original in mapper.items()
+              if name.startswith("unsloth/gemma-2-") and name.endswith("-bnb-4bit")}
     assert "unsloth/gemma-2-9b-it-bnb-4bit" in gemma2 and len(gemma2) >= 6
     assert {name: generate.sixteen_bit_original(name) for name in gemma2} == gemma2
-    assert generate.sixteen_bit_original("unsloth/Llama-3.2-1B-Instruct-unsloth-bnb-4bit") == "unsloth/Llama-3.2-1B-Instruct"
+    dynamic = "unsloth/Llama-3.2-1B-Instruct-unsloth-bnb-4bit"  # Unsloth's dynamic 4-bit naming
+    assert generate.sixteen_bit_original(dynamic) == "unsloth/Llama-3.2-1B-Instruct"
     assert generate.sixteen_bit_original("google/gemma-2-9b-it") is None
 
 
@@ -144,7 +148,9 @@ def test_sixteen_bit_original_of_a_local_folder_is_its_sibling_when_there_is_one
 
 def write_config(folder: Path, quant_method: str | None) -> Path:
     folder.mkdir(parents=True)
-    config = {"model_type": "gemma2"} | ({"quantization_config": {"quant_method": quant_method}} if quant_method else {})
+    config = {"model_type": "gemma2"}
+    if quant_method:
+        config["quantization_config"] = {"quant_method": quant_method}
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
     return folder
 
@@ -156,7 +162,8 @@ def test_vllm_model_serves_the_16_bit_original_and_refuses_bitsandbytes(tmp_path
         "unsloth/gemma-2-9b-it", "the 16-bit original of unsloth/gemma-2-9b-it-bnb-4bit")
     assert generate.vllm_model(plain, None) == (plain, "as trained")
     assert generate.vllm_model(quantized, plain) == (plain, "--vllm_base_model")
-    assert generate.vllm_model(str(write_config(tmp_path / "fp8", "fp8")), None)[0] == str(tmp_path / "fp8")  # vLLM loads fp8
+    fp8 = str(write_config(tmp_path / "fp8", "fp8"))
+    assert generate.vllm_model(fp8, None) == (fp8, "as trained")  # a quantization vLLM loads
     for name, chosen in ((quantized, None), (plain, quantized), (plain, "unsloth/gemma-2-9b-it-bnb-4bit")):
         with pytest.raises(UserError, match="bitsandbytes 4-bit checkpoint, which vLLM cannot load.*--vllm_base_model"):
             generate.vllm_model(name, chosen)
@@ -171,3 +178,80 @@ def test_bert_score_is_pinned_for_the_vllm_venv_as_for_the_default_one():
         return dict(line.split("#")[0].strip().split("==") for line in lines if "==" in line.split("#")[0])
 
     assert pins("requirements-vllm.txt")["bert-score"] == pins("requirements.txt")["bert-score"]
+
+
+# Saves a model folder pre-quantized, as Unsloth's `-bnb-4bit` Hub repos are: config.json carries a bitsandbytes
+# quantization_config and the weights are stored 4-bit.
+QUANTIZE_4BIT = """
+import shutil, sys
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.float32)
+AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=torch.float32).save_pretrained(dst)
+for path in [*src.glob("tokenizer*"), *src.glob("chat_template*"), src / "generation_config.json"]:
+    shutil.copy(path, dst)
+"""
+
+
+def save_4bit(original: Path, quantized: Path) -> Path:
+    subprocess.run([sys.executable, "-c", QUANTIZE_4BIT, str(original), str(quantized)], check=True,
+                   capture_output=True, env={**os.environ, **OFFLINE_ENV}, timeout=600)
+    assert json.loads((quantized / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
+    return quantized
+
+
+@pytest.fixture(scope="module")
+def bnb_4bit_run(tmp_path_factory) -> dict:
+    """train_memorized on a VLLM_SHAPE tiny Gemma 2 saved pre-quantized (`tiny-bnb-4bit`), as the default run trains on
+    unsloth/gemma-2-9b-it-bnb-4bit, with the 16-bit model it was quantized from beside it (`tiny`)."""
+    root = tmp_path_factory.mktemp("bnb_4bit")
+    original = build_tiny_gemma2(root / "tiny", **VLLM_SHAPE)
+    quantized = save_4bit(original, root / "tiny-bnb-4bit")
+    run = train_memorized(quantized, tmp_path_factory.mktemp("memorized_bnb_4bit"))
+    return {**run, "original": original, "quantized": quantized}
+
+
+def test_a_run_trained_on_a_bnb_4bit_base_is_served_on_its_16_bit_original_and_scored_after_vllm_shuts_down(
+        tmp_path, vllm_python, bnb_4bit_run, tiny_bert_dir, tiny_bleurt_dir):  # noqa: F811
+    """The default run's path: QLoRA on a `-bnb-4bit` base, then --engine vllm, which has no bitsandbytes support.
+    vLLM serves the adapter on the 16-bit sibling; its engine process has ended before BERTScore and BLEURT load."""
+    records = bnb_4bit_run["records"]
+    (tmp_path / "memorized.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    result = run_script(["infer.py", "--model", bnb_4bit_run["run"] / "final", "--input", "memorized.json",
+                         "--max_new_tokens", "256", "--bertscore_model", tiny_bert_dir, "--bertscore_layers", "2",
+                         "--bleurt_model", tiny_bleurt_dir, *VLLM_CPU_FLAGS], cwd=tmp_path, python=vllm_python)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    original, quantized = bnb_4bit_run["original"], bnb_4bit_run["quantized"]
+    assert f"generating with the adapter on {original} (the 16-bit original of {quantized})" in out
+    closed = out.index("vllm engine closed before scoring: vLLM shut down, ")
+    assert "1 engine process(es) ended, 0 still running" in out[closed:].splitlines()[0]
+    assert closed < out.index("scoring against the input's outputs")
+    scores = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
+    assert scores["skipped"] == {} and scores["computed"] == ["bertscore", "bleurt", "rouge1"]
+    assert scores["final"] is not None
+    outputs = [r["output"] for r in json.loads((tmp_path / "memorized_pred.json").read_text(encoding="utf-8"))]
+    assert all(outputs) and len(outputs) == len(records)
+
+
+def test_a_bnb_4bit_model_without_a_16_bit_original_is_refused_in_one_line(tmp_path, vllm_python, tiny_model_dir):
+    """No sibling without the suffix and no --vllm_base_model: one line naming the fix, before vLLM starts, for
+    infer.py and for distill.py's local teacher; an unknown --vllm_quantization likewise."""
+    quantized = save_4bit(tiny_model_dir, tmp_path / "models" / "lonely-bnb-4bit")
+    work = tmp_path / "work"
+    work.mkdir()
+    sample = REPO_ROOT / "data/sample/test.json"
+    refusal = (str(quantized), "bitsandbytes 4-bit checkpoint, which vLLM cannot load", "--vllm_base_model")
+    result = run_script(["infer.py", "--model", quantized, "--input", sample, *VLLM_CPU_FLAGS], cwd=work,
+                        python=vllm_python)
+    assert_one_line_error(result, *refusal)
+    result = run_script(["distill.py", "distill", "--input", sample, "--output", "teacher.jsonl", "--teacher_url",
+                         "local", "--teacher_model", quantized, *VLLM_CPU_FLAGS], cwd=work, python=vllm_python)
+    assert_one_line_error(result, *refusal)
+    result = run_script(["infer.py", "--model", quantized, "--input", sample, "--vllm_base_model", tiny_model_dir,
+                         "--vllm_quantization", "bitsandbytes", *VLLM_CPU_FLAGS], cwd=work, python=vllm_python)
+    assert_one_line_error(result, "--vllm_quantization bitsandbytes: not a method this vLLM knows", "fp8_per_tensor")
+    assert list(work.iterdir()) == []
