@@ -198,6 +198,8 @@ KNOWN_HARMLESS_LOGS = {
     "torch.utils._pytree": ("%s is an Enum subclass and is now natively supported",),
     # bitsandbytes' CPU backend would fetch a faster 4-bit kernel from the Hub; its built-in one is used instead.
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    # vLLM's CPU build finds the GPU Triton that torch brings and runs without it, as it should on a CPU.
+    "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU backend",),
 }
 
 

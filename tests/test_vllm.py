@@ -233,8 +233,9 @@ def test_a_run_trained_on_a_bnb_4bit_base_is_served_on_its_16_bit_original_and_s
     scores = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
     assert scores["skipped"] == {} and scores["computed"] == ["bertscore", "bleurt", "rouge1"]
     assert scores["final"] is not None
-    outputs = [r["output"] for r in json.loads((tmp_path / "memorized_pred.json").read_text(encoding="utf-8"))]
-    assert all(outputs) and len(outputs) == len(records)
+    # Trained on the 4-bit weights, served on the 16-bit ones: the memorized summaries come back (exactly, on the
+    # machine this was written on; a near-tie may flip a word elsewhere). A wrong base would score near 0.
+    assert scores["means"]["rouge1"] > 0.9
 
 
 def test_a_bnb_4bit_model_without_a_16_bit_original_is_refused_in_one_line(tmp_path, vllm_python, tiny_model_dir):
