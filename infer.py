@@ -575,15 +575,6 @@ def sample_and_select(cfg: InferSettings, records: list[dict], greedy: dict[str,
     most with the others (BERTScore's model loads here); the file is rewritten with each record's `chosen` index.
     Returns {id: chosen output}."""
     todo = [r for r in records if r["id"] not in sampled]
-    def release_engine() -> None:
-        """Close the engine once generation is over: the scorers load BLEURT and BERTScore next, and vLLM keeps
-        --gpu_memory_utilization of the card until its engine process ends."""
-        if engine_and_budget.cache_info().currsize:
-            engine = engine_and_budget()[0]
-            totals["peak_memory"] = engine.peak_memory()
-            console.print(f"{cfg.engine} engine closed before scoring: {engine.close()}", markup=False, highlight=False)
-            engine_and_budget.cache_clear()
-
     if todo:
         engine, prompts = generator(todo)
         from transformers import set_seed  # after the generator: unsloth must patch transformers first
