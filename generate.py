@@ -92,9 +92,9 @@ def check_engine_settings(settings: EngineSettings) -> None:
 GEMMA2_CONTEXT = 8192  # Gemma 2's position limit, used when no training run says otherwise
 STOP_TOKENS = ("<end_of_turn>", "<eos>")
 GROW_BACK_AFTER = 4  # batches in a row without running out of memory before the token budget doubles again
-# Tensors Unsloth's fast decode path leaves on each attention module (unsloth/models/gemma2.py, llama.py).
 # Unsloth's 4-bit checkpoints: `unsloth/gemma-2-9b-it-bnb-4bit`, `unsloth/Llama-3.2-1B-unsloth-bnb-4bit` (dynamic).
 BNB_4BIT_SUFFIX = re.compile(r"-(unsloth-)?bnb-4bit$", re.IGNORECASE)
+# Tensors Unsloth's fast decode path leaves on each attention module (unsloth/models/gemma2.py, llama.py).
 UNSLOTH_DECODE_BUFFERS = ("paged_attention", "paged_attention_K", "paged_attention_V", "temp_QA", "temp_KV", "temp_O", "RH_Q", "attention")
 
 
