@@ -710,6 +710,14 @@ def vllm_model(name: str, chosen: str | None) -> tuple[str, str]:
     return model, why
 
 
+def start_error_reason(error: BaseException) -> str:
+    """The line of a vLLM start-up error that says why. Its settings are checked by pydantic, whose first line is
+    only "1 validation error for VllmConfig"; the reason follows as "  Value error, ... [type=value_error, ...]"."""
+    lines = [line.strip() for line in str(error).strip().splitlines()] or [type(error).__name__]
+    reason = next((line for line in lines if line.startswith("Value error, ")), lines[0])
+    return reason.removeprefix("Value error, ").split(" [type=")[0]
+
+
 def check_vllm_quantization(method: str | None) -> None:
     """Refuse in one line a --vllm_quantization the installed vLLM does not know (vLLM's own error is a traceback)."""
     if method is None:
@@ -757,7 +765,8 @@ class VllmEngine:
                 enforce_eager=settings.enforce_eager,
             )
         except (OSError, ValueError, RuntimeError) as err:
-            raise UserError(f"{model_name}: vLLM could not start ({str(err).strip().splitlines()[0]}; its log above says why, e.g. lower --gpu_memory_utilization)") from None
+            raise UserError(f"{model_name}: vLLM could not start ({start_error_reason(err)}; its log above says more, "
+                            f"e.g. lower --gpu_memory_utilization)") from None
 
     def sampling_params(self, sampling: Sampling, n: int = 1):
         from vllm import SamplingParams

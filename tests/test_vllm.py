@@ -171,6 +171,18 @@ def test_vllm_model_serves_the_16_bit_original_and_refuses_bitsandbytes(tmp_path
     assert generate.vllm_model(quantized, None) == (str(tmp_path / "a" / "tiny"), f"the 16-bit original of {quantized}")
 
 
+def test_start_error_reason_is_the_line_that_says_why():
+    reason = ("torch.float32 is not supported for quantization method fp8_per_tensor. "
+              "Supported dtypes: [torch.bfloat16, torch.float16]")
+    pydantic = (f"1 validation error for VllmConfig\n  Value error, {reason} [type=value_error, "
+                f"input_value=ArgsKwargs((), {{'model_co...}}), input_type=ArgsKwargs]\n"
+                f"    For further information visit https://errors.pydantic.dev/2.14/v/value_error")
+    assert generate.start_error_reason(ValueError(pydantic)) == reason
+    engine = RuntimeError("Engine core initialization failed. See root cause above.\nFailed core proc(s): {}")
+    assert generate.start_error_reason(engine) == "Engine core initialization failed. See root cause above."
+    assert generate.start_error_reason(RuntimeError()) == "RuntimeError"
+
+
 def test_bert_score_is_pinned_for_the_vllm_venv_as_for_the_default_one():
     """BERTScore is a third of the final score; without bert-score in .venv-vllm a vLLM run silently skips it."""
     def pins(name: str) -> dict:
