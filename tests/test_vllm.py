@@ -252,7 +252,8 @@ def test_a_run_trained_on_a_bnb_4bit_base_is_served_on_its_16_bit_original_and_s
 
 def test_a_bnb_4bit_model_without_a_16_bit_original_is_refused_in_one_line(tmp_path, vllm_python, tiny_model_dir):
     """No sibling without the suffix and no --vllm_base_model: one line naming the fix, before vLLM starts, for
-    infer.py and for distill.py's local teacher; an unknown --vllm_quantization likewise."""
+    infer.py and for distill.py's local teacher; an unknown --vllm_quantization likewise, and vLLM's own refusal of
+    fp8 on 32-bit weights comes back as its reason in one line."""
     quantized = save_4bit(tiny_model_dir, tmp_path / "models" / "lonely-bnb-4bit")
     work = tmp_path / "work"
     work.mkdir()
@@ -267,4 +268,10 @@ def test_a_bnb_4bit_model_without_a_16_bit_original_is_refused_in_one_line(tmp_p
     result = run_script(["infer.py", "--model", quantized, "--input", sample, "--vllm_base_model", tiny_model_dir,
                          "--vllm_quantization", "bitsandbytes", *VLLM_CPU_FLAGS], cwd=work, python=vllm_python)
     assert_one_line_error(result, "--vllm_quantization bitsandbytes: not a method this vLLM knows", "fp8_per_tensor")
+    # fp8_per_tensor reaches vLLM, whose config check (before any engine starts) wants 16-bit weights to quantize;
+    # on a GPU it then quantizes them as they load, a kernel the CPU build lacks (static_scaled_fp8_quant).
+    result = run_script(["infer.py", "--model", quantized, "--input", sample, "--vllm_base_model", tiny_model_dir,
+                         "--vllm_quantization", "fp8_per_tensor", *VLLM_CPU_FLAGS], cwd=work, python=vllm_python)
+    assert_one_line_error(result, "vLLM could not start (torch.float32 is not supported for quantization method "
+                                  "fp8_per_tensor. Supported dtypes: [torch.bfloat16, torch.float16];")
     assert list(work.iterdir()) == []
