@@ -5,7 +5,7 @@ Terminal:
     python prep.py --tokenizer unsloth/gemma-2-9b-it-bnb-4bit   # data/일상대화요약_{train,dev}.json -> data/prepared/
     python prep.py --train data/sample/train.json --dev data/sample/dev.json --out /tmp/p
     python prep.py --extra data/sample/extra_alpaca.json nayohan/Magpie-Gemma2-Pro-200K-Filtered-ko \
-        --test data/일상대화요약_test.json --tokenizer google/gemma-2-9b-it   # augmentation, leak-checked
+        --tokenizer google/gemma-2-9b-it # augmentation, leak-checked against dev and data/일상대화요약_test.json
     python prep.py --train_on_dev --clean_inputs     # the final run: dev folded into train
     python prep.py --unify_targets --show_changes 5  # preview the target rules (then drop --show_changes to write)
     python prep.py --unify_targets --target_format structured   # one format, in ## sections (infer.py flattens)
@@ -50,7 +50,8 @@ from targets import (STRUCTURED_INSTRUCTION, TARGET_FORMATS, clean_records, drop
 class PrepSettings:
     train: list[str] = field(default_factory=lambda: ["data/일상대화요약_train.json"], metadata={"help": "competition train file(s)"})
     dev: str = field(default="data/일상대화요약_dev.json", metadata={"help": "competition dev file: dev.jsonl, and kept out of the augmentation rows"})
-    test: str | None = field(default=None, metadata={"help": "competition test file: only used to keep its dialogues out of the augmentation rows"})
+    test: str = field(default="data/일상대화요약_test.json", metadata={
+        "help": "competition test file: only used to keep its dialogues out of the --extra rows ('none': dev only)"})
     extra: list[str] = field(default_factory=list, metadata={"help": "augmentation sources: Hub dataset ids (owner/name[:split]) or .json/.jsonl/.parquet files"})
     out: str = field(default="data/prepared", metadata={"help": "output directory (train.jsonl, dev.jsonl, stats.json, lengths.png)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer name or path for exact lengths (default: the model's, if in the local HF cache, else an estimate)"})
@@ -427,6 +428,7 @@ MISSING_DATA_HINT = (
     "and put them in data/ under their official names, or try the bundled sample: "
     "python prep.py --train data/sample/train.json --dev data/sample/dev.json --out /tmp/p"
 )
+NO_TEST = "none"  # --test none: the user's explicit choice to check augmentation against dev only
 EXTRA_SHAPES = (
     "competition records (input.conversation + output)",
     "messages [{role, content}]",
@@ -762,6 +764,14 @@ def check_settings(cfg: PrepSettings) -> None:
         raise UserError(f"--out {cfg.out}: exists and is not a directory")
     if len(set(cfg.extra)) != len(cfg.extra):
         raise UserError("--extra: the same source is listed twice")
+    if needs_test_file(cfg) and not Path(cfg.test).is_file():
+        raise UserError(f"--test {cfg.test}: file not found; the --extra rows must be checked against the test "
+                        f"dialogues: pass --test PATH to the competition test file (--test {NO_TEST}: dev only)")
+
+
+def needs_test_file(cfg: PrepSettings) -> bool:
+    """The test file matters only for the leak check; a path the user typed is read even without --extra."""
+    return cfg.test != NO_TEST and (bool(cfg.extra) or cfg.test != PrepSettings.test)
 
 
 def write_outputs(out: Path, files: dict[str, Any]) -> None:
@@ -819,7 +829,7 @@ def main(cfg: PrepSettings) -> None:
     seen_ids: dict[str, str] = {}
     train = load_competition(cfg.train, "train", seen_ids)
     dev = load_competition([cfg.dev], "dev", seen_ids)
-    test = load_competition([cfg.test], "test", {}) if cfg.test else ([], 0)
+    test = load_competition([cfg.test], "test", {}) if needs_test_file(cfg) else ([], 0)
     empty_dropped = train[1] + dev[1] + test[1]
     train_pairs = list(train[0])
     for source in cfg.train:
@@ -871,8 +881,9 @@ def main(cfg: PrepSettings) -> None:
     progress_columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     if extras:
         console.rule("leakage and near-duplicates (MinHash)")
-        if not cfg.test:
-            console.print("[yellow]no --test given: augmentation rows are checked against the dev dialogues only[/yellow]")
+        if cfg.test == NO_TEST:
+            console.print("[bold red]--test none: NO TEST DIALOGUES CHECKED; augmentation rows that carry a test "
+                          "dialogue stay in training[/bold red]")
         texts = ["\n".join(m["content"] for m in row.prompt + row.completion) for row in extras]
         dialogues = [[t["utterance"] for t in r["input"]["conversation"]] for _, r in dev[0] + test[0]]  # as given, not cleaned
         with Progress(*progress_columns, console=console, transient=True) as progress:
@@ -953,6 +964,7 @@ def main(cfg: PrepSettings) -> None:
         "sources": counts,
         "stage_meaning": STAGE_HELP,
         "empty_utterances_dropped": empty_dropped,
+        "leak_check_dialogues": {"dev": len(dev[0]), "test": len(test[0])} if cfg.extra else None,
         "clean_inputs_effect": cleaning,
         "unify_targets_effect": unified,  # ids per rule and per problem left, train targets only
         "utterances_cut_from_middle": cut_utterances,

@@ -291,7 +291,8 @@ def test_e2e_exact_lengths_with_the_model_tokenizer(tmp_path, tiny_model_dir):
     full = sorted(n_tokens(prep.build_messages(r) + [{"role": "assistant", "content": r["output"]}]) for r in raw)
     limit = full[len(full) // 2] - 1  # about half the rows must lose utterances
     result = run_prep("--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"), "--out", str(tmp_path / "o"),
-                      "--tokenizer", str(tiny_model_dir), "--max_seq_length", str(limit), "--extra", str(SAMPLE / "extra_alpaca.json"))
+                      "--tokenizer", str(tiny_model_dir), "--max_seq_length", str(limit),
+                      "--test", str(SAMPLE / "test.json"), "--extra", str(SAMPLE / "extra_alpaca.json"))
     assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / "o" / "stats.json").read_text(encoding="utf-8"))
     assert stats["length_counting"].startswith("tokenizer ")
@@ -448,11 +449,43 @@ def test_empty_training_data_is_refused(tmp_path, user_out, train, dev, flags, f
 def test_unknown_extra_shape_and_unknown_source(tmp_path, user_out):
     weird = tmp_path / "weird.jsonl"
     weird.write_text('{"text": "hello", "label": 1}\n', encoding="utf-8")
-    base = ["--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"), "--out", str(user_out)]
+    base = ["--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"),
+            "--test", str(SAMPLE / "test.json"), "--out", str(user_out)]
     assert_one_line_error(run_prep(*base, "--extra", str(weird)), "weird.jsonl", "unknown shape", "label, text")
     assert_untouched(user_out)
     assert_one_line_error(run_prep(*base, "--extra", "some-owner/no-such-dataset"), "some-owner/no-such-dataset", "Hugging Face Hub")
     assert_untouched(user_out)
+
+
+def competition_files_in(folder: Path) -> Path:
+    """The sample files under the official names in folder/data, where prep.py looks by default."""
+    (folder / "data").mkdir(parents=True)
+    for name in ("train", "dev", "test"):
+        (folder / "data" / f"일상대화요약_{name}.json").write_bytes((SAMPLE / f"{name}.json").read_bytes())
+    return folder
+
+
+def test_default_test_file_keeps_test_dialogues_out_of_augmentation(tmp_path):
+    """Issue 17 item 13: without --test, data/일상대화요약_test.json (the documented path) is checked."""
+    work = competition_files_in(tmp_path / "kit")
+    test = json.loads((SAMPLE / "test.json").read_text(encoding="utf-8"))
+    extra = write_json(tmp_path / "public.json",
+                       [{"instruction": "요약해 주세요", "input": " ".join(_utterances(r)), "output": "요약"} for r in test])
+    result = run_prep("--extra", str(extra), "--out", "o", cwd=work)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((work / "o" / "stats.json").read_text(encoding="utf-8"))
+    assert stats["sources"][str(extra)]["leak"] == len(test)
+    assert stats["leak_check_dialogues"] == {"dev": 3, "test": len(test)}
+
+    (work / "data" / "일상대화요약_test.json").unlink()
+    assert_one_line_error(run_prep("--extra", str(extra), "--out", "o2", cwd=work),
+                          "--test data/일상대화요약_test.json: file not found", "--test none")
+    assert not (work / "o2").exists()
+    result = run_prep("--extra", str(extra), "--test", "none", "--out", "o3", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert "--test none: NO TEST DIALOGUES CHECKED" in result.stdout
+    assert json.loads((work / "o3" / "stats.json").read_text(encoding="utf-8"))["leak_check_dialogues"]["test"] == 0
+    assert run_prep("--out", "o4", cwd=work).returncode == 0, "without --extra the test file is not needed"
 
 
 def test_no_flags_without_the_competition_files_says_where_to_get_them(tmp_path):
