@@ -41,9 +41,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from dedup import keep_first_of_near_duplicates, leaked_rows
-from targets import (STRUCTURED_INSTRUCTION, TARGET_FORMATS, clean_records, drop_middle_utterances, format_target,
-                     name_ids, target_change_lines, unify_records)
+from dedup import LEAK_MIN_SHARE, LEAK_MIN_STRETCH, leaks_then_near_duplicates
+from targets import (STRUCTURED_INSTRUCTION, TARGET_FORMATS, clean_records, drop_middle_utterances, fewest_middle_cuts,
+                     format_target, name_ids, target_change_lines, unify_records)
 
 
 @dataclass
@@ -433,6 +433,7 @@ EXTRA_SHAPES = (
     "competition records (input.conversation + output)",
     "messages [{role, content}]",
     "conversations [{from, value}] (ShareGPT)",
+    "conversation [{role, content}] (LLaMA-Factory)",
     "instruction/input/output (alpaca)",
     "instruction/response",
     "prompt/response or prompt/completion",
@@ -444,7 +445,8 @@ STAGE_HELP = {
     "loaded": "rows read",
     "sampled": "rows left after --limit",
     "unusable": "rows without a usable user/assistant exchange (empty text, roles out of order)",
-    "leak": "rows holding 30%+ of a dev/test dialogue's utterance text (character 5-grams, any layout), removed",
+    "leak": (f"rows holding {LEAK_MIN_SHARE:.0%}+ of a dev/test dialogue's text in stretches of {LEAK_MIN_STRETCH}+ "
+             "characters in its order (any layout), removed; each listed under 'leaks'"),
     "duplicate": "near-duplicates (MinHash LSH, 3-gram Jaccard >= dedup_threshold) of an earlier kept augmentation row, removed",
     "too_long": "rows over --max_seq_length, removed",
     "cut": "competition rows shortened by dropping middle utterances",
@@ -526,10 +528,9 @@ def detect_shape(row: dict) -> str | None:
     keys = set(row)
     if isinstance(row.get("input"), dict) and "conversation" in row["input"] and "output" in row:
         return "competition"
-    if isinstance(row.get("messages"), list):
-        return "messages"
-    if isinstance(row.get("conversations"), list):
-        return "conversations"
+    for key in ("messages", "conversations", "conversation"):
+        if isinstance(row.get(key), list):
+            return key
     if {"instruction", "output"} <= keys:
         return "alpaca"
     for pair in (("instruction", "response"), ("prompt", "response"), ("prompt", "completion"), ("question", "answer"), ("questions", "references")):
@@ -554,7 +555,7 @@ def row_messages(row: dict, shape: str, system_prompt: bool) -> list[dict] | Non
         except UserError:
             return None
         messages = build_messages(row, system_prompt) + [{"role": "assistant", "content": as_text(row["output"])}]
-    elif shape in ("messages", "conversations"):
+    elif shape in ("messages", "conversations", "conversation"):
         messages = []
         for turn in row[shape]:
             if not isinstance(turn, dict):
@@ -664,17 +665,8 @@ def fit_competition_record(record: dict, source: str, cfg: "PrepSettings", token
     row = measure(record)
     if row.tokens <= cfg.max_seq_length:
         return row, 0
-    n_turns = len(record["input"]["conversation"])
-    low, high = 1, n_turns - 1  # at least one utterance stays
-    best = None
-    while low <= high:  # fewest middle utterances to drop so that the row fits
-        mid = (low + high) // 2
-        candidate = measure(drop_middle_utterances(record, mid))
-        if candidate.tokens <= cfg.max_seq_length:
-            best, high = (candidate, mid), mid - 1
-        else:
-            low = mid + 1
-    return best if best else (None, 0)
+    n_cut = fewest_middle_cuts(record, lambda shorter: measure(shorter).tokens <= cfg.max_seq_length)
+    return (measure(drop_middle_utterances(record, n_cut)), n_cut) if n_cut else (None, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -867,6 +859,7 @@ def main(cfg: PrepSettings) -> None:
 
     console.rule("augmentation sources")
     extras: list[Row] = []
+    leaks: list[dict] = []  # every augmentation row dropped as a leak, with the dev/test dialogue it carries
     for source in cfg.extra:
         source_counts = new_counts(source)
         with console.status(f"loading {source}"):
@@ -886,22 +879,20 @@ def main(cfg: PrepSettings) -> None:
                           "dialogue stay in training[/bold red]")
         texts = ["\n".join(m["content"] for m in row.prompt + row.completion) for row in extras]
         dialogues = [[t["utterance"] for t in r["input"]["conversation"]] for _, r in dev[0] + test[0]]  # as given, not cleaned
+        dialogue_ids = [r["id"] for _, r in dev[0] + test[0]]
         with Progress(*progress_columns, console=console, transient=True) as progress:
-            leaked = leaked_rows(texts, dialogues, functools.partial(progress.advance, progress.add_task("leak check", total=len(texts))))
-            survivors = np.flatnonzero(~leaked)
-            near_task = progress.add_task("near-duplicates", total=len(survivors))
-            keep = ~leaked
-            keep[survivors] = keep_first_of_near_duplicates([texts[k] for k in survivors], cfg.dedup_threshold, functools.partial(progress.advance, near_task))
-        for row, is_leak, kept in zip(extras, leaked, keep):
-            if is_leak:
-                counts[row.source]["leak"] += 1
-            elif not kept:
-                counts[row.source]["duplicate"] += 1
+            on_progress = [functools.partial(progress.advance, progress.add_task(task, total=len(texts)))
+                           for task in ("leak check", "near-duplicates")]
+            matched, shares, keep = leaks_then_near_duplicates(texts, dialogues, cfg.dedup_threshold, *on_progress)
+        leaks = [{"source": row.source, "row": int(row.id.rsplit(":", 1)[1]), "matched": dialogue_ids[m],
+                  "share": round(float(share), 3)} for row, m, share in zip(extras, matched, shares) if m >= 0]
+        for row, m, kept in zip(extras, matched, keep):
+            counts[row.source]["leak" if m >= 0 else "duplicate"] += not kept
+        n_duplicates = len(extras) - len(leaks) - int(keep.sum())
         extras = [row for row, kept in zip(extras, keep) if kept]
-        console.print(
-            f"removed {int(leaked.sum())} rows carrying a dev/test dialogue and "
-            f"{len(survivors) - len(extras)} near-duplicates (3-gram Jaccard >= {cfg.dedup_threshold})"
-        )
+        named = [f"{leak['source']} row {leak['row']} = {leak['matched']} ({leak['share']:.0%})" for leak in leaks]
+        console.print(f"removed {len(leaks)} rows carrying a dev/test dialogue{name_ids(named)}; "
+                      f"{n_duplicates} near-duplicates (3-gram Jaccard >= {cfg.dedup_threshold})", soft_wrap=True)
 
     console.rule("length policy")
     tokenizer, length_method = load_tokenizer(cfg.tokenizer)
@@ -964,6 +955,7 @@ def main(cfg: PrepSettings) -> None:
         "sources": counts,
         "stage_meaning": STAGE_HELP,
         "empty_utterances_dropped": empty_dropped,
+        "leaks": leaks,
         "leak_check_dialogues": {"dev": len(dev[0]), "test": len(test[0])} if cfg.extra else None,
         "clean_inputs_effect": cleaning,
         "unify_targets_effect": unified,  # ids per rule and per problem left, train targets only

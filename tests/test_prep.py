@@ -394,6 +394,65 @@ def test_unrelated_dialogues_and_rows_survive_the_leak_check(leak_run):
     assert leak_run["stats"]["leak"] == 6 and leak_run["stats"]["duplicate"] == 0
 
 
+def grammar_records(talks: list[list[str]], split: str) -> list[dict]:
+    return [record(f"grammar-{split}-{k:06d}", [{"speaker": f"SD20000{k % 2}", "utterance": u} for u in talk],
+                   output="요약입니다." if split == "dev" else "") for k, talk in enumerate(talks)]
+
+
+@pytest.fixture(scope="module")
+def grammar_leak_run(tmp_path_factory):
+    """Dev and test files of phrase-grammar talk; 300 unrelated rows from the same grammar; one leak per layout,
+    each of another dev/test dialogue, and LLaMA-Factory `conversation` rows, a leak among them."""
+    import random
+
+    import daily_talk
+
+    work, rng = tmp_path_factory.mktemp("grammar"), random.Random(15)
+    dev = grammar_records([daily_talk.dialogue(rng, rng.randint(10, 20)) for _ in range(6)], "dev")
+    test = grammar_records([daily_talk.dialogue(rng, rng.randint(10, 20)) for _ in range(6)], "test")
+    held_out = dev + test
+    leaks = [(r["id"], daily_talk.leak_texts(_utterances(r), rng)[layout])
+             for r, layout in zip(held_out[::2], daily_talk.LAYOUTS)]
+    rows = [{"instruction": "다음을 읽고 답하세요.", "input": text, "output": "네."} for _, text in leaks]
+    rows.append({"conversation": [{"role": "user", "content": "\n".join(_utterances(test[5]))},
+                                  {"role": "assistant", "content": "요약"}]})
+    rows.append({"conversation": [{"role": "system", "content": "친절하게"}, {"role": "user", "content": "안녕하세요 반가워요"},
+                                  {"role": "assistant", "content": "네 안녕하세요 무엇을 도와드릴까요"}]})
+    rows += [{"instruction": "대화를 요약하세요.", "input": daily_talk.unrelated_text(rng, k), "output": "요약"}
+             for k in range(300)]
+    files = {name: write_json(work / f"{name}.json", data)
+             for name, data in (("dev", dev), ("test", test), ("extra", rows))}
+    result = run_prep("--train", str(SAMPLE / "train.json"), "--dev", str(files["dev"]), "--test", str(files["test"]),
+                      "--extra", str(files["extra"]), "--out", str(work / "out"))
+    assert result.returncode == 0, result.stderr
+    expected = [{"source": str(files["extra"]), "row": k, "matched": rid} for k, (rid, _) in enumerate(leaks)]
+    expected.append({"source": str(files["extra"]), "row": len(leaks), "matched": test[5]["id"]})
+    return {"result": result, "stats": json.loads((work / "out" / "stats.json").read_text(encoding="utf-8")),
+            "train": read_jsonl(work / "out" / "train.jsonl"), "extra": str(files["extra"]), "expected": expected}
+
+
+def test_every_dropped_row_is_listed_with_the_dialogue_it_carries(grammar_leak_run):
+    """Issue 17 item 15: stats.json lists every dropped row (source, row, dev/test id, share); the console names
+    the first ones; rows of the same phrase grammar, none of their talk, stay (at most 2% go)."""
+    leaks = grammar_leak_run["stats"]["leaks"]
+    expected = grammar_leak_run["expected"]
+    assert [{k: leak[k] for k in ("source", "row", "matched")} for leak in leaks[:len(expected)]] == expected
+    assert all(leak["share"] >= 0.3 for leak in leaks)
+    unrelated_dropped = leaks[len(expected):]
+    assert len(unrelated_dropped) <= 6, unrelated_dropped
+    assert grammar_leak_run["stats"]["sources"][grammar_leak_run["extra"]]["leak"] == len(leaks)
+    first = leaks[0]
+    assert (f"removed {len(leaks)} rows carrying a dev/test dialogue: {first['source']} row 0 = {first['matched']} "
+            f"({first['share']:.0%}), ") in grammar_leak_run["result"].stdout
+
+
+def test_llama_factory_conversation_rows_are_read(grammar_leak_run):
+    row_id = f"{grammar_leak_run['extra']}:{len(grammar_leak_run['expected'])}"
+    rows = [row for row in grammar_leak_run["train"] if row["id"] == row_id]
+    assert [(m["role"], m["content"]) for row in rows for m in row["prompt"] + row["completion"]] == [
+        ("user", "친절하게\n\n안녕하세요 반가워요"), ("assistant", "네 안녕하세요 무엇을 도와드릴까요")]
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, --out untouched
 # ------------------------------------------------------------------------------------------------
