@@ -711,15 +711,18 @@ def sample_rows(items: list, limit: int | None, seed: int) -> list:
     return [items[i] for i in picked]
 
 
-def require_summaries(path: str | Path, records: list[dict], role: str) -> None:
-    """Train and dev records are learned from or scored against: each needs a non-empty `output`."""
-    if role == "train" and not records:
-        raise UserError(f"{path}: no records; --train needs the competition train file (a non-empty list)")
-    if records and not any(r["output"].strip() for r in records):
-        raise UserError(f"{path}: every record's 'output' is empty; this looks like a test file, and --{role} needs records with summaries")
-    for index, record in enumerate(records):
+def require_summaries(path: str | Path, records: list[dict], role: str, raw: list[dict]) -> None:
+    """Train and dev records are learned from or scored against: each needs a non-empty `output` (`raw`: the
+    records as read, where a missing `output` is still missing)."""
+    if not records:
+        raise UserError(f"{path}: no records; --{role} needs the competition {role} file (a non-empty list)")
+    if not any(r["output"].strip() for r in records):
+        raise UserError(f"{path}: every record's 'output' is {'empty' if any('output' in r for r in raw) else 'missing'}; "
+                        f"this looks like a test file, and --{role} needs records with summaries")
+    for index, (record, as_read) in enumerate(zip(records, raw)):
         if not record["output"].strip():
-            raise UserError(f"{_record_label(path, index, record)}: field 'output' is empty; every {role} record needs its summary")
+            raise UserError(f"{_record_label(path, index, record)}: field 'output' is "
+                            f"{'empty' if 'output' in as_read else 'missing'}; every {role} record needs its summary")
 
 
 def load_competition(paths: list[str], role: str, seen_ids: dict[str, str]) -> tuple[list[tuple[str, dict]], int]:
@@ -729,9 +732,10 @@ def load_competition(paths: list[str], role: str, seen_ids: dict[str, str]) -> t
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"{path}: {role} file not found; {MISSING_DATA_HINT}")
-        records, n_dropped = load_competition_file(path)
+        raw = read_json(path)
+        records, n_dropped = validate_competition_data(raw, path)
         if role != "test":
-            require_summaries(path, records, role)
+            require_summaries(path, records, role, raw)
         dropped += n_dropped
         for index, record in enumerate(records):
             if record["id"] in seen_ids:

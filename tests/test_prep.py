@@ -495,7 +495,11 @@ def test_bad_competition_file(tmp_path, user_out, make_train, fragments):
     (json.loads((SAMPLE / "test.json").read_text(encoding="utf-8")), None, [], ["train.json", "every record's 'output' is empty", "test file"]),
     ([record("t1"), record("t2", output="  ")], None, [], ["train.json", "record 1", "'t2'", "field 'output' is empty"]),
     ([record("t1")], [record("d1"), record("d2", output="")], [], ["dev.json", "record 1", "'d2'", "field 'output' is empty"]),
-    ([record("t1", output="요약" * 500)], [], ["--max_seq_length", "200"], ["no training rows left", "--max_seq_length 200"]),
+    ([record("t1")], [], [], ["dev.json", "no records", "--dev needs the competition dev file"]),  # issue 17 item 14
+    ([record("t1")], [record("d1"), {k: v for k, v in record("d2").items() if k != "output"}], [],
+     ["dev.json", "record 1", "'d2'", "field 'output' is missing"]),
+    ([{k: v for k, v in record("t1").items() if k != "output"}], None, [], ["train.json", "every record's 'output' is missing"]),
+    ([record("t1", output="요약" * 500)], [record("d1")], ["--max_seq_length", "200"], ["no training rows left", "--max_seq_length 200"]),
 ])
 def test_empty_training_data_is_refused(tmp_path, user_out, train, dev, flags, fragments):
     train_path = write_json(tmp_path / "train.json", train)
