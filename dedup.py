@@ -1,7 +1,8 @@
 """Near-duplicates and leaks: character n-grams, MinHash LSH, vectorised with numpy.
 
-prep.py removes near-duplicate augmentation rows (`keep_first_of_near_duplicates`) and rows that carry a
-dev/test dialogue (`leaked_rows`); distill.py magpie filters its instructions with the same engine.
+prep.py removes augmentation rows that carry a dev/test dialogue (`leak_matches`) and near-duplicate
+rows (`keep_first_of_near_duplicates`), both in `leaks_then_near_duplicates`; distill.py magpie filters its
+instructions with the same engine.
 Pure numpy, no project imports: benchmarked in tests/benchmarks/bench_dedup.py.
 """
 from __future__ import annotations
@@ -197,14 +198,37 @@ def keep_first_of_near_duplicates(texts: list[str], threshold: float, on_progres
     return keep
 
 
-# A row leaks when it holds this share of one evaluation dialogue's 5-grams, taken inside each
-# utterance: whatever the speaker prefixes, separators or instruction around them, and whether
-# the row has all of the dialogue, half of it, or one paragraph of its utterances.
+# A leak is a held-out dialogue's talk copied into a row: long stretches of it, in its order, whatever the
+# layout around them (speaker labels, separators, an instruction, the talk cut into other utterances).
+# Rows made of the same everyday phrases share many 5-grams with a dialogue but only short, scattered
+# runs of its text. So a row is first a candidate when it holds LEAK_MIN_SHARE of one dialogue's distinct
+# 5-grams (taken inside each utterance; cheap, vectorised over all rows), and the candidate is confirmed
+# when stretches of at least LEAK_MIN_STRETCH characters of that dialogue's text cover LEAK_MIN_SHARE of it.
+# A stretch is a chain of exact runs (row and dialogue read on in step) that the row may interrupt for up
+# to LEAK_ROW_GAP characters (a speaker label, a separator word) while the dialogue skips at most
+# LEAK_DIALOGUE_GAP (an utterance too short to hold a 5-gram, a one-character edit).
 LEAK_MIN_SHARE = 0.3
+LEAK_MIN_STRETCH = 40  # characters (spaces and punctuation removed): about a dozen Korean words
+LEAK_ROW_GAP = 24  # two speaker labels around a skipped one-word utterance ("sd2000032b" is 10)
+LEAK_DIALOGUE_GAP = 4
 
 
-def leaked_rows(texts: list[str], dialogues: list[list[str]], on_progress=None, chunk_rows: int = 20_000) -> np.ndarray:
-    """Boolean mask: which texts hold at least LEAK_MIN_SHARE of some dialogue's utterance 5-grams."""
+def leak_matches(texts: list[str], dialogues: list[list[str]], on_progress=None,
+                 chunk_rows: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
+    """(index of the dialogue each text carries, -1 for none; share of that dialogue's text in long stretches)."""
+    matched, shares = np.full(len(texts), -1), np.zeros(len(texts))
+    held_out = _HeldOutText(dialogues)
+    rows, candidates = _leak_candidates(texts, dialogues, on_progress, chunk_rows)  # sorted by row
+    starts = np.flatnonzero(np.diff(rows, prepend=-1))
+    for row, row_candidates in zip(rows[starts].tolist(), np.split(candidates, starts[1:])):
+        share = held_out.stretch_shares(texts[row], row_candidates)
+        if share.max() >= LEAK_MIN_SHARE:
+            matched[row], shares[row] = row_candidates[share.argmax()], share.max()
+    return matched, shares
+
+
+def _leak_candidates(texts, dialogues, on_progress, chunk_rows) -> tuple[np.ndarray, np.ndarray]:
+    """(row, dialogue) pairs, by row: the row holds LEAK_MIN_SHARE of the dialogue's distinct utterance 5-grams."""
     utterances = [utterance for dialogue in dialogues for utterance in dialogue]
     codes, lengths = _normalized_codes(utterances)
     hashes, counts = _ngram_hashes(codes, lengths, LEAK_SHINGLE)
@@ -214,7 +238,7 @@ def leaked_rows(texts: list[str], dialogues: list[list[str]], on_progress=None, 
     sizes = np.bincount(table_dialogues, minlength=len(dialogues))
     may_hit = np.zeros(1 << 24, dtype=bool)  # a cheap first look on the top bits, exact lookups for the few that pass
     may_hit[table_hashes >> np.uint64(40)] = True
-    leaked = np.zeros(len(texts), dtype=bool)
+    found_rows, found_dialogues = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.int64)]
     for start in range(0, len(texts), chunk_rows):
         hashes, counts = ngram_hashes(texts[start:start + chunk_rows], LEAK_SHINGLE)
         rows = np.repeat(np.arange(start, start + len(counts)), counts)
@@ -222,9 +246,104 @@ def leaked_rows(texts: list[str], dialogues: list[list[str]], on_progress=None, 
         hashes, rows = _unique_pairs(hashes[hit], rows[hit])
         low, high = np.searchsorted(table_hashes, hashes, "left"), np.searchsorted(table_hashes, hashes, "right")
         matches = high - low  # a 5-gram can belong to several dialogues
-        pair, shared = np.unique(np.repeat(rows, matches) * len(dialogues) + table_dialogues[_expand_ranges(low, matches)], return_counts=True)
+        pairs = np.repeat(rows, matches) * len(dialogues) + table_dialogues[_expand_ranges(low, matches)]
+        pair, shared = np.unique(pairs, return_counts=True)
         row, dialogue = np.divmod(pair, len(dialogues))
-        leaked[row[shared >= LEAK_MIN_SHARE * sizes[dialogue]]] = True
+        candidate = shared >= LEAK_MIN_SHARE * sizes[dialogue]
+        found_rows.append(row[candidate])
+        found_dialogues.append(dialogue[candidate])
         if on_progress:
             on_progress(len(counts))
-    return leaked
+    return np.concatenate(found_rows), np.concatenate(found_dialogues)
+
+
+class _HeldOutText:
+    """Every dialogue's utterances as one normalized text, laid end to end with a gap between dialogues that no
+    chain bridges. Its 5-grams are sorted by hash and then dialogue (the dialogue in the low bits of the key), so
+    a row is looked up in its candidate dialogues only: an everyday 5-gram found in every dialogue costs little."""
+
+    def __init__(self, dialogues: list[list[str]]):
+        codes, self.lengths = _normalized_codes(["".join(dialogue) for dialogue in dialogues])
+        hashes, counts = _ngram_hashes(codes, self.lengths, LEAK_SHINGLE)
+        self.offsets = np.cumsum(self.lengths + LEAK_ROW_GAP) - self.lengths - LEAK_ROW_GAP
+        position = np.arange(len(hashes)) - np.repeat(np.cumsum(counts) - counts - self.offsets, counts)
+        real = np.repeat(self.lengths >= LEAK_SHINGLE, counts)  # not the padded 5-gram of a dialogue under 5 characters
+        self.bits = np.uint64(max(len(dialogues) - 1, 1).bit_length())
+        keys = self._hash_part(hashes[real]) | np.repeat(np.arange(len(dialogues), dtype=np.uint64), counts)[real]
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.positions = keys[order], position[real][order]
+
+    def _hash_part(self, hashes: np.ndarray) -> np.ndarray:
+        return (hashes >> self.bits) << self.bits
+
+    def stretch_shares(self, text: str, dialogues: np.ndarray) -> np.ndarray:
+        """For each of `dialogues`: the share of its characters inside stretches of LEAK_MIN_STRETCH+ that `text`
+        holds in order."""
+        hashes, _ = ngram_hashes([text], LEAK_SHINGLE)
+        queries = (self._hash_part(hashes)[:, None] | dialogues.astype(np.uint64)[None, :]).ravel()
+        low, high = np.searchsorted(self.keys, queries, "left"), np.searchsorted(self.keys, queries, "right")
+        row_at = np.repeat(np.arange(len(queries)) // len(dialogues), high - low)
+        row_start, dialogue_start, size = _exact_runs(row_at, self.positions[_expand_ranges(low, high - low)])
+        earlier, later = _chain_links(row_start, dialogue_start, size)
+        ending, starting = _longest_chains(size, earlier, later), _longest_chains(size, later, earlier)
+        kept = ending + starting - size >= LEAK_MIN_STRETCH  # the longest chain through the run
+        covered = _covered_lengths(dialogue_start[kept], dialogue_start[kept] + size[kept])
+        owner = np.searchsorted(self.offsets, dialogue_start[kept], "right") - 1
+        per_dialogue = np.bincount(owner, weights=covered, minlength=len(self.lengths))
+        return per_dialogue[dialogues] / np.maximum(self.lengths[dialogues], 1)
+
+
+def _covered_lengths(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Characters each interval adds to the union of the intervals before it (taken in start order), in input order."""
+    order = np.argsort(starts, kind="stable")
+    reach = np.maximum.accumulate(ends[order])
+    before = np.concatenate([[np.iinfo(np.int64).min], reach[:-1]])
+    added = np.zeros(len(starts), dtype=np.int64)
+    added[order] = np.maximum(ends[order] - np.maximum(starts[order], before), 0)
+    return added
+
+
+def _exact_runs(row_at: np.ndarray, dialogue_at: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Maximal runs of equal 5-grams at consecutive places in both texts: (row start, dialogue start, characters)."""
+    order = np.lexsort((row_at, row_at - dialogue_at))
+    row_at, dialogue_at = row_at[order], dialogue_at[order]
+    starts = np.ones(len(row_at), dtype=bool)
+    starts[1:] = (np.diff(row_at) != 1) | (np.diff(row_at - dialogue_at) != 0)
+    first = np.flatnonzero(starts)
+    return row_at[first], dialogue_at[first], np.diff(np.append(first, len(row_at))) + LEAK_SHINGLE - 1
+
+
+def _chain_links(row_start: np.ndarray, dialogue_start: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(earlier, later) run pairs where the later run goes on from the earlier one: the dialogue skips at most
+    LEAK_DIALOGUE_GAP characters and the row LEAK_ROW_GAP (or they overlap by less than a 5-gram)."""
+    by_dialogue = np.argsort(dialogue_start, kind="stable")
+    starts = dialogue_start[by_dialogue]
+    low = np.searchsorted(starts, dialogue_start + size - LEAK_SHINGLE + 1, "left")
+    high = np.searchsorted(starts, dialogue_start + size + LEAK_DIALOGUE_GAP, "right")
+    earlier = np.repeat(np.arange(len(size)), high - low)
+    later = by_dialogue[_expand_ranges(low, high - low)]
+    row_gap = row_start[later] - (row_start[earlier] + size[earlier])
+    near = (row_gap > -LEAK_SHINGLE) & (row_gap <= LEAK_ROW_GAP)
+    return earlier[near], later[near]
+
+
+def _longest_chains(size: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Characters of the longest chain of runs that reaches each run along the links source -> target. The links
+    go forward in the row, so relaxing them all at once settles in as many rounds as the longest chain has runs."""
+    best = size.copy()
+    while True:
+        longer = best.copy()
+        np.maximum.at(longer, target, best[source] + size[target])
+        if (longer == best).all():
+            return best
+        best = longer
+
+
+def leaks_then_near_duplicates(texts: list[str], dialogues: list[list[str]], threshold: float, on_leak_progress=None,
+                               on_duplicate_progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dialogue each text carries or -1, its share, keep-mask): leaks go, then near-duplicates among the rest."""
+    matched, shares = leak_matches(texts, dialogues, on_leak_progress)
+    survivors = np.flatnonzero(matched < 0)
+    keep = np.zeros(len(texts), dtype=bool)
+    keep[survivors] = keep_first_of_near_duplicates([texts[k] for k in survivors], threshold, on_duplicate_progress)
+    return matched, shares, keep

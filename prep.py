@@ -5,7 +5,7 @@ Terminal:
     python prep.py --tokenizer unsloth/gemma-2-9b-it-bnb-4bit   # data/일상대화요약_{train,dev}.json -> data/prepared/
     python prep.py --train data/sample/train.json --dev data/sample/dev.json --out /tmp/p
     python prep.py --extra data/sample/extra_alpaca.json nayohan/Magpie-Gemma2-Pro-200K-Filtered-ko \
-        --test data/일상대화요약_test.json --tokenizer google/gemma-2-9b-it   # augmentation, leak-checked
+        --tokenizer google/gemma-2-9b-it # augmentation, leak-checked against dev and data/일상대화요약_test.json
     python prep.py --train_on_dev --clean_inputs     # the final run: dev folded into train
     python prep.py --unify_targets --show_changes 5  # preview the target rules (then drop --show_changes to write)
     python prep.py --unify_targets --target_format structured   # one format, in ## sections (infer.py flattens)
@@ -41,16 +41,17 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from dedup import keep_first_of_near_duplicates, leaked_rows
-from targets import (STRUCTURED_INSTRUCTION, TARGET_FORMATS, clean_records, drop_middle_utterances, format_target,
-                     name_ids, target_change_lines, unify_records)
+from dedup import LEAK_MIN_SHARE, LEAK_MIN_STRETCH, leaks_then_near_duplicates
+from targets import (STRUCTURED_INSTRUCTION, TARGET_FORMATS, clean_records, drop_middle_utterances, fewest_middle_cuts,
+                     format_target, name_ids, target_change_lines, unify_records)
 
 
 @dataclass
 class PrepSettings:
     train: list[str] = field(default_factory=lambda: ["data/일상대화요약_train.json"], metadata={"help": "competition train file(s)"})
     dev: str = field(default="data/일상대화요약_dev.json", metadata={"help": "competition dev file: dev.jsonl, and kept out of the augmentation rows"})
-    test: str | None = field(default=None, metadata={"help": "competition test file: only used to keep its dialogues out of the augmentation rows"})
+    test: str = field(default="data/일상대화요약_test.json", metadata={
+        "help": "competition test file: only used to keep its dialogues out of the --extra rows ('none': dev only)"})
     extra: list[str] = field(default_factory=list, metadata={"help": "augmentation sources: Hub dataset ids (owner/name[:split]) or .json/.jsonl/.parquet files"})
     out: str = field(default="data/prepared", metadata={"help": "output directory (train.jsonl, dev.jsonl, stats.json, lengths.png)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer name or path for exact lengths (default: the model's, if in the local HF cache, else an estimate)"})
@@ -429,10 +430,12 @@ MISSING_DATA_HINT = (
     "and put them in data/ under their official names, or try the bundled sample: "
     "python prep.py --train data/sample/train.json --dev data/sample/dev.json --out /tmp/p"
 )
+NO_TEST = "none"  # --test none: the user's explicit choice to check augmentation against dev only
 EXTRA_SHAPES = (
     "competition records (input.conversation + output)",
     "messages [{role, content}]",
     "conversations [{from, value}] (ShareGPT)",
+    "conversation [{role, content}] (LLaMA-Factory)",
     "instruction/input/output (alpaca)",
     "instruction/response",
     "prompt/response or prompt/completion",
@@ -444,7 +447,8 @@ STAGE_HELP = {
     "loaded": "rows read",
     "sampled": "rows left after --limit",
     "unusable": "rows without a usable user/assistant exchange (empty text, roles out of order)",
-    "leak": "rows holding 30%+ of a dev/test dialogue's utterance text (character 5-grams, any layout), removed",
+    "leak": (f"rows holding {LEAK_MIN_SHARE:.0%}+ of a dev/test dialogue's text in stretches of {LEAK_MIN_STRETCH}+ "
+             "characters in its order (any layout), removed; each listed under 'leaks'"),
     "duplicate": "near-duplicates (MinHash LSH, 3-gram Jaccard >= dedup_threshold) of an earlier kept augmentation row, removed",
     "too_long": "rows over --max_seq_length, removed",
     "cut": "competition rows shortened by dropping middle utterances",
@@ -526,10 +530,9 @@ def detect_shape(row: dict) -> str | None:
     keys = set(row)
     if isinstance(row.get("input"), dict) and "conversation" in row["input"] and "output" in row:
         return "competition"
-    if isinstance(row.get("messages"), list):
-        return "messages"
-    if isinstance(row.get("conversations"), list):
-        return "conversations"
+    for key in ("messages", "conversations", "conversation"):
+        if isinstance(row.get(key), list):
+            return key
     if {"instruction", "output"} <= keys:
         return "alpaca"
     for pair in (("instruction", "response"), ("prompt", "response"), ("prompt", "completion"), ("question", "answer"), ("questions", "references")):
@@ -554,7 +557,7 @@ def row_messages(row: dict, shape: str, system_prompt: bool) -> list[dict] | Non
         except UserError:
             return None
         messages = build_messages(row, system_prompt) + [{"role": "assistant", "content": as_text(row["output"])}]
-    elif shape in ("messages", "conversations"):
+    elif shape in ("messages", "conversations", "conversation"):
         messages = []
         for turn in row[shape]:
             if not isinstance(turn, dict):
@@ -664,17 +667,8 @@ def fit_competition_record(record: dict, source: str, cfg: "PrepSettings", token
     row = measure(record)
     if row.tokens <= cfg.max_seq_length:
         return row, 0
-    n_turns = len(record["input"]["conversation"])
-    low, high = 1, n_turns - 1  # at least one utterance stays
-    best = None
-    while low <= high:  # fewest middle utterances to drop so that the row fits
-        mid = (low + high) // 2
-        candidate = measure(drop_middle_utterances(record, mid))
-        if candidate.tokens <= cfg.max_seq_length:
-            best, high = (candidate, mid), mid - 1
-        else:
-            low = mid + 1
-    return best if best else (None, 0)
+    n_cut = fewest_middle_cuts(record, lambda shorter: measure(shorter).tokens <= cfg.max_seq_length)
+    return (measure(drop_middle_utterances(record, n_cut)), n_cut) if n_cut else (None, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -719,15 +713,18 @@ def sample_rows(items: list, limit: int | None, seed: int) -> list:
     return [items[i] for i in picked]
 
 
-def require_summaries(path: str | Path, records: list[dict], role: str) -> None:
-    """Train and dev records are learned from or scored against: each needs a non-empty `output`."""
-    if role == "train" and not records:
-        raise UserError(f"{path}: no records; --train needs the competition train file (a non-empty list)")
-    if records and not any(r["output"].strip() for r in records):
-        raise UserError(f"{path}: every record's 'output' is empty; this looks like a test file, and --{role} needs records with summaries")
-    for index, record in enumerate(records):
+def require_summaries(path: str | Path, records: list[dict], role: str, raw: list[dict]) -> None:
+    """Train and dev records are learned from or scored against: each needs a non-empty `output` (`raw`: the
+    records as read, where a missing `output` is still missing)."""
+    if not records:
+        raise UserError(f"{path}: no records; --{role} needs the competition {role} file (a non-empty list)")
+    if not any(r["output"].strip() for r in records):
+        raise UserError(f"{path}: every record's 'output' is {'empty' if any('output' in r for r in raw) else 'missing'}; "
+                        f"this looks like a test file, and --{role} needs records with summaries")
+    for index, (record, as_read) in enumerate(zip(records, raw)):
         if not record["output"].strip():
-            raise UserError(f"{_record_label(path, index, record)}: field 'output' is empty; every {role} record needs its summary")
+            raise UserError(f"{_record_label(path, index, record)}: field 'output' is "
+                            f"{'empty' if 'output' in as_read else 'missing'}; every {role} record needs its summary")
 
 
 def load_competition(paths: list[str], role: str, seen_ids: dict[str, str]) -> tuple[list[tuple[str, dict]], int]:
@@ -737,9 +734,10 @@ def load_competition(paths: list[str], role: str, seen_ids: dict[str, str]) -> t
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"{path}: {role} file not found; {MISSING_DATA_HINT}")
-        records, n_dropped = load_competition_file(path)
+        raw = read_json(path)
+        records, n_dropped = validate_competition_data(raw, path)
         if role != "test":
-            require_summaries(path, records, role)
+            require_summaries(path, records, role, raw)
         dropped += n_dropped
         for index, record in enumerate(records):
             if record["id"] in seen_ids:
@@ -764,6 +762,14 @@ def check_settings(cfg: PrepSettings) -> None:
         raise UserError(f"--out {cfg.out}: exists and is not a directory")
     if len(set(cfg.extra)) != len(cfg.extra):
         raise UserError("--extra: the same source is listed twice")
+    if needs_test_file(cfg) and not Path(cfg.test).is_file():
+        raise UserError(f"--test {cfg.test}: file not found; the --extra rows must be checked against the test "
+                        f"dialogues: pass --test PATH to the competition test file (--test {NO_TEST}: dev only)")
+
+
+def needs_test_file(cfg: PrepSettings) -> bool:
+    """The test file matters only for the leak check; a path the user typed is read even without --extra."""
+    return cfg.test != NO_TEST and (bool(cfg.extra) or cfg.test != PrepSettings.test)
 
 
 def write_outputs(out: Path, files: dict[str, Any]) -> None:
@@ -821,7 +827,7 @@ def main(cfg: PrepSettings) -> None:
     seen_ids: dict[str, str] = {}
     train = load_competition(cfg.train, "train", seen_ids)
     dev = load_competition([cfg.dev], "dev", seen_ids)
-    test = load_competition([cfg.test], "test", {}) if cfg.test else ([], 0)
+    test = load_competition([cfg.test], "test", {}) if needs_test_file(cfg) else ([], 0)
     empty_dropped = train[1] + dev[1] + test[1]
     train_pairs = list(train[0])
     for source in cfg.train:
@@ -859,6 +865,7 @@ def main(cfg: PrepSettings) -> None:
 
     console.rule("augmentation sources")
     extras: list[Row] = []
+    leaks: list[dict] = []  # every augmentation row dropped as a leak, with the dev/test dialogue it carries
     for source in cfg.extra:
         source_counts = new_counts(source)
         with console.status(f"loading {source}"):
@@ -873,26 +880,25 @@ def main(cfg: PrepSettings) -> None:
     progress_columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     if extras:
         console.rule("leakage and near-duplicates (MinHash)")
-        if not cfg.test:
-            console.print("[yellow]no --test given: augmentation rows are checked against the dev dialogues only[/yellow]")
+        if cfg.test == NO_TEST:
+            console.print("[bold red]--test none: NO TEST DIALOGUES CHECKED; augmentation rows that carry a test "
+                          "dialogue stay in training[/bold red]")
         texts = ["\n".join(m["content"] for m in row.prompt + row.completion) for row in extras]
         dialogues = [[t["utterance"] for t in r["input"]["conversation"]] for _, r in dev[0] + test[0]]  # as given, not cleaned
+        dialogue_ids = [r["id"] for _, r in dev[0] + test[0]]
         with Progress(*progress_columns, console=console, transient=True) as progress:
-            leaked = leaked_rows(texts, dialogues, functools.partial(progress.advance, progress.add_task("leak check", total=len(texts))))
-            survivors = np.flatnonzero(~leaked)
-            near_task = progress.add_task("near-duplicates", total=len(survivors))
-            keep = ~leaked
-            keep[survivors] = keep_first_of_near_duplicates([texts[k] for k in survivors], cfg.dedup_threshold, functools.partial(progress.advance, near_task))
-        for row, is_leak, kept in zip(extras, leaked, keep):
-            if is_leak:
-                counts[row.source]["leak"] += 1
-            elif not kept:
-                counts[row.source]["duplicate"] += 1
+            on_progress = [functools.partial(progress.advance, progress.add_task(task, total=len(texts)))
+                           for task in ("leak check", "near-duplicates")]
+            matched, shares, keep = leaks_then_near_duplicates(texts, dialogues, cfg.dedup_threshold, *on_progress)
+        leaks = [{"source": row.source, "row": int(row.id.rsplit(":", 1)[1]), "matched": dialogue_ids[m],
+                  "share": round(float(share), 3)} for row, m, share in zip(extras, matched, shares) if m >= 0]
+        for row, m, kept in zip(extras, matched, keep):
+            counts[row.source]["leak" if m >= 0 else "duplicate"] += not kept
+        n_duplicates = len(extras) - len(leaks) - int(keep.sum())
         extras = [row for row, kept in zip(extras, keep) if kept]
-        console.print(
-            f"removed {int(leaked.sum())} rows carrying a dev/test dialogue and "
-            f"{len(survivors) - len(extras)} near-duplicates (3-gram Jaccard >= {cfg.dedup_threshold})"
-        )
+        named = [f"{leak['source']} row {leak['row']} = {leak['matched']} ({leak['share']:.0%})" for leak in leaks]
+        console.print(f"removed {len(leaks)} rows carrying a dev/test dialogue{name_ids(named)}; "
+                      f"{n_duplicates} near-duplicates (3-gram Jaccard >= {cfg.dedup_threshold})", soft_wrap=True)
 
     console.rule("length policy")
     tokenizer, length_method = load_tokenizer(cfg.tokenizer)
@@ -955,6 +961,8 @@ def main(cfg: PrepSettings) -> None:
         "sources": counts,
         "stage_meaning": STAGE_HELP,
         "empty_utterances_dropped": empty_dropped,
+        "leaks": leaks,
+        "leak_check_dialogues": {"dev": len(dev[0]), "test": len(test[0])} if cfg.extra else None,
         "clean_inputs_effect": cleaning,
         "unify_targets_effect": unified,  # ids per rule and per problem left, train targets only
         "utterances_cut_from_middle": cut_utterances,

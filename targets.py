@@ -79,6 +79,19 @@ def drop_middle_utterances(record: dict, count: int) -> dict:
     return {**record, "input": {**record["input"], "conversation": kept}}
 
 
+def fewest_middle_cuts(record: dict, fits: Callable[[dict], bool]) -> int | None:
+    """Fewest middle utterances drop_middle_utterances must remove for `fits` to hold (binary search: fewer cuts
+    never fit where more do not); None when no cut that leaves one utterance fits."""
+    low, high, best = 1, len(record["input"]["conversation"]) - 1, None
+    while low <= high:
+        middle = (low + high) // 2
+        if fits(drop_middle_utterances(record, middle)):
+            best, high = middle, middle - 1
+        else:
+            low = middle + 1
+    return best
+
+
 # ---------------------------------------------------------------------------------------------
 # Speakers and sentences of a reference summary
 # ---------------------------------------------------------------------------------------------

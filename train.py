@@ -875,6 +875,19 @@ def merged_run_config(cfg: MergeSettings, adapters: list[tuple[dict, dict]], wei
     }
 
 
+def write_in_dtype_of(weights: Path, like: Path) -> None:
+    """Cast `weights` to the floating dtype `like` was saved in. PEFT builds linear, ties and svd merges in fp32 and
+    concatenates cat merges in the adapters' own dtype; every method should hand infer.py what training wrote."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(like), "pt") as handle:
+        dtype = next(t.dtype for t in map(handle.get_tensor, handle.keys()) if t.is_floating_point())
+    tensors = {key: value.to(dtype) if value.is_floating_point() else value
+               for key, value in load_file(str(weights)).items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+
+
 def merge_main(cfg: MergeSettings) -> None:
     check_environment()
     filter_known_noise()
@@ -906,6 +919,7 @@ def merge_main(cfg: MergeSettings) -> None:
         shutil.rmtree(staging)
     model.save_pretrained(str(staging), selected_adapters=["merged"])  # PEFT puts a non-default adapter in staging/merged
     merged = staging / "merged"
+    write_in_dtype_of(merged / "adapter_model.safetensors", Path(cfg.adapters[0]) / "adapter_model.safetensors")
     tokenizer.save_pretrained(str(merged))
     rank = read_json(merged / "adapter_config.json")["r"]
     write_json(merged / "run_config.json", merged_run_config(cfg, adapters, weights, rank))

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 
+import daily_talk
 import dedup
 
 MASK64 = (1 << 64) - 1
@@ -132,7 +133,7 @@ def test_no_rows_one_row_and_texts_shorter_than_a_shingle():
     assert dedup.keep_first_of_near_duplicates(["", "ab", "ab!", "", "abc"], 0.7).tolist() == [True, True, False, False, True]
 
 
-def test_leaked_rows_by_utterance_content():
+def test_leak_matches_by_utterance_content():
     dialogue = ["아까 누나가 한 명 있다고 하셨는데 몇 살 차이 나세요?", "저랑은 세 살 차이 나는데 어릴 때는 많이 싸웠어요",
                 "지금은 사이가 좋으세요?", "네 요즘은 같이 여행도 다니고 자주 연락해요", "부럽네요 저는 외동이라서 형제가 있었으면 했어요"]
     rows = [
@@ -142,4 +143,25 @@ def test_leaked_rows_by_utterance_content():
         "저는 주말마다 등산을 가요. 산 위에서 먹는 김밥이 제일 맛있어요. 다음에 같이 가실래요?",
         dialogue[0],  # one utterance is not a dialogue
     ]
-    assert dedup.leaked_rows(rows, [dialogue, ["네", "아니요"]]).tolist() == [True, True, True, False, False]
+    matched, shares = dedup.leak_matches(rows, [["네", "아니요"], dialogue])
+    assert matched.tolist() == [1, 1, 1, -1, -1]
+    assert shares[0] == shares[2] == 1.0 and 0.5 < shares[1] < 0.7 and shares[3] == shares[4] == 0
+
+
+def test_leaks_are_long_stretches_in_order_not_shared_phrases():
+    """Issue 17 item 15: every layout of a held-out dialogue, re-segmented ones included, is caught and matched
+    to its dialogue; of 300 rows built from the same phrase grammar (no talk of theirs) at most 2% go, where
+    the share of 5-grams alone flags most of them."""
+    rng = random.Random(17)
+    held_out = [daily_talk.dialogue(rng, rng.randint(10, 20)) for _ in range(12)]
+    leaks = [(k, layout, text) for k, talk in enumerate(held_out)
+             for layout, text in daily_talk.leak_texts(talk, rng).items()]
+    matched, shares = dedup.leak_matches([text for _, _, text in leaks], held_out)
+    missed = [(k, layout) for (k, layout, _), m in zip(leaks, matched) if m != k]
+    assert not missed and shares.min() >= dedup.LEAK_MIN_SHARE
+
+    unrelated = [daily_talk.unrelated_text(rng, layout) for layout in range(300)]
+    candidates, _ = dedup._leak_candidates(unrelated, held_out, None, 20_000)
+    assert len(set(candidates.tolist())) > 150, "5-gram shares alone flag most"
+    matched, _ = dedup.leak_matches(unrelated, held_out)
+    assert (matched >= 0).sum() <= 6

@@ -312,7 +312,9 @@ def test_local_teacher_and_output_feeds_prep_extra(tmp_path, chatty_model_dir):
     assert again.returncode == 0 and "6 already done" in again.stdout and "Unsloth" not in again.stdout + again.stderr
 
     prepared = subprocess.run([sys.executable, str(REPO / "prep.py"), "--train", "data/sample/train.json", "--dev", "data/sample/dev.json",
-                               "--extra", str(out), "--out", str(tmp_path / "prepared")], cwd=REPO, env=local_env(), capture_output=True, text=True, timeout=600)
+                               "--test", "data/sample/test.json", "--extra", str(out),
+                               "--out", str(tmp_path / "prepared")],
+                              cwd=REPO, env=local_env(), capture_output=True, text=True, timeout=600)
     assert prepared.returncode == 0, prepared.stderr
     train = read_jsonl(tmp_path / "prepared" / "train.jsonl")
     assert {row["completion"][0]["content"] for row in train if row["source"] == str(out)} <= {row["output"] for row in rows}
@@ -322,7 +324,9 @@ def test_http_output_feeds_prep_extra(tmp_path, server):
     make_input(tmp_path / "in.json", 3)
     out = tmp_path / "teacher.jsonl"
     assert run(distill_command(tmp_path / "in.json", out, server.url, "--format", "prompt_completion")).returncode == 0
-    prepared = run([sys.executable, str(REPO / "prep.py"), "--train", "data/sample/train.json", "--dev", "data/sample/dev.json", "--extra", str(out), "--out", str(tmp_path / "p")])
+    prepared = run([sys.executable, str(REPO / "prep.py"), "--train", "data/sample/train.json",
+                    "--dev", "data/sample/dev.json", "--test", "data/sample/test.json",
+                    "--extra", str(out), "--out", str(tmp_path / "p")])
     assert prepared.returncode == 0, prepared.stderr
     from_teacher = [row for row in read_jsonl(tmp_path / "p" / "train.jsonl") if row["source"] == str(out)]
     assert sorted(row["completion"][0]["content"] for row in from_teacher) == sorted(answer_for(f"topic-{i:02d}") for i in range(3))

@@ -74,7 +74,9 @@ def test_a_finished_run_loads_no_model(magpie_runs, chatty_model_dir):
 
 def test_output_feeds_prep_extra(magpie_runs, tmp_path):
     rows = read_jsonl(magpie_runs["out"])
-    result = run_script(["prep.py", "--train", "data/sample/train.json", "--dev", "data/sample/dev.json", "--extra", str(magpie_runs["out"]), "--out", str(tmp_path / "prepared")])
+    result = run_script(["prep.py", "--train", "data/sample/train.json", "--dev", "data/sample/dev.json",
+                         "--test", "data/sample/test.json", "--extra", str(magpie_runs["out"]),
+                         "--out", str(tmp_path / "prepared")])
     assert result.returncode == 0, result.stderr
     train = read_jsonl(tmp_path / "prepared" / "train.jsonl")
     from_magpie = [row for row in train if row["source"] == str(magpie_runs["out"])]

@@ -291,7 +291,8 @@ def test_e2e_exact_lengths_with_the_model_tokenizer(tmp_path, tiny_model_dir):
     full = sorted(n_tokens(prep.build_messages(r) + [{"role": "assistant", "content": r["output"]}]) for r in raw)
     limit = full[len(full) // 2] - 1  # about half the rows must lose utterances
     result = run_prep("--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"), "--out", str(tmp_path / "o"),
-                      "--tokenizer", str(tiny_model_dir), "--max_seq_length", str(limit), "--extra", str(SAMPLE / "extra_alpaca.json"))
+                      "--tokenizer", str(tiny_model_dir), "--max_seq_length", str(limit),
+                      "--test", str(SAMPLE / "test.json"), "--extra", str(SAMPLE / "extra_alpaca.json"))
     assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / "o" / "stats.json").read_text(encoding="utf-8"))
     assert stats["length_counting"].startswith("tokenizer ")
@@ -393,6 +394,65 @@ def test_unrelated_dialogues_and_rows_survive_the_leak_check(leak_run):
     assert leak_run["stats"]["leak"] == 6 and leak_run["stats"]["duplicate"] == 0
 
 
+def grammar_records(talks: list[list[str]], split: str) -> list[dict]:
+    return [record(f"grammar-{split}-{k:06d}", [{"speaker": f"SD20000{k % 2}", "utterance": u} for u in talk],
+                   output="요약입니다." if split == "dev" else "") for k, talk in enumerate(talks)]
+
+
+@pytest.fixture(scope="module")
+def grammar_leak_run(tmp_path_factory):
+    """Dev and test files of phrase-grammar talk; 300 unrelated rows from the same grammar; one leak per layout,
+    each of another dev/test dialogue, and LLaMA-Factory `conversation` rows, a leak among them."""
+    import random
+
+    import daily_talk
+
+    work, rng = tmp_path_factory.mktemp("grammar"), random.Random(15)
+    dev = grammar_records([daily_talk.dialogue(rng, rng.randint(10, 20)) for _ in range(6)], "dev")
+    test = grammar_records([daily_talk.dialogue(rng, rng.randint(10, 20)) for _ in range(6)], "test")
+    held_out = dev + test
+    leaks = [(r["id"], daily_talk.leak_texts(_utterances(r), rng)[layout])
+             for r, layout in zip(held_out[::2], daily_talk.LAYOUTS)]
+    rows = [{"instruction": "다음을 읽고 답하세요.", "input": text, "output": "네."} for _, text in leaks]
+    rows.append({"conversation": [{"role": "user", "content": "\n".join(_utterances(test[5]))},
+                                  {"role": "assistant", "content": "요약"}]})
+    rows.append({"conversation": [{"role": "system", "content": "친절하게"}, {"role": "user", "content": "안녕하세요 반가워요"},
+                                  {"role": "assistant", "content": "네 안녕하세요 무엇을 도와드릴까요"}]})
+    rows += [{"instruction": "대화를 요약하세요.", "input": daily_talk.unrelated_text(rng, k), "output": "요약"}
+             for k in range(300)]
+    files = {name: write_json(work / f"{name}.json", data)
+             for name, data in (("dev", dev), ("test", test), ("extra", rows))}
+    result = run_prep("--train", str(SAMPLE / "train.json"), "--dev", str(files["dev"]), "--test", str(files["test"]),
+                      "--extra", str(files["extra"]), "--out", str(work / "out"))
+    assert result.returncode == 0, result.stderr
+    expected = [{"source": str(files["extra"]), "row": k, "matched": rid} for k, (rid, _) in enumerate(leaks)]
+    expected.append({"source": str(files["extra"]), "row": len(leaks), "matched": test[5]["id"]})
+    return {"result": result, "stats": json.loads((work / "out" / "stats.json").read_text(encoding="utf-8")),
+            "train": read_jsonl(work / "out" / "train.jsonl"), "extra": str(files["extra"]), "expected": expected}
+
+
+def test_every_dropped_row_is_listed_with_the_dialogue_it_carries(grammar_leak_run):
+    """Issue 17 item 15: stats.json lists every dropped row (source, row, dev/test id, share); the console names
+    the first ones; rows of the same phrase grammar, none of their talk, stay (at most 2% go)."""
+    leaks = grammar_leak_run["stats"]["leaks"]
+    expected = grammar_leak_run["expected"]
+    assert [{k: leak[k] for k in ("source", "row", "matched")} for leak in leaks[:len(expected)]] == expected
+    assert all(leak["share"] >= 0.3 for leak in leaks)
+    unrelated_dropped = leaks[len(expected):]
+    assert len(unrelated_dropped) <= 6, unrelated_dropped
+    assert grammar_leak_run["stats"]["sources"][grammar_leak_run["extra"]]["leak"] == len(leaks)
+    first = leaks[0]
+    assert (f"removed {len(leaks)} rows carrying a dev/test dialogue: {first['source']} row 0 = {first['matched']} "
+            f"({first['share']:.0%}), ") in grammar_leak_run["result"].stdout
+
+
+def test_llama_factory_conversation_rows_are_read(grammar_leak_run):
+    row_id = f"{grammar_leak_run['extra']}:{len(grammar_leak_run['expected'])}"
+    rows = [row for row in grammar_leak_run["train"] if row["id"] == row_id]
+    assert [(m["role"], m["content"]) for row in rows for m in row["prompt"] + row["completion"]] == [
+        ("user", "친절하게\n\n안녕하세요 반가워요"), ("assistant", "네 안녕하세요 무엇을 도와드릴까요")]
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, --out untouched
 # ------------------------------------------------------------------------------------------------
@@ -435,7 +495,11 @@ def test_bad_competition_file(tmp_path, user_out, make_train, fragments):
     (json.loads((SAMPLE / "test.json").read_text(encoding="utf-8")), None, [], ["train.json", "every record's 'output' is empty", "test file"]),
     ([record("t1"), record("t2", output="  ")], None, [], ["train.json", "record 1", "'t2'", "field 'output' is empty"]),
     ([record("t1")], [record("d1"), record("d2", output="")], [], ["dev.json", "record 1", "'d2'", "field 'output' is empty"]),
-    ([record("t1", output="요약" * 500)], [], ["--max_seq_length", "200"], ["no training rows left", "--max_seq_length 200"]),
+    ([record("t1")], [], [], ["dev.json", "no records", "--dev needs the competition dev file"]),  # issue 17 item 14
+    ([record("t1")], [record("d1"), {k: v for k, v in record("d2").items() if k != "output"}], [],
+     ["dev.json", "record 1", "'d2'", "field 'output' is missing"]),
+    ([{k: v for k, v in record("t1").items() if k != "output"}], None, [], ["train.json", "every record's 'output' is missing"]),
+    ([record("t1", output="요약" * 500)], [record("d1")], ["--max_seq_length", "200"], ["no training rows left", "--max_seq_length 200"]),
 ])
 def test_empty_training_data_is_refused(tmp_path, user_out, train, dev, flags, fragments):
     train_path = write_json(tmp_path / "train.json", train)
@@ -448,11 +512,43 @@ def test_empty_training_data_is_refused(tmp_path, user_out, train, dev, flags, f
 def test_unknown_extra_shape_and_unknown_source(tmp_path, user_out):
     weird = tmp_path / "weird.jsonl"
     weird.write_text('{"text": "hello", "label": 1}\n', encoding="utf-8")
-    base = ["--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"), "--out", str(user_out)]
+    base = ["--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"),
+            "--test", str(SAMPLE / "test.json"), "--out", str(user_out)]
     assert_one_line_error(run_prep(*base, "--extra", str(weird)), "weird.jsonl", "unknown shape", "label, text")
     assert_untouched(user_out)
     assert_one_line_error(run_prep(*base, "--extra", "some-owner/no-such-dataset"), "some-owner/no-such-dataset", "Hugging Face Hub")
     assert_untouched(user_out)
+
+
+def competition_files_in(folder: Path) -> Path:
+    """The sample files under the official names in folder/data, where prep.py looks by default."""
+    (folder / "data").mkdir(parents=True)
+    for name in ("train", "dev", "test"):
+        (folder / "data" / f"일상대화요약_{name}.json").write_bytes((SAMPLE / f"{name}.json").read_bytes())
+    return folder
+
+
+def test_default_test_file_keeps_test_dialogues_out_of_augmentation(tmp_path):
+    """Issue 17 item 13: without --test, data/일상대화요약_test.json (the documented path) is checked."""
+    work = competition_files_in(tmp_path / "kit")
+    test = json.loads((SAMPLE / "test.json").read_text(encoding="utf-8"))
+    extra = write_json(tmp_path / "public.json",
+                       [{"instruction": "요약해 주세요", "input": " ".join(_utterances(r)), "output": "요약"} for r in test])
+    result = run_prep("--extra", str(extra), "--out", "o", cwd=work)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((work / "o" / "stats.json").read_text(encoding="utf-8"))
+    assert stats["sources"][str(extra)]["leak"] == len(test)
+    assert stats["leak_check_dialogues"] == {"dev": 3, "test": len(test)}
+
+    (work / "data" / "일상대화요약_test.json").unlink()
+    assert_one_line_error(run_prep("--extra", str(extra), "--out", "o2", cwd=work),
+                          "--test data/일상대화요약_test.json: file not found", "--test none")
+    assert not (work / "o2").exists()
+    result = run_prep("--extra", str(extra), "--test", "none", "--out", "o3", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert "--test none: NO TEST DIALOGUES CHECKED" in result.stdout
+    assert json.loads((work / "o3" / "stats.json").read_text(encoding="utf-8"))["leak_check_dialogues"]["test"] == 0
+    assert run_prep("--out", "o4", cwd=work).returncode == 0, "without --extra the test file is not needed"
 
 
 def test_no_flags_without_the_competition_files_says_where_to_get_them(tmp_path):

@@ -348,7 +348,9 @@ def test_length_band_comes_from_the_competition_summaries_the_model_trained_on(t
     """prep.py's real output with augmentation rows: the band spans the 8 sample train summaries
     (144-175 chars), not the alpaca rows' short answers; without training rows it is the competition's range."""
     result = run_script(["prep.py", "--train", REPO_ROOT / "data/sample/train.json", "--dev", REPO_ROOT / "data/sample/dev.json",
-                         "--extra", REPO_ROOT / "data/sample/extra_alpaca.json", "--out", tmp_path / "prepared"], cwd=tmp_path)
+                         "--test", REPO_ROOT / "data/sample/test.json",
+                         "--extra", REPO_ROOT / "data/sample/extra_alpaca.json",
+                         "--out", tmp_path / "prepared"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     low, high, source = score.length_band({"settings": {"data": str(tmp_path / "prepared")}})
     lengths = sorted(len(r["output"]) for r in json.loads((REPO_ROOT / "data/sample/train.json").read_text(encoding="utf-8")))

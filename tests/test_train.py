@@ -588,3 +588,32 @@ def test_shutdown_timeout_warning_only_for_several_processes_without_a_timeout()
     assert warning is not None and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300 torchrun" in warning
     assert train.shutdown_timeout_warning({"WORLD_SIZE": "2", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}) is None
     assert train.shutdown_timeout_warning({"WORLD_SIZE": "2", "PET_SHUTDOWN_TIMEOUT": "300"}) is None
+
+
+def bf16_lora_adapter(base: Path, path: Path, seed: int) -> Path:
+    """A real PEFT LoRA adapter of the tiny base with non-zero A and B, saved in bf16 as training saves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
+                           LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.to(torch.bfloat16).save_pretrained(str(path))
+    run_config = {"system_prompt": False, "max_seq_length": 256, "load_in_4bit": False}
+    (path / "run_config.json").write_text(json.dumps(run_config), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("method", ["linear", "cat"])
+def test_merge_writes_the_adapters_dtype_for_every_method(tiny_model_dir, tmp_path, method):
+    """Issue 17 item 14: PEFT builds a linear merge in fp32 (and on CPU a cat merge too); the merged adapter is
+    written in the dtype the adapters were trained and saved in."""
+    from safetensors import safe_open
+
+    a, b = (bf16_lora_adapter(tiny_model_dir, tmp_path / name, seed) for name, seed in (("a", 1), ("b", 2)))
+    result = run_script(["train.py", "merge", "--adapters", a, b, "--method", method,
+                         "--output_dir", tmp_path / "merged"], cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with safe_open(str(tmp_path / "merged" / "adapter_model.safetensors"), "pt") as handle:
+        assert {str(handle.get_tensor(key).dtype) for key in handle.keys()} == {"torch.bfloat16"}
