@@ -151,7 +151,7 @@ def copy_table_work(table_run, tmp_path: Path) -> Path:
 
 
 def predictions_bytes(cwd: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in cwd.glob("memorized_pred.*.json") if ".scores" not in path.name}
+    return {path.name: path.read_bytes() for path in cwd.glob("memorized_pred.checkpoint-*.json") if ".scores" not in path.name}
 
 
 def test_table_rescores_without_generating_when_only_the_metrics_change(table_run, memorized_input, tiny_bert_dir,
