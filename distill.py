@@ -53,6 +53,7 @@ from prep import (
     read_json,
     row_messages,
     run_cli,
+    shell_command,
     validate_competition_data,
     write_text_atomic,
 )
@@ -539,7 +540,7 @@ def distill_main(cfg: DistillSettings) -> None:
     todo = [item for item in items if item.id not in done]
     console.print(f"{len(items)} input rows: {len(items) - len(todo)} already done (resumed), {len(todo)} to send to {cfg.teacher_model}")
     ask_for_answers(todo, cfg, console)
-    console.print(f"next: python prep.py --extra {cfg.output}")
+    console.print(f"next: {shell_command('python', 'prep.py', '--extra', cfg.output)}", markup=False, soft_wrap=True)
 
 
 def ask_for_answers(todo: list[DistillItem], cfg: DistillSettings, console: Any) -> None:
@@ -703,7 +704,8 @@ def rewrite_main(cfg: RewriteSettings) -> None:
     reasons = ", ".join(f"{kind} {n}" for kind, n in report["not_kept_by_reason"].items()) or "none"
     console.print(f"kept {report['kept']} of {len(records)} rewrites; the original stays for {report['not_kept']} "
                   f"(by reason: {reasons}) -> {cfg.output}; verdicts -> {report_path}")
-    console.print(f"next: python prep.py --train {cfg.output}   (or upload it, if it holds test predictions)")
+    console.print(f"next: {shell_command('python', 'prep.py', '--train', cfg.output)}   "
+                  "(or upload it, if it holds test predictions)", markup=False, soft_wrap=True)
 
 
 @dataclass
@@ -769,7 +771,8 @@ def magpie_main(cfg: MagpieSettings) -> None:
     todo = [index for index in range(cfg.n) if magpie_id(index) not in done]
     console.print(f"{cfg.n} pairs wanted: {cfg.n - len(todo)} already done (resumed), {len(todo)} to generate")
     if not todo:
-        console.print(f"next: python prep.py --extra {cfg.output}")
+        console.print(f"next: {shell_command('python', 'prep.py', '--extra', cfg.output)}", markup=False,
+                      soft_wrap=True)
         return
 
     import torch
@@ -832,7 +835,7 @@ def magpie_main(cfg: MagpieSettings) -> None:
         output.close()
         rejects.close()
     console.print(f"kept {output.count} → {cfg.output}; rejected {rejects.count} → {cfg.rejects}; {time.time() - started:.1f}s")
-    console.print(f"next: python prep.py --extra {cfg.output}")
+    console.print(f"next: {shell_command('python', 'prep.py', '--extra', cfg.output)}", markup=False, soft_wrap=True)
 
 
 def run_generator_command(argv: list[str]) -> None:

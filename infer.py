@@ -47,6 +47,7 @@ from prep import (
     read_json,
     read_trainer_state,
     run_cli,
+    shell_command,
     validate_competition_data,
     write_text_atomic,
 )
@@ -257,7 +258,8 @@ def regeneration_targets(records: list[dict], outputs: dict[str, str], band: tup
             if (retry_empty and not outputs[r["id"]]) or (regenerate_flagged and guard_flags(outputs[r["id"]], band))]
 
 
-def print_guard(report: dict, console, penalty: float) -> None:
+def print_guard(report: dict, console, penalty: float, retry_command: str | None = None) -> None:
+    """The guard's findings; `retry_command`, when given, is the full command that regenerates the flagged items."""
     flagged = report["flagged"]
     low, high = report["band_chars"]
     if not flagged:
@@ -269,15 +271,23 @@ def print_guard(report: dict, console, penalty: float) -> None:
         console.print(f"  {item_id}: {'; '.join(report['flags'][item_id])}", markup=False, highlight=False)
     if len(flagged) > 5:
         console.print(f"  ... and {len(flagged) - 5} more (all in the per-item report)")
-    console.print(f"[yellow]to regenerate just these (keeping the rest), rerun the same command with --regenerate_flagged --repetition_penalty {penalty}")
+    if retry_command:
+        console.print(f"to regenerate just these (keeping the rest): {retry_command}", style="yellow", markup=False,
+                      soft_wrap=True)
+    else:
+        console.print("[yellow]to regenerate just these (keeping the rest), rerun the same command with "
+                      f"--regenerate_flagged --repetition_penalty {penalty}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoint table: every checkpoint of a training run, scored on dev
 # ---------------------------------------------------------------------------------------------
 
-TABLE_SETTINGS = ("limit", "max_new_tokens", "repetition_penalty", "max_seq_length", "load_in_4bit", "metrics", "bertscore_model",
-                  "bertscore_layers", "bleurt_model", "num_samples", "temperature", "top_p", "seed")  # what changes a score
+# What a checkpoint's predictions file depends on: a rerun with the same values keeps the file. The metrics'
+# models only change how it is scored, so a change there rescores the files and generates nothing.
+GENERATION_SETTINGS = ("limit", "max_new_tokens", "repetition_penalty", "max_seq_length", "load_in_4bit", "num_samples",
+                       "temperature", "top_p", "seed")
+SAMPLING_SETTINGS = ("temperature", "top_p", "seed")  # matter only with --num_samples
 METRIC_COLUMNS = {"rouge1": "R1", "bertscore": "BERTScore", "bleurt": "BLEURT"}
 
 
@@ -318,7 +328,8 @@ def weights_sha256(model_dir: Path) -> str | None:
 def scores_row(result: dict) -> dict:
     """The table's score columns from a scores.json: each metric's mean and the competition score (their mean)."""
     return {**{name: result["means"].get(name) for name in METRIC_COLUMNS},
-            "score": result.get("mean_of_computed"), "score_of": result.get("computed", [])}
+            "score": result.get("mean_of_computed"), "score_of": result.get("computed", []),
+            "metric_settings": result.get("metric_settings", {})}
 
 
 def best_row(rows: list[dict]) -> dict | None:
@@ -353,20 +364,132 @@ def print_checkpoint_table(rows: list[dict], best: dict | None, console) -> None
     console.print(table)
 
 
-def read_table(path: Path, settings: dict) -> dict[str, dict]:
-    """Rows of an earlier run of the same table (same input and generation settings), by checkpoint name."""
-    if not path.is_file():
-        return {}
-    table = read_json(path)
-    if not isinstance(table, dict) or table.get("settings") != settings:
-        return {}
-    return {row["checkpoint"]: row for row in table.get("rows", [])}
+def table_generation(cfg: InferSettings) -> dict:
+    """The generation settings of this command, as a checkpoint's row records them."""
+    return {key: getattr(cfg, key) for key in GENERATION_SETTINGS if cfg.num_samples or key not in SAMPLING_SETTINGS}
+
+
+def metric_settings(cfg: InferSettings) -> dict[str, dict]:
+    """Per metric, what its value depends on besides the predictions and references."""
+    return {"rouge1": {}, "bertscore": {"model": cfg.bertscore_model, "layers": cfg.bertscore_layers},
+            "bleurt": {"model": cfg.bleurt_model}}
+
+
+def upgrade_table(table: dict) -> dict:
+    """A table an older infer.py wrote (one "settings" for every row): each row gets the settings it was made with,
+    so that its predictions are kept too."""
+    settings = table["settings"]
+    generation = table_generation(InferSettings(**{key: settings[key] for key in GENERATION_SETTINGS}))
+    models = metric_settings(InferSettings(**{key: settings[key] for key in ("bertscore_model", "bertscore_layers",
+                                                                              "bleurt_model")}))
+    rows = [{**row, "generation": generation, "metric_settings": {m: models[m] for m in row.get("score_of", [])}}
+            for row in table.get("rows", [])]
+    return {"input_sha256": settings.get("input_sha256"), "generation": generation, "rows": rows}
+
+
+def read_table(path: Path, input_sha256: str) -> dict:
+    """An earlier run of the same table on the same input: {"generation", "rows" by checkpoint name}."""
+    table = read_json(path) if path.is_file() else None
+    if isinstance(table, dict) and "settings" in table and "generation" not in table:
+        table = upgrade_table(table)
+    if not isinstance(table, dict) or table.get("input_sha256") != input_sha256:
+        return {"generation": None, "rows": {}}
+    return {"generation": table.get("generation"), "rows": {row["checkpoint"]: row for row in table.get("rows", [])}}
+
+
+def reusable_predictions(previous: dict, row: dict, generation: dict | None) -> bool:
+    """An earlier row whose predictions file this command would generate again, byte for byte."""
+    return (previous.get("weights_sha256") == row["weights_sha256"] and previous.get("generation") == generation
+            and previous.get("predictions") == row["predictions"] and Path(row["predictions"]).is_file()
+            and not previous.get("error"))
+
+
+def metrics_to_rescore(previous: dict, wanted: dict[str, dict], loaded: set[str]) -> tuple[set[str], set[str]]:
+    """(metrics whose earlier values still hold, metrics to compute now): a value holds when it was computed with
+    this command's metric settings; a wanted metric without one is computed when its model loads now."""
+    valid = {name for name, settings in previous.get("metric_settings", {}).items() if wanted.get(name) == settings}
+    return valid, {name for name in wanted if name in loaded and name not in valid}
+
+
+def rescore_checkpoint(row: dict, references: dict[str, str], cfg: InferSettings, valid: set[str], console) -> dict:
+    """Score a checkpoint's predictions file again: the metrics in `valid` keep their per-item values, the
+    others are computed; the output guard's flags are carried over. Returns the new scores.json content."""
+    predictions = read_json(row["predictions"])
+    ids, texts = [record["id"] for record in predictions], [record["output"] for record in predictions]
+    old = read_json(row["scores"]) if Path(row["scores"]).is_file() else {"items": []}
+    old_items = old.get("items", [])
+    if [item["id"] for item in old_items] != ids:
+        old_items, valid = [{} for _ in ids], set()
+    known = {name: [item[name] for item in old_items] for name in valid if all(name in item for item in old_items)}
+    scorers, skipped = metric_scorers(cfg, console)
+    to_run = {name: scorer for name, scorer in scorers.items() if name not in known}
+    result = score_with(to_run, skipped, ids, texts, [references[i] for i in ids], known)
+    for item, old_item in zip(result["items"], old_items):
+        item["guard"] = old_item.get("guard", [])
+    result["metric_settings"] = {name: metric_settings(cfg)[name] for name in result["computed"]}
+    result = {**result, **({"guard": old["guard"]} if "guard" in old else {})}
+    write_scores(result, Path(row["scores"]), console)
+    return result
+
+
+def table_next_command(best: dict, generation: dict) -> str:
+    """The test-file command for the best checkpoint, with the generation flags the table was scored with."""
+    flags = settings_flags({k: v for k, v in generation.items() if k != "limit"}, asdict(InferSettings()))
+    return shell_command("python", "infer.py", "--model", best["path"], "--input", "data/일상대화요약_test.json", *flags)
+
+
+def check_table_retry(cfg: InferSettings, earlier: dict, table_path: Path) -> None:
+    if (cfg.retry_empty or cfg.regenerate_flagged) and earlier["generation"] is None:
+        raise UserError(f"{table_path}: no earlier table of this input to retry; run the table first "
+                        "(the same command without --retry_empty / --regenerate_flagged)")
+
+
+def checkpoint_row(cfg: InferSettings, model_dir: Path, base: Path, rows: list[dict], earlier: dict, generation: dict,
+                   references: dict[str, str], console) -> dict:
+    """One checkpoint's row: reused from its twin (same weights), kept or rescored from an earlier run's predictions
+    file, the earlier file retried (--retry_empty / --regenerate_flagged), or generated and scored."""
+    output = base.with_name(f"{base.stem}.{model_dir.name}{base.suffix}")
+    scores_path = output.with_name(f"{output.stem}.scores.json")
+    row = {"checkpoint": model_dir.name, "path": str(model_dir), **training_facts(model_dir),
+           "weights_sha256": weights_sha256(model_dir), "predictions": str(output), "scores": str(scores_path),
+           "generation": generation}
+    twin = next((done for done in rows if row["weights_sha256"] and done["weights_sha256"] == row["weights_sha256"]),
+                None)
+    previous = earlier["rows"].get(model_dir.name, {})
+    retry = cfg.retry_empty or cfg.regenerate_flagged
+    if twin:
+        console.print(f"{model_dir.name}: the same weights as {twin['checkpoint']}; its scores are reused")
+        shared = ("predictions", "scores", "error", *METRIC_COLUMNS, "score", "score_of", "metric_settings",
+                  "generation")
+        return {**row, **{key: twin.get(key) for key in shared}, "same_weights_as": twin["checkpoint"]}
+    if not retry and reusable_predictions(previous, row, generation):
+        wanted = {name: settings for name, settings in metric_settings(cfg).items() if name in cfg.metrics}
+        valid, compute = metrics_to_rescore(previous, wanted, set(metric_scorers(cfg, console)[0]))
+        if not compute and valid == set(previous.get("metric_settings", {})):
+            console.print(f"{model_dir.name}: finished by an earlier run ({output}); kept")
+            return previous
+        console.print(f"{model_dir.name}: predictions kept from an earlier run ({output}); "
+                      f"scoring {', '.join(sorted(compute)) or 'again'}")
+        return {**previous, **scores_row(rescore_checkpoint(row, references, cfg, valid, console))}
+    console.rule(f"[bold]{model_dir.name}")
+    if retry:  # the file keeps the settings it was generated with; main records each retried item's own
+        row["generation"] = previous.get("generation", generation)
+    try:
+        main(dataclasses.replace(cfg, model=str(model_dir), output=str(output), scores_file=str(scores_path), eval=True,
+                                 overwrite=True))
+        row.update(scores_row(read_json(scores_path)))
+    except UserError as err:  # e.g. an early checkpoint that writes empty summaries: the others still count
+        console.print(f"[red]{model_dir.name} failed: {err}")
+        row["error"] = str(err)
+    free_accelerator_memory()
+    return row
 
 
 def checkpoint_table(cfg: InferSettings, console) -> None:
     """`--model RUN_DIR`: generate and score every complete checkpoint and final/ on a file with references, one
-    predictions file each, and rank them by the competition score. A rerun keeps every finished checkpoint (and
-    main's partial file keeps the finished items of the one in flight)."""
+    predictions file each, and rank them by the competition score. A rerun keeps every predictions file made with
+    the same generation settings (rescoring it when only the metrics changed or one was missing), and main's
+    partial file keeps the finished items of the checkpoint in flight."""
     run_dir = Path(cfg.model)
     models = run_models(run_dir)
     if not models:
@@ -381,39 +504,24 @@ def checkpoint_table(cfg: InferSettings, console) -> None:
                         "scores: the input needs every reference 'output' (use the dev file)")
     base = Path(cfg.output) if cfg.output else default_output(cfg.input, "references", None)
     table_path = base.with_name(f"{base.stem}.checkpoints.json")
-    settings = {"input_sha256": file_sha256(cfg.input), **{key: value for key, value in asdict(cfg).items() if key in TABLE_SETTINGS}}
-    earlier = read_table(table_path, settings)
+    input_sha256 = file_sha256(cfg.input)
+    earlier = read_table(table_path, input_sha256)
+    check_table_retry(cfg, earlier, table_path)
+    generation = earlier["generation"] if cfg.retry_empty or cfg.regenerate_flagged else table_generation(cfg)
+    console.rule("loading the metrics' models")  # a scorer that cannot work stops the table before any generation
+    metric_scorers(cfg, console)
     console.rule(f"[bold]{len(models)} checkpoints of {run_dir}: {', '.join(path.name for path in models)}")
 
+    references = {record["id"]: record["output"] for record in records}
     rows: list[dict] = []
     for model_dir in models:
-        output = base.with_name(f"{base.stem}.{model_dir.name}{base.suffix}")
-        scores_path = output.with_name(f"{output.stem}.scores.json")
-        row = {"checkpoint": model_dir.name, "path": str(model_dir), **training_facts(model_dir),
-               "weights_sha256": weights_sha256(model_dir), "predictions": str(output), "scores": str(scores_path)}
-        twin = next((done for done in rows if row["weights_sha256"] and done["weights_sha256"] == row["weights_sha256"]), None)
-        previous = earlier.get(model_dir.name, {})
-        if twin:
-            console.print(f"{model_dir.name}: the same weights as {twin['checkpoint']}; its scores are reused")
-            row.update({key: twin.get(key) for key in ("predictions", "scores", "error", *METRIC_COLUMNS, "score", "score_of")},
-                       same_weights_as=twin["checkpoint"])
-        elif (previous.get("weights_sha256") == row["weights_sha256"] and previous.get("score") is not None
-              and output.is_file() and scores_path.is_file()):
-            console.print(f"{model_dir.name}: finished by an earlier run ({output}); kept")
-            row = previous
-        else:
-            console.rule(f"[bold]{model_dir.name}")
-            try:
-                main(dataclasses.replace(cfg, model=str(model_dir), output=str(output), scores_file=str(scores_path), eval=True, overwrite=True))
-                row.update(scores_row(read_json(scores_path)))
-            except UserError as err:  # e.g. an early checkpoint that writes empty summaries: the others still count
-                console.print(f"[red]{model_dir.name} failed: {err}")
-                row["error"] = str(err)
-            free_accelerator_memory()
-        rows.append(row)
-        kept = {name: old for name, old in earlier.items() if name not in {done["checkpoint"] for done in rows}}
-        write_text_atomic(table_path, json.dumps({"settings": settings, "rows": rows + list(kept.values()),
-                                                  "best": (best_row(rows) or {}).get("checkpoint")}, ensure_ascii=False, indent=2) + "\n")
+        rows.append(checkpoint_row(cfg, model_dir, base, rows, earlier, generation, references, console))
+        kept = [old for name, old in earlier["rows"].items() if name not in {done["checkpoint"] for done in rows}]
+        table = {"input_sha256": input_sha256, "generation": generation, "rows": rows + kept,
+                 "best": (best_row(rows) or {}).get("checkpoint")}
+        write_text_atomic(table_path, json.dumps(table, ensure_ascii=False, indent=2) + "\n")
+
+    from rich.markup import escape
 
     best = best_row(rows)
     console.rule("[bold]checkpoint table")
@@ -421,9 +529,8 @@ def checkpoint_table(cfg: InferSettings, console) -> None:
     console.print(f"table -> {table_path}")
     if best is None:
         raise UserError(f"{run_dir}: no checkpoint could be scored (see the errors above)")
-    console.print(f"best by {score_label(rows)}: [bold]{best['checkpoint']}[/bold] ({100 * best['score']:.2f}); "
-                  f"next: python infer.py --model {best['path']} --input data/일상대화요약_test.json")
-
+    console.print(f"best by {score_label(rows)}: [bold]{best['checkpoint']}[/bold] ({100 * best['score']:.2f}); next: "
+                  + escape(table_next_command(best, generation)), soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +614,37 @@ def score_only(cfg: InferSettings, console) -> None:
 
 def metric_models(cfg: InferSettings) -> MetricModels:
     return MetricModels(cfg.bertscore_model, cfg.bertscore_layers, cfg.bleurt_model)
+
+
+LOADED_SCORERS: dict[tuple, tuple[dict, dict]] = {}  # a checkpoint table loads the metrics' models once, for all
+
+
+def metric_scorers(cfg: InferSettings, console) -> tuple[dict, dict]:
+    """(scorers of --metrics, {metric: why it was skipped}), loaded on first use; a setting no model can take
+    (--bertscore_layers beyond the model's) ends the run here."""
+    key = (tuple(name for name in KNOWN_METRICS if name in cfg.metrics), metric_models(cfg))
+    if key not in LOADED_SCORERS:
+        LOADED_SCORERS[key] = load_scorers(list(key[0]), key[1], console)
+    return LOADED_SCORERS[key]
+
+
+def settings_flags(values: dict, defaults: dict) -> list[str]:
+    """The command-line flags that set `values` where they differ from `defaults` (None: left to the default)."""
+    flags: list[str] = []
+    for key, value in values.items():
+        if value is None or value == defaults.get(key):
+            continue
+        if isinstance(value, bool):
+            flags.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            flags += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+    return flags
+
+
+def infer_command(cfg: InferSettings, **changes) -> str:
+    """This run's command line (every flag it set), with `changes`: a next step to paste as it is."""
+    flags = settings_flags(asdict(dataclasses.replace(cfg, **changes)), asdict(InferSettings()))
+    return shell_command("python", "infer.py", *flags)
 
 
 def selection_scorers(cfg: InferSettings, console, with_references: bool) -> tuple[dict, dict, dict]:
@@ -709,6 +847,8 @@ def main(cfg: InferSettings) -> None:
         console.print(f"[yellow]{model_name}: no run_config.json, so the default prompt is used (no system prompt, no input cleaning)")
     console.print(f"{len(records)} records from {cfg.input}" + (f" ({dropped} empty utterances ignored)" if dropped else ""))
     console.print(f"{mode_line(kind, evaluate, records)} -> {output}")
+    if evaluate:  # a metric setting that cannot work stops the run before any generation
+        metric_scorers(cfg, console)
     rows, todo, generation = plan_generation(cfg, records, raw_records, output, partial, fingerprint, band, console)
     # The candidates of --num_samples belong to one model, prompt, generation and sampling setting.
     sampling = {**fingerprint, **generation, "num_samples": cfg.num_samples, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
@@ -798,11 +938,17 @@ def main(cfg: InferSettings) -> None:
     malformed = [i for i in ids if rows.get(i, {}).get("malformed_structure") and rows[i]["output"] == outputs[i]]
     flag_malformed_structure(guard, malformed)
     flagged_penalty = max((rows.get(i, {}).get("repetition_penalty", 1.0) for i in guard["flagged"]), default=1.0)
-    print_guard(guard, console, next_repetition_penalty(flagged_penalty))
+    # --regenerate_flagged redoes greedy summaries: after --num_samples the command that runs drops the sampling.
+    unsampled = {key: getattr(InferSettings, key) for key in ("num_samples", "temperature", "top_p", "seed")}
+    retry = infer_command(cfg, **unsampled, regenerate_flagged=True,
+                          repetition_penalty=next_repetition_penalty(flagged_penalty)) if cfg.num_samples else None
+    print_guard(guard, console, next_repetition_penalty(flagged_penalty), retry)
     summary = {key: guard[key] for key in ("band_chars", "band_source", "flagged")}
     if evaluate:
         console.rule("scoring against the input's outputs")
-        result = score_predictions(ids, texts, [r["output"] for r in records], cfg.metrics, console, metric_models(cfg))
+        scorers, skipped = metric_scorers(cfg, console)
+        result = score_with(scorers, skipped, ids, texts, [r["output"] for r in records])
+        result["metric_settings"] = {name: metric_settings(cfg)[name] for name in result["computed"]}
         print_scores(result, console)
         for item in result["items"]:
             item["guard"] = guard["flags"][item["id"]]
@@ -811,7 +957,13 @@ def main(cfg: InferSettings) -> None:
         # Not scores.json: a test run must not replace the dev run's scores next to it.
         items = [{"id": i, "pred_chars": len(text), "guard": guard["flags"][i]} for i, text in zip(ids, texts)]
         write_scores({"guard": summary, "items": items}, Path(cfg.scores_file or output.with_name(f"{output.stem}.guard.json")), console)
-        console.print(f"next: upload {output}, or score a dev run with python infer.py --input data/일상대화요약_dev.json --output dev_pred.json")
+        if limit:  # a partial file is never a submission: the next step is the full run
+            full_run = infer_command(cfg, limit=None, overwrite=False)
+            console.print(f"next: the full run, {full_run}", markup=False, soft_wrap=True)
+        else:
+            dev_run = infer_command(cfg, input="data/일상대화요약_dev.json", output="dev_pred.json", limit=None)
+            console.print(f"next: upload {shell_command(output)}, or score a dev run with {dev_run}", markup=False,
+                          soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -123,6 +124,11 @@ def build_parser(settings_cls: type, description: str) -> argparse.ArgumentParse
 def parse_settings(settings_cls: type, argv: list[str] | None, description: str) -> Any:
     args = build_parser(settings_cls, description).parse_args(argv)
     return settings_cls(**vars(args))
+
+
+def shell_command(*words: Any) -> str:
+    """A command to print for copying: each word shell-quoted, so a path with a space still pastes as one."""
+    return " ".join(shlex.quote(str(word)) for word in words)
 
 
 def run_cli(main_fn, settings: Any) -> None:
@@ -991,8 +997,8 @@ def main(cfg: PrepSettings) -> None:
             length_table.add_row(name, *(str(values[k]) for k in ("p50", "p90", "p99", "max")))
     console.print(length_table)
     console.print(f"wrote {len(train_rows)} train and {len(dev_rows)} dev rows, stats.json and lengths.png to {out}/ in {time.time() - started:.1f}s")
-    data_flag = "" if Path(cfg.out) == Path(PrepSettings.out) else f" --data {cfg.out}"  # train.py reads data/prepared by default
-    console.print(f"next: python train.py{data_flag}")
+    data_flag = [] if Path(cfg.out) == Path(PrepSettings.out) else ["--data", cfg.out]  # train.py's default data
+    console.print(f"next: {shell_command('python', 'train.py', *data_flag)}", markup=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -265,10 +265,23 @@ def load_scorers(metrics: list[str], models: MetricModels, console) -> tuple[dic
     return scorers, skipped
 
 
-def score_with(scorers: dict[str, Scorer], skipped: dict[str, str], ids: list[str], predictions: list[str], references: list[str]) -> dict:
-    """Per-item and mean scores from loaded scorers; "final" (overall and per item) is the leaderboard's mean,
-    present only when all three metrics ran."""
-    per_metric = {name: scorer(predictions, references) for name, scorer in scorers.items()}
+def score_with(scorers: dict[str, Scorer], skipped: dict[str, str], ids: list[str], predictions: list[str],
+               references: list[str], known: dict[str, list[float]] | None = None) -> dict:
+    """Per-item and mean scores from loaded scorers and the per-item values `known` from an earlier scoring of the
+    same predictions; "final" (overall and per item) is the leaderboard's mean, present only when all three metrics ran.
+    A metric that fails while scoring (out of memory, say) is skipped with the reason: the others still count."""
+    known = known or {}
+    skipped = {name: reason for name, reason in skipped.items() if name not in known}
+    per_metric = {}
+    for name in (m for m in KNOWN_METRICS if m in scorers or m in known):
+        if name in known:
+            per_metric[name] = known[name]
+            continue
+        try:
+            per_metric[name] = scorers[name](predictions, references)
+        except (UserError, RuntimeError, ValueError, OSError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            skipped[name] = f"failed while scoring ({type(err).__name__}: {first_line})"
     means = {name: sum(values) / len(values) for name, values in per_metric.items()}
     complete = set(means) == set(KNOWN_METRICS)
     items = [

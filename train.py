@@ -56,6 +56,7 @@ from prep import (
     is_complete_checkpoint,
     parse_jsonl,
     read_json,
+    shell_command,
     write_text_atomic,
 )
 
@@ -343,6 +344,11 @@ def interrupted_message(output_dir: Path, how: str = "interrupted") -> str:
     if checkpoint is None:
         return f"{how} before the first checkpoint: nothing was saved in {output_dir}; the same command starts over"
     return f"{how}: {checkpoint} is saved; run the same command again to resume from it"
+
+
+def infer_command(model: Path, input_file: str) -> str:
+    """The infer.py command for `model`, shell-quoted: a path with a space pastes as one word."""
+    return shell_command("python", "infer.py", "--model", model, "--input", input_file)
 
 
 def merge_space_problem(need_bytes: int, free_bytes: int | None, where: Path) -> str | None:
@@ -695,6 +701,7 @@ def main(cfg: TrainSettings) -> None:
     check_environment()
     filter_known_noise()
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console()
     started = time.time()
@@ -809,8 +816,10 @@ def main(cfg: TrainSettings) -> None:
     if on_gpu:
         console.print(f"peak GPU memory {torch.cuda.max_memory_reserved() / 2**30:.1f} GiB on {device}"
                       + (" (rank 0's card; each process has its own)" if world_size > 1 else ""))
-    console.print(f"compare the checkpoints on dev: [bold]python infer.py --model {output_dir} --input data/일상대화요약_dev.json[/bold]")
-    console.print(f"next: [bold]python infer.py --model {output_dir / 'final'} --input data/일상대화요약_test.json[/bold]")
+    compare = escape(infer_command(output_dir, "data/일상대화요약_dev.json"))
+    console.print(f"compare the checkpoints on dev: [bold]{compare}[/bold]", soft_wrap=True)
+    console.print(f"next: [bold]{escape(infer_command(output_dir / 'final', 'data/일상대화요약_test.json'))}[/bold]",
+                  soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -892,6 +901,7 @@ def merge_main(cfg: MergeSettings) -> None:
     check_environment()
     filter_known_noise()
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console()
     adapters = [read_adapter_folder(path) for path in cfg.adapters]
@@ -928,7 +938,7 @@ def merge_main(cfg: MergeSettings) -> None:
     for path, weight, (adapter, _) in zip(cfg.adapters, weights, adapters):
         console.print(f"{path}: rank {adapter.get('r')}, weight {weight:g}")
     console.print(f"merged adapter (rank {rank}), tokenizer and run_config.json -> {output_dir}")
-    console.print(f"next: [bold]python infer.py --model {output_dir} --input data/일상대화요약_dev.json[/bold]")
+    console.print(f"next: [bold]{escape(infer_command(output_dir, 'data/일상대화요약_dev.json'))}[/bold]", soft_wrap=True)
 
 
 def cli(argv: list[str] | None = None) -> None:

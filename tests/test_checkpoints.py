@@ -9,7 +9,9 @@ Generation loads the base in 16 bit and stops after 48 new tokens, for speed.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,8 @@ import pytest
 import generate
 import infer
 from conftest import assert_one_line_error, run_script
-from score import rouge1_scores
+from score import rouge1_scores, score_with
+from test_score import tiny_bert_dir  # noqa: F401  (a fixture: a 3-layer BERT for BERTScore)
 
 TABLE_FLAGS = ["--no-load_in_4bit", "--max_new_tokens", "48", "--batch_size", "4", "--metrics", "rouge1"]
 EARLY, LAST = "checkpoint-20", "checkpoint-60"
@@ -47,8 +50,10 @@ def table_run(memorized_run, memorized_input, tmp_path_factory) -> dict:
     cwd.mkdir()
     for name in (EARLY, LAST, "final"):
         shutil.copytree(memorized_run["run"] / name, run / name)
+    started = time.perf_counter()
     result = run_script(["infer.py", "--model", run, "--input", memorized_input, *TABLE_FLAGS], cwd=cwd)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    print(f"first table run: {time.perf_counter() - started:.1f} s")
     return {"run": run, "cwd": cwd, "result": result, "table": read(cwd / "memorized_pred.checkpoints.json")}
 
 
@@ -107,7 +112,11 @@ def test_table_ranks_the_memorized_checkpoint_above_the_early_one(table_run, mem
         assert rows[name]["rouge1"] == pytest.approx(sum(rouge1_scores(predictions, references)) / len(references))
     out = table_run["result"].stdout
     assert "checkpoints (scores x100)" in out and "final (= checkpoint-60)" in out
-    assert f"best by mean of rouge1: {LAST}" in out and f"python infer.py --model {table_run['run'] / LAST}" in out
+    assert f"best by mean of rouge1: {LAST}" in out
+    # The next step keeps the generation flags the table was scored with (issue 17 item 4).
+    next_line = next(line for line in out.splitlines() if "next: " in line).split("next: ", 1)[1]
+    assert shlex.split(next_line) == ["python", "infer.py", "--model", str(table_run["run"] / LAST),
+                                      "--input", "data/일상대화요약_test.json", "--max_new_tokens", "48", "--no-load_in_4bit"]
 
 
 def test_best_checkpoint_is_the_highest_score_and_a_tie_goes_to_the_earlier():
@@ -132,6 +141,98 @@ def test_table_rerun_keeps_finished_checkpoints(table_run, memorized_input):
     assert "loading model" not in result.stdout
     assert {path.name: path.read_bytes() for path in cwd.glob("memorized_pred.checkpoint-*")} == before
     assert read(cwd / "memorized_pred.checkpoints.json")["best"] == LAST
+
+
+def copy_table_work(table_run, tmp_path: Path) -> Path:
+    """The first table's folder (predictions, scores, table), to rerun in without touching the module's."""
+    work = tmp_path / "work"
+    shutil.copytree(table_run["cwd"], work)
+    return work
+
+
+def predictions_bytes(cwd: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in cwd.glob("memorized_pred.checkpoint-*.json") if ".scores" not in path.name}
+
+
+def test_table_rescores_without_generating_when_only_the_metrics_change(table_run, memorized_input, tiny_bert_dir,
+                                                                         tmp_path):
+    """Issue 17 items 1 and 3: a BERTScore model that cannot be loaded, then one that can: both reruns keep every
+    predictions file; the second fills BERTScore in and keeps ROUGE-1's values."""
+    cwd = copy_table_work(table_run, tmp_path)
+    before, first = predictions_bytes(cwd), {row["checkpoint"]: row for row in table_run["table"]["rows"]}
+    flags = [*TABLE_FLAGS[:-2], "--metrics", "rouge1", "bertscore", "--bertscore_layers", "2"]
+    offline = run_script(["infer.py", "--model", table_run["run"], "--input", memorized_input, *flags,
+                          "--bertscore_model", tmp_path / "no such model"], cwd=cwd)
+    assert offline.returncode == 0, offline.stdout[-3000:] + offline.stderr[-3000:]
+    assert "bertscore skipped" in offline.stdout and "loading model" not in offline.stdout
+    assert f"{EARLY}: finished by an earlier run" in offline.stdout
+
+    started = time.perf_counter()
+    result = run_script(["infer.py", "--model", table_run["run"], "--input", memorized_input, *flags,
+                         "--bertscore_model", tiny_bert_dir], cwd=cwd)
+    print(f"rescore-only rerun: {time.perf_counter() - started:.1f} s")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "loading model" not in result.stdout and f"{EARLY}: predictions kept from an earlier run" in result.stdout
+    assert predictions_bytes(cwd) == before
+    rows = {row["checkpoint"]: row for row in read(cwd / "memorized_pred.checkpoints.json")["rows"]}
+    for name in (EARLY, LAST, "final"):
+        assert rows[name]["rouge1"] == first[name]["rouge1"] and rows[name]["bertscore"] is not None
+        assert rows[name]["score"] == pytest.approx((rows[name]["rouge1"] + rows[name]["bertscore"]) / 2)
+    scores = read(cwd / f"memorized_pred.{LAST}.scores.json")
+    assert scores["computed"] == ["bertscore", "rouge1"] and all("guard" in item for item in scores["items"])
+    assert "best by mean of bertscore, rouge1" in result.stdout
+
+
+def test_a_retry_of_the_table_applies_to_each_checkpoints_file(table_run, memorized_input, tmp_path):
+    """Issue 17 item 1: the retry the table suggests regenerates only empty summaries in each file, and a plain
+    rerun afterwards keeps every checkpoint (it used to regenerate them all)."""
+    cwd = copy_table_work(table_run, tmp_path)
+    before = predictions_bytes(cwd)
+    args = ["infer.py", "--model", table_run["run"], "--input", memorized_input, *TABLE_FLAGS]
+    retry = run_script([*args, "--retry_empty", "--repetition_penalty", "1.1"], cwd=cwd)
+    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+    assert "--retry_empty: regenerating 0 of 4 summaries" in retry.stdout and "loading model" not in retry.stdout
+    plain = run_script(args, cwd=cwd)
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    assert f"{EARLY}: finished by an earlier run" in plain.stdout and "loading model" not in plain.stdout
+    assert predictions_bytes(cwd) == before
+
+
+def test_table_checks_the_scorers_before_generating(table_run, memorized_input, tiny_bert_dir, tmp_path):
+    """Issue 17 item 2: a BERTScore layer the model lacks ends the table before any checkpoint generates."""
+    result = run_script(["infer.py", "--model", table_run["run"], "--input", memorized_input, *TABLE_FLAGS[:-2],
+                         "--metrics", "rouge1", "bertscore", "--bertscore_model", tiny_bert_dir,
+                         "--bertscore_layers", "9"], cwd=tmp_path)
+    assert_one_line_error(result, "--bertscore_layers 9", "has layers 1..3")
+    assert "loading model" not in result.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_a_metric_that_fails_while_scoring_costs_that_metric_only():
+    def out_of_memory(hypotheses: list[str], references: list[str]) -> list[float]:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    result = score_with({"rouge1": rouge1_scores, "bertscore": out_of_memory}, {}, ["a"], ["오늘 날씨가 좋다"], ["오늘 날씨가 좋다"])
+    assert result["means"] == {"rouge1": 1.0} and result["mean_of_computed"] == 1.0
+    reason = "failed while scoring (RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB)"
+    assert result["skipped"] == {"bertscore": reason}
+    kept = score_with({"rouge1": rouge1_scores}, {"bleurt": "offline"}, ["a"], ["x"], ["y"], known={"bleurt": [0.25]})
+    assert kept["means"] == {"rouge1": 0.0, "bleurt": 0.25} and kept["skipped"] == {}
+
+
+def test_a_table_an_older_infer_wrote_keeps_its_predictions(tmp_path):
+    """Tables from before issue 17 held one "settings" for all rows: their rows are read with those settings."""
+    settings = {"input_sha256": "abc", "limit": None, "max_new_tokens": 48, "repetition_penalty": None,
+                "max_seq_length": None, "load_in_4bit": False, "metrics": ["rouge1"], "bertscore_model": "bert",
+                "bertscore_layers": 9, "bleurt_model": "bleurt", "num_samples": 0, "temperature": 0.7, "top_p": 0.95,
+                "seed": 42}
+    path = tmp_path / "pred.checkpoints.json"
+    rows = [{"checkpoint": EARLY, "score_of": ["rouge1"]}]
+    path.write_text(json.dumps({"settings": settings, "rows": rows}), encoding="utf-8")
+    table = infer.read_table(path, "abc")
+    assert table["generation"] == infer.table_generation(infer.InferSettings(max_new_tokens=48, load_in_4bit=False))
+    assert table["rows"][EARLY]["metric_settings"] == {"rouge1": {}}
+    assert table["rows"][EARLY]["generation"] == table["generation"]
+    assert infer.read_table(path, "another input") == {"generation": None, "rows": {}}
 
 
 def test_table_needs_references(table_run, tmp_path, repo_root):
