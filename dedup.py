@@ -347,3 +347,13 @@ def leaks_then_near_duplicates(texts: list[str], dialogues: list[list[str]], thr
     keep = np.zeros(len(texts), dtype=bool)
     keep[survivors] = keep_first_of_near_duplicates([texts[k] for k in survivors], threshold, on_duplicate_progress)
     return matched, shares, keep
+
+
+def row_outcomes(labels: list[tuple[str, int]], dialogue_ids: list[str], matched: np.ndarray, shares: np.ndarray,
+                 keep: np.ndarray) -> tuple[list[dict], list[str]]:
+    """leaks_then_near_duplicates' verdicts in words, for rows labelled (source, row number): every leak as
+    {source, row, matched: the held-out dialogue's id, share}, and each row's outcome: kept, leak or duplicate."""
+    leaks = [{"source": source, "row": row, "matched": dialogue_ids[m], "share": round(float(share), 3)}
+             for (source, row), m, share in zip(labels, matched, shares) if m >= 0]
+    outcomes = ["kept" if kept else "leak" if m >= 0 else "duplicate" for m, kept in zip(matched, keep)]
+    return leaks, outcomes

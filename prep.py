@@ -42,7 +42,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from dedup import LEAK_MIN_SHARE, LEAK_MIN_STRETCH, leaks_then_near_duplicates
+from dedup import LEAK_MIN_SHARE, LEAK_MIN_STRETCH, leaks_then_near_duplicates, row_outcomes
 from targets import (STRUCTURED_INSTRUCTION, TARGET_FORMATS, clean_records, drop_middle_utterances, fewest_middle_cuts,
                      format_target, name_ids, target_change_lines, unify_records)
 
@@ -794,15 +794,16 @@ def write_outputs(out: Path, files: dict[str, Any]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def summary_table(counts: dict[str, dict[str, int]]) -> Any:
+def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Any:
+    """A titled table: the first column names the row, the others hold right-aligned figures."""
     from rich.table import Table
 
-    table = Table(title="rows per source and stage", title_justify="left")
-    table.add_column("stage")
-    for source in counts:
-        table.add_column(source, justify="right", overflow="fold")
-    for stage in STAGES:
-        table.add_row(stage, *(str(stage_counts[stage]) for stage_counts in counts.values()))
+    table = Table(title=title, title_justify="left")
+    table.add_column(header[0])
+    for name in header[1:]:
+        table.add_column(name, justify="right", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
@@ -813,16 +814,12 @@ def main(cfg: PrepSettings) -> None:
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
-    started = time.time()
-    console = Console(highlight=False)
+    started, console = time.time(), Console(highlight=False)
     check_settings(cfg)
     console.rule("[bold]prep.py")
-    settings_table = Table(title="settings", show_header=False, title_justify="left")
-    for f in dataclasses.fields(cfg):
-        settings_table.add_row(f.name, str(getattr(cfg, f.name)))
-    console.print(settings_table)
+    console.print(rich_table("settings", ["setting", "value"], [[f.name, str(getattr(cfg, f.name))]
+                                                                 for f in dataclasses.fields(cfg)]))
     counts: dict[str, dict[str, int]] = {}
 
     def new_counts(source: str) -> dict[str, int]:
@@ -896,15 +893,14 @@ def main(cfg: PrepSettings) -> None:
             on_progress = [functools.partial(progress.advance, progress.add_task(task, total=len(texts)))
                            for task in ("leak check", "near-duplicates")]
             matched, shares, keep = leaks_then_near_duplicates(texts, dialogues, cfg.dedup_threshold, *on_progress)
-        leaks = [{"source": row.source, "row": int(row.id.rsplit(":", 1)[1]), "matched": dialogue_ids[m],
-                  "share": round(float(share), 3)} for row, m, share in zip(extras, matched, shares) if m >= 0]
-        for row, m, kept in zip(extras, matched, keep):
-            counts[row.source]["leak" if m >= 0 else "duplicate"] += not kept
-        n_duplicates = len(extras) - len(leaks) - int(keep.sum())
-        extras = [row for row, kept in zip(extras, keep) if kept]
+        labels = [(row.source, int(row.id.rsplit(":", 1)[1])) for row in extras]
+        leaks, outcomes = row_outcomes(labels, dialogue_ids, matched, shares, keep)
+        for row, outcome in zip(extras, outcomes):
+            counts[row.source][outcome] += outcome != "kept"
+        extras = [row for row, outcome in zip(extras, outcomes) if outcome == "kept"]
         named = [f"{leak['source']} row {leak['row']} = {leak['matched']} ({leak['share']:.0%})" for leak in leaks]
         console.print(f"removed {len(leaks)} rows carrying a dev/test dialogue{name_ids(named)}; "
-                      f"{n_duplicates} near-duplicates (3-gram Jaccard >= {cfg.dedup_threshold})", soft_wrap=True)
+                      f"{outcomes.count('duplicate')} near-duplicates (3-gram Jaccard >= {cfg.dedup_threshold})", soft_wrap=True)
 
     console.rule("length policy")
     tokenizer, length_method = load_tokenizer(cfg.tokenizer)
@@ -987,15 +983,11 @@ def main(cfg: PrepSettings) -> None:
             "augmentation": [r for r in train_rows if r.source not in competition_sources],
         }),
     })
-    console.print(summary_table(counts))
-    length_table = Table(title="lengths (train rows)", title_justify="left")
-    length_table.add_column("measure")
-    for key in ("p50", "p90", "p99", "max"):
-        length_table.add_column(key, justify="right")
-    for name, values in lengths.items():
-        if values:
-            length_table.add_row(name, *(str(values[k]) for k in ("p50", "p90", "p99", "max")))
-    console.print(length_table)
+    console.print(rich_table("rows per source and stage", ["stage", *counts],
+                             [[stage, *(str(source[stage]) for source in counts.values())] for stage in STAGES]))
+    keys = ["p50", "p90", "p99", "max"]
+    console.print(rich_table("lengths (train rows)", ["measure", *keys],
+                             [[name, *(str(values[k]) for k in keys)] for name, values in lengths.items() if values]))
     console.print(f"wrote {len(train_rows)} train and {len(dev_rows)} dev rows, stats.json and lengths.png to {out}/ in {time.time() - started:.1f}s")
     data_flag = [] if Path(cfg.out) == Path(PrepSettings.out) else ["--data", cfg.out]  # train.py's default data
     console.print(f"next: {shell_command('python', 'train.py', *data_flag)}", markup=False, soft_wrap=True)
