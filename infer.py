@@ -566,7 +566,8 @@ def select_only(cfg: InferSettings, console) -> None:
     ids = [record["id"] for record in records]
     check_empty_candidates(cfg.select, ids, candidates, console)
     references = pair_by_id(records, ref_records, cfg.select[0], cfg.ref)[2] if cfg.ref else None
-    console.rule(f"selecting among {len(cfg.select)} files ({len(ids)} records)" + (f", in {cfg.ref}'s order" if cfg.ref else ""))
+    in_order = f", in {cfg.ref}'s order" if cfg.ref else ""
+    console.rule(f"selecting among {len(cfg.select)} files ({len(ids)} records){in_order}")
     scorers, skipped, agreement = selection_scorers(cfg, console, with_references=references is not None)
     chosen, _ = select_candidates(candidates, agreement)
     raw_by_id = {record["id"]: record for record in read_json(cfg.select[0])}
