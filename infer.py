@@ -60,6 +60,7 @@ from generate import (
     open_engine,
     read_run_config,
     resolve_model,
+    run_config_source,
     shorten_to_fit,
     trained_clean_inputs,
     trained_system_prompt,
@@ -722,6 +723,9 @@ def main(cfg: InferSettings) -> None:
     console.print(table)
     if not run_config and Path(model_name).is_dir():
         console.print(f"[yellow]{model_name}: no run_config.json, so the default prompt is used (no system prompt, no input cleaning)")
+    elif Path(model_name).is_dir() and run_config_source(Path(model_name)) != Path(model_name):
+        console.print(f"[yellow]{model_name}: no run_config.json, so its run's {run_config_source(Path(model_name))} "
+                      "gives the prompt settings (as train.py merge does)")
     console.print(f"{len(records)} records from {cfg.input}" + (f" ({dropped} empty utterances ignored)" if dropped else ""))
     console.print(f"{mode_line(kind, evaluate, records)} -> {output}")
     rows, todo, generation = plan_generation(cfg, records, raw_records, output, partial, fingerprint, band, console)

@@ -16,7 +16,7 @@ import pytest
 
 import generate
 import infer
-from conftest import assert_one_line_error, run_script
+from conftest import MEMORIZE_FLAGS, assert_one_line_error, run_script
 from score import rouge1_scores
 
 TABLE_FLAGS = ["--no-load_in_4bit", "--max_new_tokens", "48", "--batch_size", "4", "--metrics", "rouge1"]
@@ -166,6 +166,49 @@ def test_merged_cat_with_weights_1_0_regenerates_the_first_adapter(table_run, me
     assert outputs(tmp_path / "merged_pred.json") == first
 
 
+def lora_updates(adapter_dir: Path) -> dict:
+    """Each module's LoRA update delta-W = scaling x B @ A (float64), from the saved adapter alone."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = read(adapter_dir / "adapter_config.json")
+    scaling = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
+    tensors = {k: v.double() for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
+    return {key.replace(".lora_A.weight", ""): scaling * torch.matmul(tensors[key.replace("lora_A", "lora_B")], a)
+            for key, a in tensors.items() if key.endswith(".lora_A.weight")}
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "linear", "ties", "dare_ties", "dare_linear"])
+def test_merging_copies_of_one_adapter_with_default_weights_gives_that_adapter(memorized_run, tmp_path, method):
+    """PEFT 0.21.2 weighs the methods differently (linear / dare_linear sum sqrt(w)-scaled factors, ties /
+    dare_ties average them): with the default weights, n copies of one adapter must give that adapter's update
+    back for every method (density 1: nothing pruned, so the copies are exactly one adapter)."""
+    final = memorized_run["run"] / "final"
+    copies = [shutil.copytree(final, tmp_path / name) for name in ("a", "b", "c")]
+    density = ["--density", "1"] if method in ("ties", "dare_ties", "dare_linear") else []
+    result = run_script(["train.py", "merge", "--adapters", *copies, "--method", method, *density,
+                         "--output_dir", tmp_path / "merged"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    original, merged = lora_updates(final), lora_updates(tmp_path / "merged")
+    assert original.keys() == merged.keys()
+    for key, update in original.items():
+        ratio = float((merged[key] * update).sum() / (update * update).sum())  # the share of the update merged back
+        assert abs(ratio - 1) < 0.02, f"{method}: {key}: {ratio:.3f} x the adapter's update"
+        assert float((merged[key] - update).norm() / update.norm()) < 0.02, f"{method}: {key}"
+
+
+def test_dare_merges_repeat_with_one_seed_and_differ_with_another(memorized_run, tmp_path):
+    run = memorized_run["run"]
+    merge = ["train.py", "merge", "--adapters", run / "final", run / EARLY, "--method", "dare_linear",
+             "--density", "0.5"]
+    for name, seed in (("one", "1"), ("again", "1"), ("other", "2")):
+        result = run_script([*merge, "--seed", seed, "--output_dir", tmp_path / name], cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    weights = {name: (tmp_path / name / "adapter_model.safetensors").read_bytes() for name in ("one", "again", "other")}
+    assert weights["one"] == weights["again"] and weights["one"] != weights["other"]
+    assert read(tmp_path / "one" / "run_config.json")["merge"]["seed"] == 1
+
+
 def fake_adapter(path: Path, rank: int, base: str = "tiny") -> Path:
     path.mkdir(parents=True)
     (path / "adapter_config.json").write_text(json.dumps({"r": rank, "base_model_name_or_path": base}), encoding="utf-8")
@@ -194,6 +237,23 @@ def test_merge_refuses_other_bases_missing_density_and_an_existing_output(tmp_pa
     assert_one_line_error(run_script([*merge, a], cwd=tmp_path), "two or more --adapters")
     (tmp_path / "out").mkdir()
     assert_one_line_error(run_script([*merge, a, b], cwd=tmp_path), "out: exists", "--overwrite_output_dir")
+
+
+def test_merge_borrows_a_checkpoints_missing_settings_from_its_run_or_refuses(tmp_path):
+    """A checkpoint-N/ without run_config.json takes its run's (as infer.py does), so a system-prompt run is not merged
+    with a plain one unnoticed; an adapter whose settings cannot be found at all is refused."""
+    plain = fake_adapter(tmp_path / "plain", 8)
+    system = fake_adapter(tmp_path / "run" / "final", 8)
+    (system / "run_config.json").write_text(json.dumps({"system_prompt": True}), encoding="utf-8")
+    checkpoint = fake_adapter(tmp_path / "run" / "checkpoint-5", 8)
+    (checkpoint / "run_config.json").unlink()
+    merge = ["train.py", "merge", "--output_dir", tmp_path / "out", "--adapters"]
+    assert_one_line_error(run_script([*merge, plain, checkpoint], cwd=tmp_path), "system_prompt differs")
+    lonely = fake_adapter(tmp_path / "lonely" / "final", 8)
+    (lonely / "run_config.json").unlink()
+    assert_one_line_error(run_script([*merge, plain, lonely], cwd=tmp_path), f"--adapters {lonely}: no run_config.json",
+                          "prompt settings are unknown")
+    assert not (tmp_path / "out").exists()
 
 
 def test_merge_help_explains_the_rank_rules():
@@ -230,3 +290,4 @@ def test_a_folder_of_full_weights_without_run_config_loads_in_16_bit(tiny_model_
     result = run_script(["infer.py", "--model", tiny_model_dir, "--input", memorized_input, "--max_new_tokens", "8190"], cwd=tmp_path)
     assert last_line(result) == "error: --max_new_tokens 8190 leaves no room for the prompt in max_seq_length 8192"
     assert "4-bit = False" in result.stdout + result.stderr and "4-bit = True" not in result.stdout + result.stderr
+
