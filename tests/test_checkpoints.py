@@ -83,9 +83,11 @@ def test_a_checkpoint_without_run_config_borrows_its_runs(tmp_path):
             (run / name / "run_config.json").write_text(json.dumps(config), encoding="utf-8")
     assert generate.find_run_config(run / "checkpoint-6") == {"system_prompt": True, "global_step": 6}
     assert generate.find_run_config(run / "checkpoint-3") == {"system_prompt": True, "clean_inputs": True, "max_seq_length": 2048}
+    assert generate.run_config_source(run / "checkpoint-3") == run / "final"  # what infer.py and train.py merge name
     (run / "final" / "run_config.json").unlink()
     assert generate.find_run_config(run / "checkpoint-3") == {"system_prompt": True}
-    assert generate.find_run_config(tmp_path / "other") == {}
+    assert generate.run_config_source(run / "checkpoint-3") == run / "checkpoint-6"
+    assert generate.find_run_config(tmp_path / "other") == {} and generate.run_config_source(tmp_path / "other") is None
 
 
 # ---------------------------------------------------------------------------------------------
