@@ -448,8 +448,9 @@ def training_summary_lengths(prepared: Path) -> list[int]:
 
 def length_band(run_config: dict) -> tuple[int, int, str]:
     """(shortest, longest, where from) for a summary: the 1st-99th percentile of the competition summaries
-    the model was trained on (prep.py's rows, found through run_config.json), else the competition's references."""
-    data = run_config.get("settings", {}).get("data")
+    the model was trained on (prep.py's rows, found through run_config.json), else the competition's references.
+    data_dir is absolute; an older run_config.json has only settings.data, as typed (relative to where train.py ran)."""
+    data = run_config.get("data_dir") or run_config.get("settings", {}).get("data")
     prepared = Path(data) if data else None
     if prepared and (prepared / "train.jsonl").is_file() and (prepared / "stats.json").is_file():
         lengths = sorted(training_summary_lengths(prepared))

@@ -390,6 +390,8 @@ def build_run_config(cfg: TrainSettings, stats: dict, device: str, log_history: 
         "clean_inputs": bool(stats.get("clean_inputs", False)),
         "target_format": stats.get("target_format", "prose"),
         "settings": dataclasses.asdict(cfg),
+        # settings.data is as typed (often relative): the output guard finds the training rows here from any folder
+        "data_dir": str(Path(cfg.data).resolve()),
         "versions": library_versions(),
         "device": device,
         "train_rows": n_train,

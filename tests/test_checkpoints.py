@@ -293,3 +293,29 @@ def test_a_folder_of_full_weights_without_run_config_loads_in_16_bit(tiny_model_
     assert last_line(result) == "error: --max_new_tokens 8190 leaves no room for the prompt in max_seq_length 8192"
     assert "4-bit = False" in result.stdout + result.stderr and "4-bit = True" not in result.stdout + result.stderr
 
+
+# ---------------------------------------------------------------------------------------------
+# The output guard's band does not depend on the current folder (issue 17 item 9)
+# ---------------------------------------------------------------------------------------------
+
+def test_guard_band_is_the_same_from_any_working_directory(chatty_model_dir, memorize_data, tmp_path):
+    """train.py run from the kit folder with a relative --data (as README shows): infer.py from that folder and from
+    another one must find the same training rows, hence the same length band."""
+    kit, elsewhere = tmp_path / "kit", tmp_path / "elsewhere"
+    shutil.copytree(memorize_data["prepared"], kit / "prepared")
+    elsewhere.mkdir()
+    result = run_script(["train.py", "--model", chatty_model_dir, "--data", "prepared", "--output_dir", "run",
+                         *MEMORIZE_FLAGS, "--max_steps", "1", "--learning_rate", "1e-6", "--no-load_in_4bit"],
+                        cwd=kit, timeout=1800)  # barely trained: the chatty base still answers (not empty)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = kit / "records.json"
+    records.write_text(json.dumps(memorize_data["records"], ensure_ascii=False), encoding="utf-8")
+    guards = []
+    for cwd in (kit, elsewhere):
+        result = run_script(["infer.py", "--model", kit / "run" / "final", "--input", records,
+                             "--output", cwd / "pred.json", "--limit", "1", *TABLE_FLAGS, "--max_new_tokens", "24"],
+                            cwd=cwd)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        guards.append(read(cwd / "scores.json")["guard"])
+    assert guards[0]["band_chars"] == guards[1]["band_chars"] and guards[0]["band_source"] == guards[1]["band_source"]
+    assert "competition summaries in" in guards[1]["band_source"], guards[1]["band_source"]
