@@ -126,17 +126,26 @@ def read_run_config(model_dir: Path) -> dict:
     return config
 
 
+def run_config_source(model_dir: Path) -> Path | None:
+    """The folder whose run_config.json describes a model folder: its own, else, for a checkpoint-N/ without one
+    (an older train.py, or a kill right after its trainer_state.json), its run's final/ or another checkpoint
+    (every checkpoint of a run shares the prompt settings and max_seq_length); None when there is none."""
+    if read_run_config(model_dir):
+        return model_dir
+    if CHECKPOINT_DIR.match(model_dir.name):
+        return next((sibling for sibling in [model_dir.parent / "final", *checkpoint_dirs(model_dir.parent)]
+                     if sibling != model_dir and read_run_config(sibling)), None)
+    return None
+
+
 def find_run_config(model_dir: Path) -> dict:
-    """run_config.json of a model folder. A checkpoint-N/ without one (an older train.py, or a kill right after its
-    trainer_state.json) borrows its run's: every checkpoint of a run shares the prompt settings and max_seq_length."""
-    config = read_run_config(model_dir)
-    if config or not CHECKPOINT_DIR.match(model_dir.name):
-        return config
-    for sibling in [model_dir.parent / "final", *checkpoint_dirs(model_dir.parent)]:
-        config = read_run_config(sibling)
-        if config:
-            return {key: value for key, value in config.items() if key not in TRAINING_PROGRESS_KEYS}
-    return {}
+    """run_config.json of a model folder, borrowed from its run when missing (run_config_source); the borrowed
+    one loses the lender's training progress (step, losses)."""
+    source = run_config_source(model_dir)
+    if source is None:
+        return {}
+    config = read_run_config(source)
+    return config if source == model_dir else {k: v for k, v in config.items() if k not in TRAINING_PROGRESS_KEYS}
 
 
 def default_load_in_4bit(name: str, run_config: dict) -> bool:

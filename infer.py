@@ -61,6 +61,7 @@ from generate import (
     open_engine,
     read_run_config,
     resolve_model,
+    run_config_source,
     shorten_to_fit,
     trained_clean_inputs,
     trained_system_prompt,
@@ -673,6 +674,20 @@ def print_selection(sources: list[str], chosen: list[int], results: list[dict] |
     console.print(table)
 
 
+def check_empty_candidates(paths: list[str], ids: list[str], candidates: list[list[str]], console) -> None:
+    """Refuse a record whose every candidate is empty, naming a file that holds one; name the files whose empty
+    outputs will never be chosen (a non-empty candidate always wins over an empty one)."""
+    for record_id, texts in zip(ids, candidates):
+        if not any(text.strip() for text in texts):
+            raise UserError(f"{paths[0]}: record id {record_id!r}: field 'output' is empty, as in every --select file; "
+                            "regenerate it (python infer.py --retry_empty) before selecting")
+    for index, path in enumerate(paths):
+        empty = [record_id for record_id, texts in zip(ids, candidates) if not texts[index].strip()]
+        if empty:
+            console.print(f"[yellow]{path}: {len(empty)} empty outputs (first id {empty[0]!r}): another file's summary "
+                          "is chosen for them")
+
+
 def select_only(cfg: InferSettings, console) -> None:
     """`--select A B ... --output OUT [--ref REF]`: per record the candidate that agrees most with the others."""
     if len(cfg.select) < 2:
@@ -682,16 +697,20 @@ def select_only(cfg: InferSettings, console) -> None:
     output = Path(cfg.output)
     if any(output.resolve() == Path(path).resolve() for path in [*cfg.select, *([cfg.ref] if cfg.ref else [])]):
         raise UserError(f"--output {output} is one of the input files: choose another name (inputs are never overwritten)")
-    records, candidates = read_candidate_files(cfg.select)
+    ref_records = load_competition_file(cfg.ref)[0] if cfg.ref else None
+    records, candidates = read_candidate_files(cfg.select, [r["id"] for r in ref_records] if ref_records else None)
     width = len(cfg.select)
     flat = flatten_predictions([text for row in candidates for text in row], "--select", console)
     candidates = [flat[k * width:(k + 1) * width] for k in range(len(candidates))]
     ids = [record["id"] for record in records]
-    references = pair_by_id(records, load_competition_file(cfg.ref)[0], cfg.select[0], cfg.ref)[2] if cfg.ref else None
-    console.rule(f"selecting among {len(cfg.select)} files ({len(ids)} records)")
+    check_empty_candidates(cfg.select, ids, candidates, console)
+    references = pair_by_id(records, ref_records, cfg.select[0], cfg.ref)[2] if cfg.ref else None
+    in_order = f", in {cfg.ref}'s order" if cfg.ref else ""
+    console.rule(f"selecting among {len(cfg.select)} files ({len(ids)} records){in_order}")
     scorers, skipped, agreement = selection_scorers(cfg, console, with_references=references is not None)
     chosen, _ = select_candidates(candidates, agreement)
-    raw_records = read_json(cfg.select[0])
+    raw_by_id = {record["id"]: record for record in read_json(cfg.select[0])}
+    raw_records = [raw_by_id[record_id] for record_id in ids]
     submission = build_submission(raw_records, {i: candidates[k][chosen[k]] for k, i in enumerate(ids)})
     check_submission(submission, raw_records, output)
     write_text_atomic(output, dump_submission_json(submission))
@@ -845,6 +864,9 @@ def main(cfg: InferSettings) -> None:
     console.print(table)
     if not run_config and Path(model_name).is_dir():
         console.print(f"[yellow]{model_name}: no run_config.json, so the default prompt is used (no system prompt, no input cleaning)")
+    elif Path(model_name).is_dir() and run_config_source(Path(model_name)) != Path(model_name):
+        console.print(f"[yellow]{model_name}: no run_config.json, so its run's {run_config_source(Path(model_name))} "
+                      "gives the prompt settings (as train.py merge does)")
     console.print(f"{len(records)} records from {cfg.input}" + (f" ({dropped} empty utterances ignored)" if dropped else ""))
     console.print(f"{mode_line(kind, evaluate, records)} -> {output}")
     if evaluate:  # a metric setting that cannot work stops the run before any generation

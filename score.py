@@ -341,9 +341,11 @@ def mbr_utilities(candidates: list[list[str]], utility: Scorer) -> list[list[flo
     return [[total / max(len(row) - 1, 1) for total in row] for row in totals]
 
 
-def mbr_choice(utilities: list[float]) -> int:
-    """Index of the highest mean utility; a tie goes to the earliest candidate."""
-    return max(range(len(utilities)), key=utilities.__getitem__)
+def mbr_choice(utilities: list[float], texts: list[str] | None = None) -> int:
+    """Index of the highest mean utility; a tie goes to the earliest candidate. Given the texts, an empty one is
+    never chosen while a non-empty one exists: two empty candidates agree perfectly with each other."""
+    allowed = [i for i in range(len(utilities)) if texts is None or texts[i].strip()] or list(range(len(utilities)))
+    return max(allowed, key=utilities.__getitem__)
 
 
 def mean_utility(scorers: dict[str, Scorer]) -> Scorer:
@@ -359,21 +361,37 @@ def select_candidates(candidates: list[list[str]], scorers: dict[str, Scorer]) -
     """(chosen index per item, each candidate's mean utility): minimum-Bayes-risk selection with the mean of
     `scorers` (from load_scorers) as the utility."""
     utilities = mbr_utilities(candidates, mean_utility(scorers))
-    return [mbr_choice(row) for row in utilities], utilities
+    return [mbr_choice(row, texts) for row, texts in zip(utilities, candidates)], utilities
 
 
-def read_candidate_files(paths: list[str]) -> tuple[list[dict], list[list[str]]]:
-    """(records of the first file, per record the outputs of every file in the given order); ids are matched
-    to the first file's, and any mismatch names the file."""
+def read_candidate_files(paths: list[str], order: list[str] | None = None) -> tuple[list[dict], list[list[str]]]:
+    """(records of the first file, per record the outputs of every file in the given order). The records follow
+    `order` (the ids of --ref) when given; without it every file must list the ids in the first file's order, since
+    the selection is written in that order and the leaderboard takes only the input's. Mismatches name the file."""
     files = [load_competition_file(path)[0] for path in paths]
-    first_ids = [record["id"] for record in files[0]]
-    candidates: list[list[str]] = [[] for _ in first_ids]
+    ids = order or [record["id"] for record in files[0]]
+    candidates: list[list[str]] = [[] for _ in ids]
     for path, records in zip(paths, files):
+        file_ids = [record["id"] for record in records]
+        check_same_ids(path, file_ids, paths[0], ids)
+        if order is None:
+            check_same_order(path, file_ids, paths[0], ids)
         by_id = {record["id"]: record["output"] for record in records}
-        check_same_ids(path, list(by_id), paths[0], first_ids)
-        for row, record_id in zip(candidates, first_ids):
+        for row, record_id in zip(candidates, ids):
             row.append(by_id[record_id])
-    return files[0], candidates
+    first_by_id = {record["id"]: record for record in files[0]}
+    return [first_by_id[record_id] for record_id in ids], candidates
+
+
+def check_same_order(path: str, ids: list[str], expected_path: str, expected_ids: list[str]) -> None:
+    """Refuse a file that lists the same ids as another in a different order (or one twice)."""
+    position = next((k for k, (a, b) in enumerate(zip(ids, expected_ids)) if a != b), None)
+    if position is not None or len(ids) != len(expected_ids):
+        position = len(expected_ids) if position is None else position
+        found = ids[position] if position < len(ids) else "nothing"
+        expected = expected_ids[position] if position < len(expected_ids) else "nothing"
+        raise UserError(f"{path}: record {position} is id {found!r} where {expected_path} has {expected!r}: the files "
+                        "list the records in different orders; pass --ref with the competition file to write its order")
 
 
 def check_same_ids(path: str, ids: list[str], expected_path: str, expected_ids: list[str]) -> None:
@@ -443,8 +461,9 @@ def training_summary_lengths(prepared: Path) -> list[int]:
 
 def length_band(run_config: dict) -> tuple[int, int, str]:
     """(shortest, longest, where from) for a summary: the 1st-99th percentile of the competition summaries
-    the model was trained on (prep.py's rows, found through run_config.json), else the competition's references."""
-    data = run_config.get("settings", {}).get("data")
+    the model was trained on (prep.py's rows, found through run_config.json), else the competition's references.
+    data_dir is absolute; an older run_config.json has only settings.data, as typed (relative to where train.py ran)."""
+    data = run_config.get("data_dir") or run_config.get("settings", {}).get("data")
     prepared = Path(data) if data else None
     if prepared and (prepared / "train.jsonl").is_file() and (prepared / "stats.json").is_file():
         lengths = sorted(training_summary_lengths(prepared))

@@ -19,7 +19,7 @@ Then:
 Merging adapters (runs, seeds, or checkpoints of one run) into one, with PEFT's add_weighted_adapter:
     python train.py merge --adapters outputs/seed1/final outputs/seed2/final --method cat --output_dir outputs/merged
     python train.py merge --adapters outputs/run/checkpoint-64 outputs/run/checkpoint-96 --method linear \
-        --weights 0.25 0.25 --output_dir outputs/ckpt-avg     # the mean of two checkpoints' LoRA weights
+        --output_dir outputs/ckpt-avg                         # the mean of two checkpoints' LoRA weights
 
 The loss covers only the summary and the end-of-turn that closes it: prep.py writes prompt/completion
 chat rows and TRL masks the prompt. `output_dir/final/` holds the LoRA adapter, the tokenizer with its
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -45,7 +44,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prep import (
-    TRAINING_PROGRESS_KEYS,
     UserError,
     _unwrap_optional,
     build_parser,
@@ -57,8 +55,8 @@ from prep import (
     parse_jsonl,
     read_json,
     shell_command,
-    write_text_atomic,
 )
+from merge import MERGE_DESCRIPTION, MergeSettings, merge_main, replace_dir, write_json
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -98,28 +96,8 @@ class TrainSettings:
     hub_public: bool = field(default=False, metadata={"help": "create the --push_to_hub repo public instead of private"})
 
 
-MERGE_METHODS = ("cat", "linear", "svd", "ties", "dare_ties", "dare_linear")  # PEFT's combination_type names
-EQUAL_RANK_METHODS = ("linear", "ties", "dare_ties", "dare_linear")
-DENSITY_METHODS = ("ties", "dare_ties", "dare_linear")
-
-
-@dataclass
-class MergeSettings:
-    adapters: list[str] = field(default_factory=list, metadata={"help": "adapter folders to merge: train.py final/ or checkpoint-N/ folders (2 or more, one base model)"})
-    method: str = field(default="cat", metadata={"choices": MERGE_METHODS, "help": (
-        "PEFT add_weighted_adapter combination: cat = exact sum of weight x update, rank = sum of the ranks; "
-        "svd = the same sum cut back to the largest rank by SVD; linear = mixes the LoRA A and B matrices "
-        "separately (sqrt(weight) on each, equal ranks needed: weights 1/n^2 give the mean of n checkpoints' "
-        "LoRA weights); ties / dare_ties / dare_linear = linear after pruning to --density (equal ranks)")})
-    weights: list[float] = field(default_factory=list, metadata={"help": "one weight per adapter; none given: 1/n each"})
-    density: float | None = field(default=None, metadata={"help": "share of values kept, in (0, 1]: needed by ties, dare_ties, dare_linear"})
-    output_dir: str = field(default="outputs/merged", metadata={"help": "folder for the merged adapter (infer.py --model takes it like final/)"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace an existing output_dir"})
-
-
 DESCRIPTION = ("Unsloth 4-bit LoRA SFT of Gemma 2 on prep.py's rows (see the docstring for commands). "
                "`python train.py merge --help`: merge adapters.")
-MERGE_DESCRIPTION = "Merge LoRA adapters (runs, seeds or checkpoints of one base model) with PEFT's add_weighted_adapter."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,14 +339,6 @@ def merge_space_problem(need_bytes: int, free_bytes: int | None, where: Path) ->
             f"{free_bytes / 2**30:.1f} GiB free; free some space or drop --save_merged")
 
 
-def replace_dir(staging: Path, target: Path) -> None:
-    """Swap a fully written staging directory into place, so target is never half written."""
-    give_usual_file_modes(staging)
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-
-
 # ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------
@@ -426,6 +396,8 @@ def build_run_config(cfg: TrainSettings, stats: dict, device: str, log_history: 
         "clean_inputs": bool(stats.get("clean_inputs", False)),
         "target_format": stats.get("target_format", "prose"),
         "settings": dataclasses.asdict(cfg),
+        # settings.data is as typed (often relative): the output guard finds the training rows here from any folder
+        "data_dir": str(Path(cfg.data).resolve()),
         "versions": library_versions(),
         "device": device,
         "train_rows": n_train,
@@ -473,10 +445,6 @@ def load_lora_model(cfg: TrainSettings):
         max_seq_length=cfg.max_seq_length,
     )
     return model, tokenizer
-
-
-def write_json(path: Path, value: Any) -> None:
-    write_text_atomic(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n")
 
 
 def add_run_config_to_checkpoints(trainer, make_run_config: Callable[[Any], dict]) -> None:
@@ -820,125 +788,6 @@ def main(cfg: TrainSettings) -> None:
     console.print(f"compare the checkpoints on dev: [bold]{compare}[/bold]", soft_wrap=True)
     console.print(f"next: [bold]{escape(infer_command(output_dir / 'final', 'data/일상대화요약_test.json'))}[/bold]",
                   soft_wrap=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# merge: several adapters -> one (PEFT's add_weighted_adapter)
-# ---------------------------------------------------------------------------------------------
-
-def read_adapter_folder(path: str) -> tuple[dict, dict]:
-    """(adapter_config.json, run_config.json or {}) of a train.py adapter folder."""
-    folder = Path(path)
-    if not (folder / "adapter_config.json").is_file():
-        raise UserError(f"--adapters {path}: not a LoRA adapter folder (no adapter_config.json); "
-                        "pass train.py's final/ or checkpoint-N/ folders")
-    adapter = read_json(folder / "adapter_config.json")
-    run_config = read_json(folder / "run_config.json") if (folder / "run_config.json").is_file() else {}
-    return adapter, run_config
-
-
-def check_merge(cfg: MergeSettings, adapters: list[tuple[dict, dict]]) -> list[float]:
-    """Refuse, before any model loads, what PEFT would refuse or what would merge into nonsense; returns the weights."""
-    if len(cfg.adapters) < 2:
-        raise UserError("merge needs two or more --adapters folders")
-    weights = cfg.weights or [1 / len(cfg.adapters)] * len(cfg.adapters)
-    if len(weights) != len(cfg.adapters):
-        raise UserError(f"--weights: {len(weights)} given for {len(cfg.adapters)} adapters (one each)")
-    bases = sorted({str(adapter.get("base_model_name_or_path")) for adapter, _ in adapters})
-    if len(bases) > 1:
-        raise UserError(f"--adapters: trained on different base models ({', '.join(bases)}); only adapters of one base merge")
-    ranks = [adapter.get("r") for adapter, _ in adapters]
-    if cfg.method in EQUAL_RANK_METHODS and len(set(ranks)) > 1:
-        raise UserError(f"--method {cfg.method} needs equal LoRA ranks, got {ranks}; --method cat is exact for any "
-                        f"ranks (rank {sum(ranks)}), svd cuts the sum back to rank {max(ranks)}")
-    if cfg.method in DENSITY_METHODS and not (cfg.density is not None and 0 < cfg.density <= 1):
-        raise UserError(f"--method {cfg.method} needs --density in (0, 1] (the share of values kept)")
-    if cfg.method not in DENSITY_METHODS and cfg.density is not None:
-        raise UserError(f"--density applies to {', '.join(DENSITY_METHODS)}, not to --method {cfg.method}")
-    run_configs = [run_config for _, run_config in adapters if run_config]
-    if not run_configs:
-        raise UserError("--adapters: no folder has a run_config.json (train.py writes one into final/ and every "
-                        "checkpoint-N/), so the merged adapter could not carry the run's prompt settings")
-    for key, default in (("system_prompt", False), ("clean_inputs", False), ("target_format", "prose")):
-        if len({run_config.get(key, default) for run_config in run_configs}) > 1:
-            raise UserError(f"--adapters: trained with different prompts ({key} differs); a merged adapter is prompted one way")
-    if Path(cfg.output_dir).exists() and not cfg.overwrite_output_dir:
-        raise UserError(f"--output_dir {cfg.output_dir}: exists; pass --overwrite_output_dir or choose another folder")
-    if any(Path(cfg.output_dir).resolve() == Path(path).resolve() for path in cfg.adapters):
-        raise UserError(f"--output_dir {cfg.output_dir} is one of the --adapters")
-    return weights
-
-
-def merged_run_config(cfg: MergeSettings, adapters: list[tuple[dict, dict]], weights: list[float], rank: int) -> dict:
-    """The first run's settings (what infer.py reads back) plus a record of the merge."""
-    run_configs = [run_config for _, run_config in adapters if run_config]
-    base = {key: value for key, value in run_configs[0].items() if key not in TRAINING_PROGRESS_KEYS}
-    return {
-        **base,
-        "max_seq_length": min(run_config.get("max_seq_length", 8192) for run_config in run_configs),
-        "merge": {
-            "method": cfg.method, "weights": weights, "density": cfg.density, "rank": rank,
-            "adapters": [{"path": str(Path(path).resolve()), "r": adapter.get("r"), "global_step": run_config.get("global_step")}
-                         for path, (adapter, run_config) in zip(cfg.adapters, adapters)],
-        },
-    }
-
-
-def write_in_dtype_of(weights: Path, like: Path) -> None:
-    """Cast `weights` to the floating dtype `like` was saved in. PEFT builds linear, ties and svd merges in fp32 and
-    concatenates cat merges in the adapters' own dtype; every method should hand infer.py what training wrote."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    with safe_open(str(like), "pt") as handle:
-        dtype = next(t.dtype for t in map(handle.get_tensor, handle.keys()) if t.is_floating_point())
-    tensors = {key: value.to(dtype) if value.is_floating_point() else value
-               for key, value in load_file(str(weights)).items()}
-    save_file(tensors, str(weights), metadata={"format": "pt"})
-
-
-def merge_main(cfg: MergeSettings) -> None:
-    check_environment()
-    filter_known_noise()
-    from rich.console import Console
-    from rich.markup import escape
-
-    console = Console()
-    adapters = [read_adapter_folder(path) for path in cfg.adapters]
-    weights = check_merge(cfg, adapters)
-    first_run = next(run_config for _, run_config in adapters if run_config)
-    output_dir = Path(cfg.output_dir)
-
-    import unsloth  # noqa: F401  (must come first: it patches transformers and PEFT)
-    from unsloth import FastLanguageModel
-
-    console.rule(f"[bold]Merge ({cfg.method})")
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=cfg.adapters[0],
-        max_seq_length=first_run.get("max_seq_length", 8192),
-        dtype=None,
-        load_in_4bit=first_run.get("load_in_4bit", first_run.get("settings", {}).get("load_in_4bit", True)),
-    )
-    names = ["default"] + [f"adapter_{i}" for i in range(1, len(cfg.adapters))]  # the first loads as "default"
-    for name, path in zip(names[1:], cfg.adapters[1:]):
-        model.load_adapter(path, adapter_name=name)
-    model.add_weighted_adapter(adapters=names, weights=weights, adapter_name="merged", combination_type=cfg.method,
-                               density=cfg.density)
-    staging = output_dir.with_name(f".{output_dir.name}.partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(str(staging), selected_adapters=["merged"])  # PEFT puts a non-default adapter in staging/merged
-    merged = staging / "merged"
-    write_in_dtype_of(merged / "adapter_model.safetensors", Path(cfg.adapters[0]) / "adapter_model.safetensors")
-    tokenizer.save_pretrained(str(merged))
-    rank = read_json(merged / "adapter_config.json")["r"]
-    write_json(merged / "run_config.json", merged_run_config(cfg, adapters, weights, rank))
-    replace_dir(merged, output_dir)
-    shutil.rmtree(staging)
-    for path, weight, (adapter, _) in zip(cfg.adapters, weights, adapters):
-        console.print(f"{path}: rank {adapter.get('r')}, weight {weight:g}")
-    console.print(f"merged adapter (rank {rank}), tokenizer and run_config.json -> {output_dir}")
-    console.print(f"next: [bold]{escape(infer_command(output_dir, 'data/일상대화요약_dev.json'))}[/bold]", soft_wrap=True)
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 import generate
 import infer
-from conftest import assert_one_line_error, run_script
+from conftest import MEMORIZE_FLAGS, assert_one_line_error, run_script
 from score import rouge1_scores, score_with
 from test_score import tiny_bert_dir  # noqa: F401  (a fixture: a 3-layer BERT for BERTScore)
 
@@ -88,9 +88,11 @@ def test_a_checkpoint_without_run_config_borrows_its_runs(tmp_path):
             (run / name / "run_config.json").write_text(json.dumps(config), encoding="utf-8")
     assert generate.find_run_config(run / "checkpoint-6") == {"system_prompt": True, "global_step": 6}
     assert generate.find_run_config(run / "checkpoint-3") == {"system_prompt": True, "clean_inputs": True, "max_seq_length": 2048}
+    assert generate.run_config_source(run / "checkpoint-3") == run / "final"  # what infer.py and train.py merge name
     (run / "final" / "run_config.json").unlink()
     assert generate.find_run_config(run / "checkpoint-3") == {"system_prompt": True}
-    assert generate.find_run_config(tmp_path / "other") == {}
+    assert generate.run_config_source(run / "checkpoint-3") == run / "checkpoint-6"
+    assert generate.find_run_config(tmp_path / "other") == {} and generate.run_config_source(tmp_path / "other") is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +269,49 @@ def test_merged_cat_with_weights_1_0_regenerates_the_first_adapter(table_run, me
     assert outputs(tmp_path / "merged_pred.json") == first
 
 
+def lora_updates(adapter_dir: Path) -> dict:
+    """Each module's LoRA update delta-W = scaling x B @ A (float64), from the saved adapter alone."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = read(adapter_dir / "adapter_config.json")
+    scaling = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
+    tensors = {k: v.double() for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
+    return {key.replace(".lora_A.weight", ""): scaling * torch.matmul(tensors[key.replace("lora_A", "lora_B")], a)
+            for key, a in tensors.items() if key.endswith(".lora_A.weight")}
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "linear", "ties", "dare_ties", "dare_linear"])
+def test_merging_copies_of_one_adapter_with_default_weights_gives_that_adapter(memorized_run, tmp_path, method):
+    """PEFT 0.21.2 weighs the methods differently (linear / dare_linear sum sqrt(w)-scaled factors, ties /
+    dare_ties average them): with the default weights, n copies of one adapter must give that adapter's update
+    back for every method (density 1: nothing pruned, so the copies are exactly one adapter)."""
+    final = memorized_run["run"] / "final"
+    copies = [shutil.copytree(final, tmp_path / name) for name in ("a", "b", "c")]
+    density = ["--density", "1"] if method in ("ties", "dare_ties", "dare_linear") else []
+    result = run_script(["train.py", "merge", "--adapters", *copies, "--method", method, *density,
+                         "--output_dir", tmp_path / "merged"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    original, merged = lora_updates(final), lora_updates(tmp_path / "merged")
+    assert original.keys() == merged.keys()
+    for key, update in original.items():
+        ratio = float((merged[key] * update).sum() / (update * update).sum())  # the share of the update merged back
+        assert abs(ratio - 1) < 0.02, f"{method}: {key}: {ratio:.3f} x the adapter's update"
+        assert float((merged[key] - update).norm() / update.norm()) < 0.02, f"{method}: {key}"
+
+
+def test_dare_merges_repeat_with_one_seed_and_differ_with_another(memorized_run, tmp_path):
+    run = memorized_run["run"]
+    merge = ["train.py", "merge", "--adapters", run / "final", run / EARLY, "--method", "dare_linear",
+             "--density", "0.5"]
+    for name, seed in (("one", "1"), ("again", "1"), ("other", "2")):
+        result = run_script([*merge, "--seed", seed, "--output_dir", tmp_path / name], cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    weights = {name: (tmp_path / name / "adapter_model.safetensors").read_bytes() for name in ("one", "again", "other")}
+    assert weights["one"] == weights["again"] and weights["one"] != weights["other"]
+    assert read(tmp_path / "one" / "run_config.json")["merge"]["seed"] == 1
+
+
 def fake_adapter(path: Path, rank: int, base: str = "tiny") -> Path:
     path.mkdir(parents=True)
     (path / "adapter_config.json").write_text(json.dumps({"r": rank, "base_model_name_or_path": base}), encoding="utf-8")
@@ -295,6 +340,23 @@ def test_merge_refuses_other_bases_missing_density_and_an_existing_output(tmp_pa
     assert_one_line_error(run_script([*merge, a], cwd=tmp_path), "two or more --adapters")
     (tmp_path / "out").mkdir()
     assert_one_line_error(run_script([*merge, a, b], cwd=tmp_path), "out: exists", "--overwrite_output_dir")
+
+
+def test_merge_borrows_a_checkpoints_missing_settings_from_its_run_or_refuses(tmp_path):
+    """A checkpoint-N/ without run_config.json takes its run's (as infer.py does), so a system-prompt run is not merged
+    with a plain one unnoticed; an adapter whose settings cannot be found at all is refused."""
+    plain = fake_adapter(tmp_path / "plain", 8)
+    system = fake_adapter(tmp_path / "run" / "final", 8)
+    (system / "run_config.json").write_text(json.dumps({"system_prompt": True}), encoding="utf-8")
+    checkpoint = fake_adapter(tmp_path / "run" / "checkpoint-5", 8)
+    (checkpoint / "run_config.json").unlink()
+    merge = ["train.py", "merge", "--output_dir", tmp_path / "out", "--adapters"]
+    assert_one_line_error(run_script([*merge, plain, checkpoint], cwd=tmp_path), "system_prompt differs")
+    lonely = fake_adapter(tmp_path / "lonely" / "final", 8)
+    (lonely / "run_config.json").unlink()
+    assert_one_line_error(run_script([*merge, plain, lonely], cwd=tmp_path), f"--adapters {lonely}: no run_config.json",
+                          "prompt settings are unknown")
+    assert not (tmp_path / "out").exists()
 
 
 def test_merge_help_explains_the_rank_rules():
@@ -331,3 +393,30 @@ def test_a_folder_of_full_weights_without_run_config_loads_in_16_bit(tiny_model_
     result = run_script(["infer.py", "--model", tiny_model_dir, "--input", memorized_input, "--max_new_tokens", "8190"], cwd=tmp_path)
     assert last_line(result) == "error: --max_new_tokens 8190 leaves no room for the prompt in max_seq_length 8192"
     assert "4-bit = False" in result.stdout + result.stderr and "4-bit = True" not in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The output guard's band does not depend on the current folder (issue 17 item 9)
+# ---------------------------------------------------------------------------------------------
+
+def test_guard_band_is_the_same_from_any_working_directory(chatty_model_dir, memorize_data, tmp_path):
+    """train.py run from the kit folder with a relative --data (as README shows): infer.py from that folder and from
+    another one must find the same training rows, hence the same length band."""
+    kit, elsewhere = tmp_path / "kit", tmp_path / "elsewhere"
+    shutil.copytree(memorize_data["prepared"], kit / "prepared")
+    elsewhere.mkdir()
+    result = run_script(["train.py", "--model", chatty_model_dir, "--data", "prepared", "--output_dir", "run",
+                         *MEMORIZE_FLAGS, "--max_steps", "1", "--learning_rate", "1e-6", "--no-load_in_4bit"],
+                        cwd=kit, timeout=1800)  # barely trained: the chatty base still answers (not empty)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = kit / "records.json"
+    records.write_text(json.dumps(memorize_data["records"], ensure_ascii=False), encoding="utf-8")
+    guards = []
+    for cwd in (kit, elsewhere):
+        result = run_script(["infer.py", "--model", kit / "run" / "final", "--input", records,
+                             "--output", cwd / "pred.json", "--limit", "1", *TABLE_FLAGS, "--max_new_tokens", "24"],
+                            cwd=cwd)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        guards.append(read(cwd / "scores.json")["guard"])
+    assert guards[0]["band_chars"] == guards[1]["band_chars"] and guards[0]["band_source"] == guards[1]["band_source"]
+    assert "competition summaries in" in guards[1]["band_source"], guards[1]["band_source"]

@@ -309,6 +309,53 @@ def test_select_refuses_mismatched_files_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
 
 
+def write_predictions(path: Path, records: list[dict], outputs: list[str]) -> None:
+    rows = [{**record, "output": output} for record, output in zip(records, outputs)]
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+
+
+def test_select_never_picks_an_empty_summary_and_names_the_file_with_one(tmp_path):
+    """An empty candidate ties with (or, two empties, agrees perfectly with) the others: it must still lose to any
+    non-empty one; a record empty in every file is refused naming an input file, and nothing is written."""
+    refs = json.loads((REPO_ROOT / "data/sample/dev.json").read_text(encoding="utf-8"))
+    texts = [r["output"] for r in refs]
+    write_predictions(tmp_path / "a.json", refs, ["", "", texts[2]])
+    write_predictions(tmp_path / "b.json", refs, [texts[0], "", texts[2]])
+    write_predictions(tmp_path / "c.json", refs, ["엉뚱한 요약입니다.", texts[1], texts[2]])
+    select = ["infer.py", "--select", "a.json", "b.json", "c.json", "--output", "best.json",
+              "--select_metric", "rouge1"]
+    result = run_script(select, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [r["output"] for r in json.loads((tmp_path / "best.json").read_text(encoding="utf-8"))] == texts
+    assert "a.json: 2 empty outputs" in result.stdout and "b.json: 1 empty outputs" in result.stdout
+
+    write_predictions(tmp_path / "c.json", refs, ["엉뚱한 요약입니다.", "", texts[2]])
+    result = run_script([*select[:-4], "--output", "again.json", *select[-2:]], cwd=tmp_path, timeout=300)
+    assert_one_line_error(result, "a.json: record id", refs[1]["id"], "empty, as in every --select file")
+    assert not (tmp_path / "again.json").exists()
+
+
+def test_select_checks_the_record_order_and_follows_ref(tmp_path):
+    """A file with two records swapped: without --ref the selection refuses (one line, the file and the place);
+    with --ref it is written in the reference's order, whichever file is swapped."""
+    refs = json.loads((REPO_ROOT / "data/sample/dev.json").read_text(encoding="utf-8"))
+    texts = [r["output"] for r in refs]
+    swapped = [refs[1], refs[0], *refs[2:]]
+    write_predictions(tmp_path / "a.json", swapped, [r["output"] for r in swapped])
+    write_predictions(tmp_path / "b.json", refs, texts)
+    result = run_script(["infer.py", "--select", "b.json", "a.json", "--output", "best.json",
+                         "--select_metric", "rouge1"], cwd=tmp_path, timeout=300)
+    assert_one_line_error(result, "a.json: record 0 is id", refs[1]["id"], "b.json has", refs[0]["id"], "--ref")
+    assert not (tmp_path / "best.json").exists()
+    result = run_script(["infer.py", "--select", "a.json", "b.json", "--output", "best.json",
+                         "--select_metric", "rouge1", "--ref", REPO_ROOT / "data/sample/dev.json",
+                         "--metrics", "rouge1"],
+                        cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    best = json.loads((tmp_path / "best.json").read_text(encoding="utf-8"))
+    assert [r["id"] for r in best] == [r["id"] for r in refs] and [r["output"] for r in best] == texts
+
+
 # ---------------------------------------------------------------------------------------------
 # Output guard: the length band and repetition loops
 # ---------------------------------------------------------------------------------------------
