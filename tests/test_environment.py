@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import prep
-from conftest import OFFLINE_ENV, REPO_ROOT as REPO, assert_one_line_error, run_script
+from conftest import OFFLINE_ENV, REPO_ROOT as REPO, VLLM_PYTHON, assert_one_line_error, run_script
 
 SAMPLE = REPO / "data" / "sample"
 
@@ -90,6 +90,8 @@ import prep
 prep.filter_known_noise()
 import unsloth, torchao, bitsandbytes  # on CPU these imports log the known noise
 for name, prefixes in prep.KNOWN_HARMLESS_LOGS.items():
+    if importlib.util.find_spec(name.split(".")[0]) is None:
+        continue  # vllm lives in .venv-vllm: test_vllm_noise_filters_still_match_vllm checks its filters there
     source = open(importlib.util.find_spec(name).origin, encoding="utf-8").read()
     for prefix in prefixes:
         print(f"{name} still logs {prefix!r}: {prefix in source}")
@@ -108,8 +110,21 @@ def test_known_noise_is_hidden_and_real_warnings_still_show():
         assert f"a real problem reported by {name}" in result.stderr
     assert "UserWarning: a real UserWarning" in result.stderr
     checked = [line for line in result.stdout.splitlines() if " still logs " in line]  # unsloth prints its banner too
-    assert len(checked) == sum(map(len, prep.KNOWN_HARMLESS_LOGS.values()))
+    assert len(checked) == sum(len(prefixes) for name, prefixes in prep.KNOWN_HARMLESS_LOGS.items()
+                               if not name.startswith("vllm"))
     assert all(line.endswith(": True") for line in checked), checked  # each filter still matches its library's message
+
+
+def test_vllm_noise_filters_still_match_vllm():
+    """The vllm entries of KNOWN_HARMLESS_LOGS against the vLLM that .venv-vllm holds (the default venv has none)."""
+    names = {name: prefixes for name, prefixes in prep.KNOWN_HARMLESS_LOGS.items() if name.startswith("vllm")}
+    code = ("import importlib.util, json, sys\n"
+            "for name, prefixes in json.loads(sys.argv[1]).items():\n"
+            "    source = open(importlib.util.find_spec(name).origin, encoding='utf-8').read()\n"
+            "    print(*(prefix in source for prefix in prefixes))\n")
+    result = subprocess.run([str(VLLM_PYTHON), "-c", code, json.dumps(names)], capture_output=True, text=True, timeout=300)
+    assert names and result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True"] * sum(map(len, names.values())), result.stdout
 
 
 def test_train_console_shows_no_known_noise(memorized_run):
