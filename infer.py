@@ -185,11 +185,11 @@ def as_prose(text: str, target_format: str) -> dict:
 
 def flatten_predictions(texts: list[str], where: str, console) -> list[str]:
     """Prediction files for --score / --select may hold a structured model's raw text: scored as prose."""
-    structured = [k for k, text in enumerate(texts) if looks_structured(text)]
-    if structured:
-        console.print(f"[yellow]{where}: {len(structured)} predictions hold ## headings or - bullets; "
+    structured = [looks_structured(text) for text in texts]
+    if any(structured):
+        console.print(f"[yellow]{where}: {sum(structured)} predictions hold ## headings or - bullets; "
                       "flattened to prose")
-    return [flatten_structured(text)[0] if k in set(structured) else text for k, text in enumerate(texts)]
+    return [flatten_structured(text)[0] if is_structured else text for text, is_structured in zip(texts, structured)]
 
 
 def flag_malformed_structure(guard: dict, ids: list[str]) -> None:
@@ -864,8 +864,8 @@ def main(cfg: InferSettings) -> None:
     console.print(table)
     if not run_config and Path(model_name).is_dir():
         console.print(f"[yellow]{model_name}: no run_config.json, so the default prompt is used (no system prompt, no input cleaning)")
-    elif Path(model_name).is_dir() and run_config_source(Path(model_name)) != Path(model_name):
-        console.print(f"[yellow]{model_name}: no run_config.json, so its run's {run_config_source(Path(model_name))} "
+    elif Path(model_name).is_dir() and (source := run_config_source(Path(model_name))) != Path(model_name):
+        console.print(f"[yellow]{model_name}: no run_config.json, so its run's {source} "
                       "gives the prompt settings (as train.py merge does)")
     console.print(f"{len(records)} records from {cfg.input}" + (f" ({dropped} empty utterances ignored)" if dropped else ""))
     console.print(f"{mode_line(kind, evaluate, records)} -> {output}")
@@ -961,7 +961,7 @@ def main(cfg: InferSettings) -> None:
     flag_malformed_structure(guard, malformed)
     flagged_penalty = max((rows.get(i, {}).get("repetition_penalty", 1.0) for i in guard["flagged"]), default=1.0)
     # --regenerate_flagged redoes greedy summaries: after --num_samples the command that runs drops the sampling.
-    unsampled = {key: getattr(InferSettings, key) for key in ("num_samples", "temperature", "top_p", "seed")}
+    unsampled = {key: getattr(InferSettings, key) for key in ("num_samples", *SAMPLING_SETTINGS)}
     retry = infer_command(cfg, **unsampled, regenerate_flagged=True,
                           repetition_penalty=next_repetition_penalty(flagged_penalty)) if cfg.num_samples else None
     print_guard(guard, console, next_repetition_penalty(flagged_penalty), retry)

@@ -447,6 +447,7 @@ def training_summary_lengths(prepared: Path) -> list[int]:
     settings = stats.get("settings", {}) if isinstance(stats, dict) else {}
     sources = set(settings.get("train", [])) | ({settings.get("dev")} if settings.get("train_on_dev") else set())
     markers = [f'"source": {json.dumps(source, ensure_ascii=False)}' for source in sources]
+    structured = isinstance(stats, dict) and stats.get("target_format") == "structured"
     lengths = []
     with open(prepared / "train.jsonl", encoding="utf-8") as handle:
         for line in handle:
@@ -454,7 +455,6 @@ def training_summary_lengths(prepared: Path) -> list[int]:
                 row = json.loads(line)
                 if row.get("source") in sources:
                     text = row["completion"][-1]["content"].strip()
-                    structured = stats.get("target_format") == "structured"
                     lengths.append(len(flatten_structured(text)[0] if structured else text))
     return lengths
 
