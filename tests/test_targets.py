@@ -237,8 +237,8 @@ def crafted_references() -> list[str]:
     texts = [f"{opening} 여행에 대해 말했습니다. {PARTS}" for opening in (
         "이 대화에서 화자들은", f"이 대화에서 화자 {A}와 화자 {B}은", f"{A}과 {B}는", "두 사람은", "화자들은")]
     texts += [
-        f"\t이 대화에서 화자들은  여행에 대해 말했습니다.화자 화자 SSD2000019는 여행을 좋아한다고 말했습니다.\x07 "
-        f"SD20000250은 대만에 가겠다고 말했습니다. SD20000250은 대만에 가겠다고 말했습니다",
+        "\t이 대화에서 화자들은  여행에 대해 말했습니다.화자 화자 SSD2000019는 여행을 좋아한다고 말했습니다.\x07 "
+        "SD20000250은 대만에 가겠다고 말했습니다. SD20000250은 대만에 가겠다고 말했습니다",
         f"두 화자는 이 대화에서 여행에 대해 말했습니다. {B}은 대만에 가겠다고 말했습니다. 그리고 그리고 {A}를 만났습니다. "
         f"{A}는 {B}과 하나 하나 말했습니다. {B}가 다시 말했습니다. {A}이라고 불렀습니다",
     ]
@@ -328,10 +328,12 @@ def test_e2e_show_changes_prints_pairs_and_writes_nothing(tmp_path, run_script):
     assert "next: python train.py" not in result.stdout
 
 
-def test_e2e_show_changes_must_be_positive(tmp_path, run_script):
+@pytest.mark.parametrize("flag, value, expected", [("--show_changes", "0", "at least 1"),
+                                                  ("--target_format", "markdown", "prose or structured")])
+def test_e2e_impossible_target_setting_is_one_line(tmp_path, run_script, flag, value, expected):
     result = run_script(["prep.py", "--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"),
-                         "--out", str(tmp_path / "out"), "--show_changes", "0"], timeout=120)
-    assert_one_line_error(result, "--show_changes 0", "at least 1")
+                         "--out", str(tmp_path / "out"), flag, value], timeout=120)
+    assert_one_line_error(result, f"{flag} {value}", expected)
     assert not (tmp_path / "out").exists()
 
 
@@ -412,13 +414,6 @@ def test_e2e_structured_targets_and_prompt(tmp_path, run_script):
 
     unified = [targets.unify_target(r["output"], targets.speakers_in_order(r))[0] for r in sample_records()[:8]]
     assert score.training_summary_lengths(out) == [len(text) for text in unified]
-
-
-def test_e2e_unknown_target_format(tmp_path, run_script):
-    result = run_script(["prep.py", "--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"),
-                         "--out", str(tmp_path / "out"), "--target_format", "markdown"], timeout=120)
-    assert_one_line_error(result, "--target_format markdown", "prose or structured")
-    assert not (tmp_path / "out").exists()
 
 
 def test_infer_flattens_and_flags_malformed_structure():
