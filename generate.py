@@ -7,7 +7,8 @@ this file; it imports prep.py only. Nothing heavy is imported at module level.
     texts = generate_texts(model, tokenizer, chat_prompts, batch_size=8, max_new_tokens=1024)
     samples = sample_texts(model, tokenizer, chat_prompts, num_samples=4, temperature=0.7, top_p=0.95,
                            batch_size=8, max_new_tokens=1024)  # 4 texts per prompt
-    engine = open_engine(name, run_config, EngineSettings(engine="vllm"), batch_size=8, max_seq_length=None, load_in_4bit=None)
+    engine = open_engine(name, run_config, EngineSettings(engine="vllm"), batch_size=8, max_seq_length=None,
+                         load_in_4bit=None)
     with ItemProgress(console, "rows", len(rows)) as progress:   # a bar, or plain lines in a log
         progress.advance(1)
 """
@@ -60,16 +61,24 @@ OUT_OF_MEMORY_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "can't 
 @dataclass
 class EngineSettings:
     """How the model generates; shared by infer.py and distill.py's local teacher."""
-    engine: str = field(default="unsloth", metadata={"help": "unsloth: Unsloth's generate() in length-sorted batches; vllm: vLLM's offline engine (continuous batching, prefix caching; its own venv, see README)", "choices": ENGINES})
-    max_batch_tokens: int = field(default=DEFAULT_MAX_BATCH_TOKENS, metadata={"help": "unsloth engine: most token positions per generate() call, batch x (longest prompt + max_new_tokens); shrinks on CUDA out-of-memory, grows back after successes"})
+    engine: str = field(default="unsloth", metadata={"help": (
+        "unsloth: Unsloth's generate() in length-sorted batches; vllm: vLLM's offline engine (continuous batching, "
+        "prefix caching; its own venv, see README)"), "choices": ENGINES})
+    max_batch_tokens: int = field(default=DEFAULT_MAX_BATCH_TOKENS, metadata={"help": (
+        "unsloth engine: most token positions per generate() call, batch x (longest prompt + max_new_tokens); "
+        "shrinks on CUDA out-of-memory, grows back after successes")})
     max_attention_gib: float = field(default=DEFAULT_MAX_ATTENTION_GIB, metadata={
         "help": "unsloth engine, Gemma 2: most GiB for one layer's prefill attention scores, rows x heads x "
                 "longest prompt^2 x 10 bytes (Unsloth builds them whole for a padded batch); 6 suits a 24 GB card"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm engine: GPUs the model is split over"})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm engine: share of each GPU's memory vLLM may take (weights + KV cache)"})
-    max_model_len: int | None = field(default=None, metadata={"help": "vllm engine: context length (prompt + answer); default: --max_seq_length's value"})
-    dtype: str = field(default="auto", metadata={"help": "vllm engine: auto (the checkpoint's), bfloat16, float16 or float32"})
-    enforce_eager: bool = field(default=False, metadata={"help": "vllm engine: no torch.compile / CUDA graphs (starts in seconds instead of minutes, decodes slower)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": (
+        "vllm engine: share of each GPU's memory vLLM may take (weights + KV cache)")})
+    max_model_len: int | None = field(default=None, metadata={"help": (
+        "vllm engine: context length (prompt + answer); default: --max_seq_length's value")})
+    dtype: str = field(default="auto", metadata={"help": (
+        "vllm engine: auto (the checkpoint's), bfloat16, float16 or float32")})
+    enforce_eager: bool = field(default=False, metadata={"help": (
+        "vllm engine: no torch.compile / CUDA graphs (starts in seconds instead of minutes, decodes slower)")})
     vllm_base_model: str | None = field(default=None, metadata={"help": (
         "vllm engine: the 16-bit model vLLM serves the adapter on (or loads instead of a 4-bit --model); default: the "
         "training base, or for a *-bnb-4bit one its 16-bit original (vLLM has no bitsandbytes support)")})
@@ -95,7 +104,8 @@ GROW_BACK_AFTER = 4  # batches in a row without running out of memory before the
 # Unsloth's 4-bit checkpoints: `unsloth/gemma-2-9b-it-bnb-4bit`, `unsloth/Llama-3.2-1B-unsloth-bnb-4bit` (dynamic).
 BNB_4BIT_SUFFIX = re.compile(r"-(unsloth-)?bnb-4bit$", re.IGNORECASE)
 # Tensors Unsloth's fast decode path leaves on each attention module (unsloth/models/gemma2.py, llama.py).
-UNSLOTH_DECODE_BUFFERS = ("paged_attention", "paged_attention_K", "paged_attention_V", "temp_QA", "temp_KV", "temp_O", "RH_Q", "attention")
+UNSLOTH_DECODE_BUFFERS = ("paged_attention", "paged_attention_K", "paged_attention_V", "temp_QA", "temp_KV", "temp_O",
+                          "RH_Q", "attention")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +201,8 @@ def resolve_model(model: str | None) -> tuple[str, dict]:
     raise UserError(f"{path}: model folder not found")
 
 
-def load_model(path: str | None, max_seq_length: int | None = None, load_in_4bit: bool | None = None) -> tuple[Any, Any, dict]:
+def load_model(path: str | None, max_seq_length: int | None = None,
+               load_in_4bit: bool | None = None) -> tuple[Any, Any, dict]:
     """Load a model ready for generation: returns (model, tokenizer, run_config).
 
     `path` is a train.py `final/` or `checkpoint-N/` folder (LoRA adapter + tokenizer + run_config.json;
@@ -238,7 +249,8 @@ def length_order(lengths: list[int]) -> list[int]:
 
 
 def batch_tokens(size: int, longest_prompt: int, max_new_tokens: int) -> int:
-    """Token positions one generate() call holds at its end: every row padded to the longest prompt, plus the new tokens."""
+    """Token positions one generate() call holds at its end: every row padded to the longest prompt, plus the new
+    tokens."""
     return size * (longest_prompt + max_new_tokens)
 
 
@@ -302,20 +314,10 @@ def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:
     return 1 - sum(lengths) / padded if padded else 0.0
 
 
-def run_batches(
-    lengths: list[int],
-    run_batch: Callable[[list[int]], tuple[list[str], int]],
-    *,
-    max_new_tokens: int,
-    max_batch_size: int,
-    max_batch_tokens: int,
-    heads: int = 0,
-    max_attention_bytes: int | None = None,
-    free_memory: Callable[[], None],
-    on_batch: Callable[[list[int], list[str], int], None],
-    on_set_aside: Callable[[int], None],
-    say: Callable[[str], None],
-) -> None:
+def run_batches(lengths: list[int], run_batch: Callable[[list[int]], tuple[list[str], int]], *, max_new_tokens: int,
+                max_batch_size: int, max_batch_tokens: int, heads: int = 0, max_attention_bytes: int | None = None,
+                free_memory: Callable[[], None], on_batch: Callable[[list[int], list[str], int], None],
+                on_set_aside: Callable[[int], None], say: Callable[[str], None]) -> None:
     """Run every prompt once, longest first, in batches of at most `max_batch_size` rows, `max_batch_tokens`
     token positions (batch_tokens) and, with `heads`, `max_attention_bytes` (prefill_attention_bytes).
 
@@ -349,9 +351,8 @@ def run_batches(
             position, successes = position + size, successes + 1
             shrunk = tokens < max_batch_tokens or (attention is not None and attention < max_attention_bytes)
             if successes >= GROW_BACK_AFTER and shrunk:
-                tokens, successes = min(max_batch_tokens, 2 * tokens), 0
-                if attention is not None:
-                    attention = min(max_attention_bytes, 2 * attention)
+                successes, tokens = 0, min(max_batch_tokens, 2 * tokens)
+                attention = None if attention is None else min(max_attention_bytes, 2 * attention)
                 say(f"batch token budget back up to {tokens}")
             continue
         free_memory()
@@ -393,7 +394,8 @@ def new_token_count(row: list[int], stops: list[int], pad_id: int) -> int:
     return sum(1 for token in row if token != pad_id)
 
 
-def _generate_batch(model, tokenizer, batch: list[list[int]], stops: list[int], generation_kwargs: dict) -> tuple[list[str], int]:
+def _generate_batch(model, tokenizer, batch: list[list[int]], stops: list[int],
+                    generation_kwargs: dict) -> tuple[list[str], int]:
     import torch
 
     pad_id = tokenizer.pad_token_id
@@ -428,7 +430,8 @@ def progress_line(label: str, done: int, total: int, elapsed: float, note: str =
     """One plain line for a log: items done of total, items/s, and the time left at that rate."""
     rate = done / elapsed if elapsed > 0 else 0.0
     eta = format_duration((total - done) / rate) if rate > 0 else "unknown"
-    return f"{label}: {done}/{total} ({done / total:.0%}), {rate:.2f} items/s, ETA {eta}" + (f", {note}" if note else "")
+    line = f"{label}: {done}/{total} ({done / total:.0%}), {rate:.2f} items/s, ETA {eta}"
+    return line + (f", {note}" if note else "")
 
 
 def crosses_report_point(before: int, after: int, total: int, every_percent: int = PROGRESS_EVERY_PERCENT) -> bool:
@@ -453,10 +456,12 @@ class ItemProgress:
     def __enter__(self) -> "ItemProgress":
         self.started = time.perf_counter()
         if self.enabled and self.console.is_terminal and not self.console.is_dumb_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
 
-            self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
-                                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+            self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=self.console)
             self.bar.start()
             self.task = self.bar.add_task(self.label, total=self.total, note="")
         return self
@@ -465,9 +470,11 @@ class ItemProgress:
         before, self.done = self.done, self.done + count
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         if self.bar is not None:
-            self.bar.update(self.task, advance=count, note=f"{self.done / elapsed:.2f} items/s" + (f"  {note}" if note else ""))
+            rate = f"{self.done / elapsed:.2f} items/s"
+            self.bar.update(self.task, advance=count, note=rate + (f"  {note}" if note else ""))
         elif self.enabled and crosses_report_point(before, self.done, self.total):
-            self.console.print(progress_line(self.label, self.done, self.total, elapsed, note), markup=False, highlight=False)
+            self.console.print(progress_line(self.label, self.done, self.total, elapsed, note), markup=False,
+                               highlight=False)
 
     def __exit__(self, *exc_info) -> None:
         if self.bar is not None:
@@ -494,6 +501,17 @@ def generation_progress(total: int, console=None, enabled: bool = True) -> Itera
     console = console or Console()
     with ItemProgress(console, "generating", total, enabled=enabled) as progress:
         yield _Advance(progress, console)
+
+
+def generate_kwargs(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
+                    repetition_penalty: float) -> dict[str, Any]:
+    """model.generate()'s sampling arguments."""
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                              "repetition_penalty": repetition_penalty}
+    if do_sample:
+        return {**kwargs, "temperature": temperature, "top_p": top_p}
+    # Checkpoints ship sampling defaults in generation_config; greedy must not inherit them.
+    return {**kwargs, "temperature": None, "top_p": None, "top_k": None}
 
 
 def generate_texts(
@@ -529,13 +547,7 @@ def generate_texts(
     """
     stops = stop_token_ids(tokenizer)
     encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
-    generation_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "repetition_penalty": repetition_penalty}
-    if do_sample:
-        generation_kwargs.update(temperature=temperature, top_p=top_p)
-    else:
-        # Checkpoints ship sampling defaults in generation_config; greedy must not inherit them.
-        generation_kwargs.update(temperature=None, top_p=None, top_k=None)
-
+    kwargs = generate_kwargs(max_new_tokens, do_sample, temperature, top_p, repetition_penalty)
     results = [""] * len(prompts)
     with generation_progress(len(prompts), console, enabled=show_progress) as advance:
         def finished(indices: list[int], texts: list[str], new_tokens: int) -> None:
@@ -552,7 +564,7 @@ def generate_texts(
 
         run_batches(
             [len(ids) for ids in encoded],
-            lambda indices: _generate_batch(model, tokenizer, [encoded[i] for i in indices], stops, generation_kwargs),
+            lambda indices: _generate_batch(model, tokenizer, [encoded[i] for i in indices], stops, kwargs),
             max_new_tokens=max_new_tokens, max_batch_size=batch_size, max_batch_tokens=max_batch_tokens,
             heads=prefill_score_heads(model.config), max_attention_bytes=int(max_attention_gib * 2**30),
             free_memory=lambda: free_decode_memory(model),
@@ -601,26 +613,31 @@ class Sampling:
 class UnslothEngine:
     """The default engine: Unsloth's generate() in token-budgeted, length-sorted batches (generate_texts)."""
 
-    def __init__(self, model_name: str, settings: EngineSettings, *, batch_size: int, max_seq_length: int | None, load_in_4bit: bool | None):
+    def __init__(self, model_name: str, settings: EngineSettings, *, batch_size: int, max_seq_length: int | None,
+                 load_in_4bit: bool | None):
         self.model, self.tokenizer, self.run_config = load_model(model_name, max_seq_length, load_in_4bit)
         self.max_seq_length = self.run_config["max_seq_length"]
         self.served_on = self.run_config["loaded_from"]
         self.batch_size, self.max_batch_tokens = batch_size, settings.max_batch_tokens
         self.max_attention_gib = settings.max_attention_gib
 
-    def generate(self, prompts: list[str], sampling: Sampling, *, on_batch=None, on_set_aside=None, console=None) -> list[str]:
+    def generate(self, prompts: list[str], sampling: Sampling, *, on_batch=None, on_set_aside=None,
+                 console=None) -> list[str]:
         return generate_texts(
             self.model, self.tokenizer, prompts, batch_size=self.batch_size, max_new_tokens=sampling.max_new_tokens,
             max_batch_tokens=self.max_batch_tokens, max_attention_gib=self.max_attention_gib,
-            do_sample=sampling.do_sample, temperature=sampling.temperature,
-            top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty, on_batch=on_batch, on_set_aside=on_set_aside, console=console,
+            do_sample=sampling.do_sample, temperature=sampling.temperature, top_p=sampling.top_p,
+            repetition_penalty=sampling.repetition_penalty, on_batch=on_batch, on_set_aside=on_set_aside,
+            console=console,
         )
 
-    def sample(self, prompts: list[str], n: int, sampling: Sampling, *, on_prompt=None, console=None) -> list[list[str]]:
+    def sample(self, prompts: list[str], n: int, sampling: Sampling, *, on_prompt=None,
+               console=None) -> list[list[str]]:
         """`n` sampled completions per prompt (sample_texts); `on_prompt(index, texts)` as each prompt's are done."""
-        return sample_texts(self.model, self.tokenizer, prompts, num_samples=n, on_prompt=on_prompt, batch_size=self.batch_size,
-                            max_new_tokens=sampling.max_new_tokens, max_batch_tokens=self.max_batch_tokens,
-                            max_attention_gib=self.max_attention_gib, temperature=sampling.temperature,
+        return sample_texts(self.model, self.tokenizer, prompts, num_samples=n, on_prompt=on_prompt,
+                            batch_size=self.batch_size, max_new_tokens=sampling.max_new_tokens,
+                            max_batch_tokens=self.max_batch_tokens, max_attention_gib=self.max_attention_gib,
+                            temperature=sampling.temperature,
                             top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty, console=console)
 
     def peak_memory(self) -> str:
@@ -649,7 +666,8 @@ def vllm_lora_rank(rank: int) -> int:
     allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
     fitting = [value for value in allowed if value >= rank]
     if not fitting:
-        raise UserError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank ({allowed[-1]}): merge the adapter (train.py --save_merged) and serve merged/")
+        raise UserError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank ({allowed[-1]}): merge the adapter "
+                        "(train.py --save_merged) and serve merged/")
     return fitting[0]
 
 
@@ -751,7 +769,8 @@ class VllmEngine:
 
         model_dir = Path(model_name)
         rank = adapter_rank(model_dir) if model_dir.is_dir() else None
-        self.max_seq_length = settings.max_model_len or max_seq_length or run_config.get("max_seq_length") or GEMMA2_CONTEXT
+        self.max_seq_length = (settings.max_model_len or max_seq_length or run_config.get("max_seq_length")
+                               or GEMMA2_CONTEXT)
         self.lora = LoRARequest("final", 1, str(model_dir.resolve())) if rank else None
         self.gpu_memory_utilization, self.calls = settings.gpu_memory_utilization, 0
         trained = trained_base_model(model_dir, run_config) if rank else model_name
@@ -784,11 +803,13 @@ class VllmEngine:
         return SamplingParams(
             output_kind=RequestOutputKind.FINAL_ONLY,
             n=n, max_tokens=sampling.max_new_tokens, stop_token_ids=stop_token_ids(self.tokenizer),
-            temperature=sampling.temperature if sampling.do_sample else 0.0, top_p=sampling.top_p if sampling.do_sample else 1.0,
+            temperature=sampling.temperature if sampling.do_sample else 0.0,
+            top_p=sampling.top_p if sampling.do_sample else 1.0,
             repetition_penalty=sampling.repetition_penalty, detokenize=False,
         )
 
-    def generate_candidates(self, prompts: list[str], sampling: Sampling, n: int, *, on_finished=None, console=None) -> list[list[str]]:
+    def generate_candidates(self, prompts: list[str], sampling: Sampling, n: int, *, on_finished=None,
+                            console=None) -> list[list[str]]:
         """`n` completions per prompt (n > 1 needs do_sample), in input order. vLLM schedules every
         request at once (continuous batching; the n samples of a prompt share its cached prefix);
         `on_finished(index, texts, new_tokens)` runs as each prompt completes, e.g. to save progress."""
@@ -804,23 +825,28 @@ class VllmEngine:
                     if not output.finished:
                         continue
                     index = int(output.request_id.split("-")[1])
-                    results[index] = [self.tokenizer.decode(sample.token_ids, skip_special_tokens=True).strip() for sample in output.outputs]
+                    results[index] = [self.tokenizer.decode(sample.token_ids, skip_special_tokens=True).strip()
+                                      for sample in output.outputs]
                     new_tokens = sum(len(sample.token_ids) for sample in output.outputs)
                     if on_finished is not None:
                         on_finished(index, results[index], new_tokens)
                     advance(1, new_tokens)
         return results
 
-    def generate(self, prompts: list[str], sampling: Sampling, *, on_batch=None, on_set_aside=None, console=None) -> list[str]:
+    def generate(self, prompts: list[str], sampling: Sampling, *, on_batch=None, on_set_aside=None,
+                 console=None) -> list[str]:
         """One completion per prompt, as UnslothEngine.generate (vLLM preempts instead of running out of memory)."""
         def finished(index: int, texts: list[str], new_tokens: int) -> None:
             if on_batch is not None:
                 on_batch([index], texts, new_tokens)
 
-        return [texts[0] for texts in self.generate_candidates(prompts, sampling, 1, on_finished=finished, console=console)]
+        candidates = self.generate_candidates(prompts, sampling, 1, on_finished=finished, console=console)
+        return [texts[0] for texts in candidates]
 
-    def sample(self, prompts: list[str], n: int, sampling: Sampling, *, on_prompt=None, console=None) -> list[list[str]]:
-        """`n` sampled completions per prompt in one request each (SamplingParams n: they share the prompt's cached prefix)."""
+    def sample(self, prompts: list[str], n: int, sampling: Sampling, *, on_prompt=None,
+               console=None) -> list[list[str]]:
+        """`n` sampled completions per prompt in one request each (SamplingParams n: they share the prompt's cached
+        prefix)."""
         def finished(index: int, texts: list[str], _new_tokens: int) -> None:
             if on_prompt is not None:
                 on_prompt(index, texts)
@@ -847,15 +873,19 @@ class VllmEngine:
         return f"vLLM shut down, {running - left} engine process(es) ended, {left} still running"
 
 
-def open_engine(model_name: str, run_config: dict, settings: EngineSettings, *, batch_size: int, max_seq_length: int | None, load_in_4bit: bool | None):
-    """The engine --engine names, loaded and ready: `.tokenizer`, `.max_seq_length`, `.generate(prompts, sampling, ...)`."""
+def open_engine(model_name: str, run_config: dict, settings: EngineSettings, *, batch_size: int,
+                max_seq_length: int | None, load_in_4bit: bool | None):
+    """The engine --engine names, loaded and ready: `.tokenizer`, `.max_seq_length`, `.generate(prompts, sampling,
+    ...)`."""
     if settings.engine == "vllm":
         try:
             import vllm  # noqa: F401
         except ImportError:
-            raise UserError("--engine vllm: vLLM is not installed in this Python; run infer.py from the vLLM venv (.venv-vllm, see README: Install)") from None
+            raise UserError("--engine vllm: vLLM is not installed in this Python; run infer.py from the vLLM venv "
+                            "(.venv-vllm, see README: Install)") from None
         return VllmEngine(model_name, settings, max_seq_length=max_seq_length, run_config=run_config)
-    return UnslothEngine(model_name, settings, batch_size=batch_size, max_seq_length=max_seq_length, load_in_4bit=load_in_4bit)
+    return UnslothEngine(model_name, settings, batch_size=batch_size, max_seq_length=max_seq_length,
+                         load_in_4bit=load_in_4bit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -872,7 +902,8 @@ def _with_turns(record: dict, turns: list[dict]) -> dict:
     return {**record, "input": {**record["input"], "conversation": turns}}
 
 
-def shorten_to_fit(record: dict, render: Callable[[dict], str], count_tokens: Callable[[str], int], budget: int) -> tuple[str, bool]:
+def shorten_to_fit(record: dict, render: Callable[[dict], str], count_tokens: Callable[[str], int],
+                   budget: int) -> tuple[str, bool]:
     """(prompt, shortened?) with the prompt at most `budget` tokens.
 
     Whole utterances are removed from the middle of the conversation first, as prep.py cuts training
@@ -914,7 +945,8 @@ def shorten_to_fit(record: dict, render: Callable[[dict], str], count_tokens: Ca
             low_chars = middle + 1
     prompt = render(_with_turns(record, cut(high_chars / 1000)))
     if count_tokens(prompt) > budget:
-        raise UserError(f"record {record['id']!r}: the prompt cannot fit in {budget} tokens even without its conversation; raise --max_seq_length or lower --max_new_tokens")
+        raise UserError(f"record {record['id']!r}: the prompt cannot fit in {budget} tokens even without its "
+                        "conversation; raise --max_seq_length or lower --max_new_tokens")
     return prompt, True
 
 

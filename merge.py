@@ -37,7 +37,8 @@ PROMPT_SETTINGS = (("system_prompt", False), ("clean_inputs", False), ("target_f
 
 @dataclass
 class MergeSettings:
-    adapters: list[str] = field(default_factory=list, metadata={"help": "adapter folders to merge: train.py final/ or checkpoint-N/ folders (2 or more, one base model)"})
+    adapters: list[str] = field(default_factory=list, metadata={"help": (
+        "adapter folders to merge: train.py final/ or checkpoint-N/ folders (2 or more, one base model)")})
     method: str = field(default="cat", metadata={"choices": MERGE_METHODS, "help": (
         "PEFT add_weighted_adapter combination: cat = exact sum of weight x update, rank = sum of the ranks; "
         "svd = the same sum cut back to the largest rank by SVD; linear = the weighted sum of the LoRA A matrices "
@@ -46,13 +47,16 @@ class MergeSettings:
     weights: list[float] = field(default_factory=list, metadata={"help": (
         "each adapter's share, the same meaning for every method (converted to PEFT's weights per method): "
         "none given: 1/n each, so n copies of one adapter merge back into that adapter")})
-    density: float | None = field(default=None, metadata={"help": "share of values kept, in (0, 1]: needed by ties, dare_ties, dare_linear"})
+    density: float | None = field(default=None, metadata={"help": (
+        "share of values kept, in (0, 1]: needed by ties, dare_ties, dare_linear")})
     seed: int = field(default=3407, metadata={"help": "seed of dare_* random pruning (the same seed repeats a merge)"})
-    output_dir: str = field(default="outputs/merged", metadata={"help": "folder for the merged adapter (infer.py --model takes it like final/)"})
+    output_dir: str = field(default="outputs/merged", metadata={"help": (
+        "folder for the merged adapter (infer.py --model takes it like final/)")})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "replace an existing output_dir"})
 
 
-MERGE_DESCRIPTION = "Merge LoRA adapters (runs, seeds or checkpoints of one base model) with PEFT's add_weighted_adapter."
+MERGE_DESCRIPTION = ("Merge LoRA adapters (runs, seeds or checkpoints of one base model) with PEFT's "
+                     "add_weighted_adapter.")
 
 
 def peft_weights(method: str, shares: list[float]) -> list[float]:
@@ -104,7 +108,8 @@ def check_merge(cfg: MergeSettings, adapters: list[tuple[dict, dict, Path | None
         raise UserError(f"--weights: {len(weights)} given for {len(cfg.adapters)} adapters (one each)")
     bases = sorted({str(adapter.get("base_model_name_or_path")) for adapter, _, _ in adapters})
     if len(bases) > 1:
-        raise UserError(f"--adapters: trained on different base models ({', '.join(bases)}); only adapters of one base merge")
+        raise UserError(f"--adapters: trained on different base models ({', '.join(bases)}); only adapters of one "
+                        "base merge")
     ranks = [adapter.get("r") for adapter, _, _ in adapters]
     if cfg.method in EQUAL_RANK_METHODS and len(set(ranks)) > 1:
         raise UserError(f"--method {cfg.method} needs equal LoRA ranks, got {ranks}; --method cat is exact for any "
@@ -122,7 +127,8 @@ def check_merge(cfg: MergeSettings, adapters: list[tuple[dict, dict, Path | None
                         "run_config.json of the run that trained it into that folder")
     for key, default in PROMPT_SETTINGS:
         if len({run_config.get(key, default) for _, run_config, _ in adapters}) > 1:
-            raise UserError(f"--adapters: trained with different prompts ({key} differs); a merged adapter is prompted one way")
+            raise UserError(f"--adapters: trained with different prompts ({key} differs); a merged adapter is "
+                            "prompted one way")
     if Path(cfg.output_dir).exists() and not cfg.overwrite_output_dir:
         raise UserError(f"--output_dir {cfg.output_dir}: exists; pass --overwrite_output_dir or choose another folder")
     if any(Path(cfg.output_dir).resolve() == Path(path).resolve() for path in cfg.adapters):
@@ -197,7 +203,8 @@ def merge_main(cfg: MergeSettings) -> None:
     staging = output_dir.with_name(f".{output_dir.name}.partial")
     if staging.exists():
         shutil.rmtree(staging)
-    model.save_pretrained(str(staging), selected_adapters=["merged"])  # PEFT puts a non-default adapter in staging/merged
+    # PEFT puts a non-default adapter in staging/merged
+    model.save_pretrained(str(staging), selected_adapters=["merged"])
     merged = staging / "merged"
     write_in_dtype_of(merged / "adapter_model.safetensors", Path(cfg.adapters[0]) / "adapter_model.safetensors")
     tokenizer.save_pretrained(str(merged))
