@@ -29,7 +29,8 @@ STAGE_HELP = {
              "characters in its order (any layout), removed; each listed under 'leaks'"),
     "dev_reference": ("pseudo-labels whose summary is a dev reference or nearly (3-gram Jaccard >= dedup_threshold), "
                       "removed; each listed under pseudo_labels.dev_references"),
-    "duplicate": "near-duplicates (MinHash LSH, 3-gram Jaccard >= dedup_threshold) of an earlier kept augmentation row, removed",
+    "duplicate": ("near-duplicates (MinHash LSH, 3-gram Jaccard >= dedup_threshold) of an earlier kept augmentation "
+                  "row, removed"),
     "too_long": "rows over --max_seq_length, removed",
     "cut": "competition rows shortened by dropping middle utterances",
     "kept": "rows written",
@@ -85,8 +86,10 @@ def plot_lengths(path: Path, groups: dict[str, list[Row]]) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, part in zip(axes, ("prompt", "completion")):
-        lengths = {label: [sum(len(m["content"]) for m in getattr(row, part)) for row in rows] for label, rows in groups.items()}
-        edges = np.histogram_bin_edges([n for values in lengths.values() for n in values] or [0], bins=40)  # shared: bars compare
+        lengths = {label: [sum(len(m["content"]) for m in getattr(row, part)) for row in rows]
+                   for label, rows in groups.items()}
+        every = [n for values in lengths.values() for n in values] or [0]
+        edges = np.histogram_bin_edges(every, bins=40)  # shared by both groups: their bars compare
         for label, values in lengths.items():
             if values:
                 ax.hist(values, bins=edges, alpha=0.6, label=f"{label} ({len(values)})")
@@ -128,7 +131,8 @@ def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Any:
     return table
 
 
-def summary_tables(counts: dict[str, dict[str, int]], stages: tuple[str, ...], lengths: dict[str, dict[str, int]]) -> list:
+def summary_tables(counts: dict[str, dict[str, int]], stages: tuple[str, ...],
+                   lengths: dict[str, dict[str, int]]) -> list:
     """The tables prep.py ends with: rows per source and stage, and the length percentiles of the train rows."""
     keys = ["p50", "p90", "p99", "max"]
     return [rich_table("rows per source and stage", ["stage", *counts],
