@@ -9,6 +9,7 @@ Terminal:
     python prep.py --train_on_dev --clean_inputs     # the final run: dev folded into train
     python prep.py --unify_targets --show_changes 5  # preview the target rules (then drop --show_changes to write)
     python prep.py --unify_targets --target_format structured   # one format, in ## sections (infer.py flattens)
+    python prep.py --pseudo_labels data/distill/self.jsonl   # self-distillation: a model's summaries of test dialogues
     (augmentation generators: python distill.py distill|magpie ...; their JSONL goes in with --extra;
      python distill.py rewrite writes a competition JSON with teacher-rewritten summaries, for --train)
 
