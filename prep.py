@@ -52,7 +52,8 @@ class PrepSettings:
     train: list[str] = field(default_factory=lambda: ["data/일상대화요약_train.json"], metadata={"help": "competition train file(s)"})
     dev: str = field(default="data/일상대화요약_dev.json", metadata={"help": "competition dev file: dev.jsonl, and kept out of the augmentation rows"})
     test: str = field(default="data/일상대화요약_test.json", metadata={
-        "help": "competition test file: only used to keep its dialogues out of the --extra rows ('none': dev only)"})
+        "help": ("competition test file: keeps its dialogues out of the --extra rows and holds records that "
+                 "--pseudo_labels rows name ('none': dev only)")})
     extra: list[str] = field(default_factory=list, metadata={"help": "augmentation sources: Hub dataset ids (owner/name[:split]) or .json/.jsonl/.parquet files"})
     pseudo_labels: list[str] = field(default_factory=list, metadata={"help": (
         "self-distillation: summaries of test (or other) dialogues, as distill.py distill's JSONL or competition JSON "
