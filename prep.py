@@ -38,7 +38,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from dedup import leaks_then_near_duplicates, near_copies, row_outcomes
 from report import (PSEUDO_LABEL_STAGES, STAGE_HELP, STAGES, Row, dialogue_kinds, length_percentiles, plot_lengths,
@@ -736,7 +736,7 @@ def pseudo_label_record(path: str, index: int, row: Any, known: dict[str, list[t
 
 
 def pseudo_label_pairs(cfg: PrepSettings, competition: list[tuple[str, dict]], dev_pairs: list[tuple[str, dict]],
-                       new_counts: Any, console: Any) -> tuple[list[tuple[str, dict]], list[dict]]:
+                       new_counts: Callable[[str], dict], console: Any) -> tuple[list[tuple[str, dict]], list[dict]]:
     """--pseudo_labels as (file, record) pairs, less those whose summary is a dev reference or nearly (each
     listed); counts loaded, sampled and dev_reference per file (`new_counts(file)` makes its counts)."""
     counts, dev_records = {path: new_counts(path) for path in cfg.pseudo_labels}, [r for _, r in dev_pairs]
