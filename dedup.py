@@ -1,8 +1,8 @@
 """Near-duplicates and leaks: character n-grams, MinHash LSH, vectorised with numpy.
 
 prep.py removes augmentation rows that carry a dev/test dialogue (`leak_matches`) and near-duplicate
-rows (`keep_first_of_near_duplicates`), both in `leaks_then_near_duplicates`; distill.py magpie filters its
-instructions with the same engine.
+rows (`keep_first_of_near_duplicates`), both in `leaks_then_near_duplicates`, and pseudo-labels that copy a dev
+reference (`near_copies`); distill.py magpie filters its instructions with the same engine.
 Pure numpy, no project imports: benchmarked in tests/benchmarks/bench_dedup.py.
 """
 from __future__ import annotations
@@ -340,13 +340,36 @@ def _longest_chains(size: np.ndarray, source: np.ndarray, target: np.ndarray) ->
 
 
 def leaks_then_near_duplicates(texts: list[str], dialogues: list[list[str]], threshold: float, on_leak_progress=None,
-                               on_duplicate_progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(dialogue each text carries or -1, its share, keep-mask): leaks go, then near-duplicates among the rest."""
-    matched, shares = leak_matches(texts, dialogues, on_leak_progress)
+                               on_duplicate_progress=None, exempt: list[bool] | None = None
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dialogue each text carries or -1, its share, keep-mask): leaks go, then near-duplicates among the rest.
+    Texts marked `exempt` (pseudo-labels, written for held-out dialogues on purpose) skip the leak check only."""
+    checked = np.flatnonzero(~np.asarray(exempt, dtype=bool)) if exempt is not None else np.arange(len(texts))
+    matched, shares = np.full(len(texts), -1), np.zeros(len(texts))
+    matched[checked], shares[checked] = leak_matches([texts[k] for k in checked], dialogues, on_leak_progress)
     survivors = np.flatnonzero(matched < 0)
     keep = np.zeros(len(texts), dtype=bool)
     keep[survivors] = keep_first_of_near_duplicates([texts[k] for k in survivors], threshold, on_duplicate_progress)
     return matched, shares, keep
+
+
+def near_copies(texts: list[str], references: list[str], threshold: float,
+                same: list[tuple[int, int]] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(index of the reference each text nearly equals or -1, that 3-gram Jaccard): MinHash LSH proposes
+    (reference, text) pairs, the `same` (text, reference) pairs are always compared, and the exact Jaccard
+    decides (>= threshold)."""
+    signatures = minhash_signatures(references + texts)
+    i, j = candidate_pairs(signatures)  # earlier, later: references come first
+    across = (i < len(references)) & (j >= len(references))
+    forced = np.asarray(same, dtype=np.int64).reshape(-1, 2)
+    i, j = _unique_pairs(np.concatenate([i[across], forced[:, 1]]),
+                         np.concatenate([j[across], forced[:, 0] + len(references)]))
+    similarity = ngram_jaccards(references + texts, i, j) if len(i) else np.empty(0)
+    matched, best = np.full(len(texts), -1), np.zeros(len(texts))
+    for reference, text, value in zip(i.tolist(), (j - len(references)).tolist(), similarity.tolist()):
+        if value >= threshold and value > best[text]:
+            matched[text], best[text] = reference, value
+    return matched, best
 
 
 def row_outcomes(labels: list[tuple[str, int]], dialogue_ids: list[str], matched: np.ndarray, shares: np.ndarray,

@@ -5,6 +5,8 @@ Terminal:
     python distill.py distill --teacher_url local --teacher_model outputs/run/final          # a local model, through generate.py
     python distill.py magpie --model google/gemma-2-27b-it --n 1000                          # synthetic pairs -> JSONL
     python prep.py --extra data/distill/teacher.jsonl                                        # then train on them
+    python distill.py distill --input data/일상대화요약_test.json --teacher_url local --teacher_model outputs/run/final \
+        --output data/distill/self.jsonl && python prep.py --pseudo_labels data/distill/self.jsonl   # self-distillation
     python distill.py rewrite --input data/일상대화요약_train.json --output data/rewrite/train.json \
         --teacher_url http://localhost:8000/v1 --teacher_model MODEL     # references rewritten in our style, guarded
     python prep.py --train data/rewrite/train.json                       # then train on the rewritten targets
@@ -148,6 +150,14 @@ def is_competition_file(path: str | Path) -> bool:
         return False
     data = read_json(path)
     return isinstance(data, list) and bool(data) and isinstance(data[0], dict) and isinstance(data[0].get("input"), dict) and "conversation" in data[0]["input"]
+
+
+def prep_flag(inputs: list[str]) -> str:
+    """How prep.py takes the answers: summaries of unlabeled competition records (a test file) are pseudo-labels, which
+    --extra would drop as leaks of the test dialogues; answers for anything else are augmentation rows."""
+    unlabeled = any(not str(record.get("output") or "").strip() for path in inputs if is_competition_file(path)
+                    for record in read_json(path) if isinstance(record, dict))
+    return "--pseudo_labels" if unlabeled and all(map(is_competition_file, inputs)) else "--extra"
 
 
 def chat_completions_url(base_url: str) -> str:
@@ -540,7 +550,8 @@ def distill_main(cfg: DistillSettings) -> None:
     todo = [item for item in items if item.id not in done]
     console.print(f"{len(items)} input rows: {len(items) - len(todo)} already done (resumed), {len(todo)} to send to {cfg.teacher_model}")
     ask_for_answers(todo, cfg, console)
-    console.print(f"next: {shell_command('python', 'prep.py', '--extra', cfg.output)}", markup=False, soft_wrap=True)
+    console.print(f"next: {shell_command('python', 'prep.py', prep_flag(cfg.input), cfg.output)}", markup=False,
+                  soft_wrap=True)
 
 
 def ask_for_answers(todo: list[DistillItem], cfg: DistillSettings, console: Any) -> None:

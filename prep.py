@@ -9,6 +9,7 @@ Terminal:
     python prep.py --train_on_dev --clean_inputs     # the final run: dev folded into train
     python prep.py --unify_targets --show_changes 5  # preview the target rules (then drop --show_changes to write)
     python prep.py --unify_targets --target_format structured   # one format, in ## sections (infer.py flattens)
+    python prep.py --pseudo_labels data/distill/self.jsonl   # self-distillation: a model's summaries of test dialogues
     (augmentation generators: python distill.py distill|magpie ...; their JSONL goes in with --extra;
      python distill.py rewrite writes a competition JSON with teacher-rewritten summaries, for --train)
 
@@ -31,18 +32,17 @@ import os
 import random
 import re
 import shlex
-import shutil
 import sys
 import tempfile
 import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-import numpy as np
-
-from dedup import LEAK_MIN_SHARE, LEAK_MIN_STRETCH, leaks_then_near_duplicates, row_outcomes
+from dedup import leaks_then_near_duplicates, near_copies, row_outcomes
+from report import (PSEUDO_LABEL_STAGES, STAGE_HELP, STAGES, Row, dialogue_kinds, length_percentiles, plot_lengths,
+                    rich_table, summary_tables, write_outputs)
 from targets import (STRUCTURED_INSTRUCTION, TARGET_FORMATS, clean_records, drop_middle_utterances, fewest_middle_cuts,
                      format_target, name_ids, target_change_lines, unify_records)
 
@@ -52,8 +52,12 @@ class PrepSettings:
     train: list[str] = field(default_factory=lambda: ["data/일상대화요약_train.json"], metadata={"help": "competition train file(s)"})
     dev: str = field(default="data/일상대화요약_dev.json", metadata={"help": "competition dev file: dev.jsonl, and kept out of the augmentation rows"})
     test: str = field(default="data/일상대화요약_test.json", metadata={
-        "help": "competition test file: only used to keep its dialogues out of the --extra rows ('none': dev only)"})
+        "help": ("competition test file: keeps its dialogues out of the --extra rows and holds records that "
+                 "--pseudo_labels rows name ('none': dev only)")})
     extra: list[str] = field(default_factory=list, metadata={"help": "augmentation sources: Hub dataset ids (owner/name[:split]) or .json/.jsonl/.parquet files"})
+    pseudo_labels: list[str] = field(default_factory=list, metadata={"help": (
+        "self-distillation: summaries of test (or other) dialogues, as distill.py distill's JSONL or competition JSON "
+        "with 'output' filled; exempt from the leak check on their dialogue, dropped if (nearly) a dev reference")})
     out: str = field(default="data/prepared", metadata={"help": "output directory (train.jsonl, dev.jsonl, stats.json, lengths.png)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer name or path for exact lengths (default: the model's, if in the local HF cache, else an estimate)"})
     max_seq_length: int = field(default=8192, metadata={"help": "longest row in tokens: longer competition rows lose middle utterances, longer augmentation rows go"})
@@ -448,33 +452,6 @@ EXTRA_SHAPES = (
     "question/answer",
     "questions/references (LogicKor)",
 )
-STAGES = ("loaded", "sampled", "unusable", "leak", "duplicate", "too_long", "cut", "kept")
-STAGE_HELP = {
-    "loaded": "rows read",
-    "sampled": "rows left after --limit",
-    "unusable": "rows without a usable user/assistant exchange (empty text, roles out of order)",
-    "leak": (f"rows holding {LEAK_MIN_SHARE:.0%}+ of a dev/test dialogue's text in stretches of {LEAK_MIN_STRETCH}+ "
-             "characters in its order (any layout), removed; each listed under 'leaks'"),
-    "duplicate": "near-duplicates (MinHash LSH, 3-gram Jaccard >= dedup_threshold) of an earlier kept augmentation row, removed",
-    "too_long": "rows over --max_seq_length, removed",
-    "cut": "competition rows shortened by dropping middle utterances",
-    "kept": "rows written",
-}
-
-
-@dataclass
-class Row:
-    """One training row in TRL's conversational prompt/completion form, plus where it came from."""
-
-    id: str
-    source: str
-    prompt: list[dict]
-    completion: list[dict]
-    tokens: int = 0
-
-    def to_json(self) -> str:
-        row = {"id": self.id, "source": self.source, "prompt": self.prompt, "completion": self.completion}
-        return json.dumps(row, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,40 +654,6 @@ def fit_competition_record(record: dict, source: str, cfg: "PrepSettings", token
     return (measure(drop_middle_utterances(record, n_cut)), n_cut) if n_cut else (None, 0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------------
-
-def percentiles(values: list[int]) -> dict[str, int]:
-    if not values:
-        return {}
-    data = np.asarray(values)
-    return {f"p{q}": int(np.percentile(data, q, method="lower")) for q in (50, 90, 99)} | {"max": int(data.max())}
-
-
-def plot_lengths(path: Path, groups: dict[str, list[Row]]) -> None:
-    """Histogram of prompt and summary lengths (characters), competition vs augmentation rows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, part in zip(axes, ("prompt", "completion")):
-        lengths = {label: [sum(len(m["content"]) for m in getattr(row, part)) for row in rows] for label, rows in groups.items()}
-        edges = np.histogram_bin_edges([n for values in lengths.values() for n in values] or [0], bins=40)  # shared: bars compare
-        for label, values in lengths.items():
-            if values:
-                ax.hist(values, bins=edges, alpha=0.6, label=f"{label} ({len(values)})")
-        ax.set_title("prompt" if part == "prompt" else "summary / answer")
-        ax.set_xlabel("characters")
-        ax.set_ylabel("rows")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-
-
 def sample_rows(items: list, limit: int | None, seed: int) -> list:
     """A seeded random `limit` of the items, in their original order."""
     if limit is None or len(items) <= limit:
@@ -753,6 +696,74 @@ def load_competition(paths: list[str], role: str, seen_ids: dict[str, str]) -> t
     return out, dropped
 
 
+def read_pseudo_labels(path: str, known: dict[str, list[tuple[str, dict]]]) -> list[tuple[int, dict]]:
+    """(row number, record with the pseudo-label as `output`) for each row of a --pseudo_labels file (.json, .jsonl)."""
+    if not Path(path).is_file():
+        raise UserError(f"--pseudo_labels {path}: file not found")
+    rows = read_local_rows(Path(path))
+    if not rows:
+        raise UserError(f"{path}: no rows; --pseudo_labels takes distill.py distill's JSONL or competition JSON")
+    return [(index, pseudo_label_record(path, index, row, known)) for index, row in enumerate(rows)]
+
+
+def pseudo_label_record(path: str, index: int, row: Any, known: dict[str, list[tuple[str, dict]]]) -> dict:
+    """A competition record with `output` filled (infer.py's predictions) as it is; a distill.py distill row as the
+    --train/--dev/--test record (`known`) of its `id` whose dialogue its prompt holds, with the summary as `output`.
+    Either is then rendered like every competition record (one prompt for all)."""
+    where = _record_label(path, index, row)
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected an object, got {type(row).__name__}")
+    if isinstance(row.get("input"), dict):
+        record, _ = validate_record(row, index, path)
+        if not record["output"].strip():
+            raise UserError(f"{where}: field 'output' is {'empty' if 'output' in row else 'missing'}; "
+                            "every pseudo-label needs its summary")
+        return record
+    flat = "completion" in row or "prompt" in row  # distill.py distill --format prompt_completion
+    summary_field, prompt_field = ("completion", "prompt") if flat else ("output", "instruction")
+    if not as_text(row.get(summary_field)):
+        raise UserError(f"{where}: field '{summary_field}': expected the summary, a non-empty string")
+    if not isinstance(row.get(prompt_field), str):
+        raise UserError(f"{where}: field '{prompt_field}': expected the prompt the summary answers, a string")
+    if not isinstance(row.get("id"), str) or row["id"] not in known:
+        raise UserError(f"{where}: field 'id': no record of --train, --dev or --test has it; summaries of other "
+                        "dialogues go in as competition records with 'output' filled")
+    for _, record in known[row["id"]]:
+        if conversation_text(record["input"]["conversation"]) in row[prompt_field]:
+            return {**record, "output": as_text(row[summary_field])}
+    raise UserError(f"{where}: field '{prompt_field}': does not hold the dialogue of record {row['id']!r} in "
+                    f"{known[row['id']][0][0]}; was it written for another version of that file?")
+
+
+def pseudo_label_pairs(cfg: PrepSettings, competition: list[tuple[str, dict]], dev_pairs: list[tuple[str, dict]],
+                       new_counts: Callable[[str], dict], console: Any) -> tuple[list[tuple[str, dict]], list[dict]]:
+    """--pseudo_labels as (file, record) pairs, less those whose summary is a dev reference or nearly (each
+    listed); counts loaded, sampled and dev_reference per file (`new_counts(file)` makes its counts)."""
+    counts, dev_records = {path: new_counts(path) for path in cfg.pseudo_labels}, [r for _, r in dev_pairs]
+    known: dict[str, list[tuple[str, dict]]] = {}
+    for source, record in competition:
+        known.setdefault(record["id"], []).append((source, record))
+    found = []
+    for path in cfg.pseudo_labels:
+        rows = read_pseudo_labels(path, known)
+        sampled = sample_rows(rows, cfg.limit, cfg.seed)
+        counts[path]["loaded"], counts[path]["sampled"] = len(rows), len(sampled)
+        found += [(path, number, record) for number, record in sampled]
+    dev_at = {record["id"]: k for k, record in enumerate(dev_records)}  # a row for a dev record meets its reference
+    same = [(k, dev_at[record["id"]]) for k, (_, _, record) in enumerate(found) if record["id"] in dev_at]
+    matched, similarity = near_copies([r["output"] for _, _, r in found], [r["output"] for r in dev_records],
+                                      cfg.dedup_threshold, same)
+    copies = [{"source": path, "row": number, "id": record["id"], "matched": dev_records[m]["id"],
+               "similarity": round(float(value), 3)}
+              for (path, number, record), m, value in zip(found, matched, similarity) if m >= 0]
+    for copy in copies:
+        counts[copy["source"]]["dev_reference"] += 1
+    named = [f"{copy['source']} row {copy['row']} ({copy['id']}) = {copy['matched']}" for copy in copies]
+    console.print(f"{len(found)} pseudo-labels; removed {len(copies)} whose summary is a dev reference or nearly"
+                  f"{name_ids(named)}", soft_wrap=True)
+    return [(path, record) for (path, _, record), m in zip(found, matched) if m < 0], copies
+
+
 def check_settings(cfg: PrepSettings) -> None:
     if cfg.max_seq_length < 64:
         raise UserError(f"--max_seq_length {cfg.max_seq_length}: must be at least 64 tokens")
@@ -768,43 +779,21 @@ def check_settings(cfg: PrepSettings) -> None:
         raise UserError(f"--out {cfg.out}: exists and is not a directory")
     if len(set(cfg.extra)) != len(cfg.extra):
         raise UserError("--extra: the same source is listed twice")
+    inputs = [*cfg.train, cfg.dev, *cfg.extra]
+    for path in cfg.pseudo_labels:
+        if path in inputs or cfg.pseudo_labels.count(path) > 1:
+            raise UserError(f"--pseudo_labels {path}: given twice (or also as --train, --dev or --extra); pass it once")
     if needs_test_file(cfg) and not Path(cfg.test).is_file():
-        raise UserError(f"--test {cfg.test}: file not found; the --extra rows must be checked against the test "
-                        f"dialogues: pass --test PATH to the competition test file (--test {NO_TEST}: dev only)")
+        why = "the --extra rows must be checked against the test dialogues" if cfg.extra else \
+            "--pseudo_labels rows name its records"
+        raise UserError(f"--test {cfg.test}: file not found; {why}: pass --test PATH to the competition test file "
+                        f"(--test {NO_TEST}: dev only)")
 
 
 def needs_test_file(cfg: PrepSettings) -> bool:
-    """The test file matters only for the leak check; a path the user typed is read even without --extra."""
-    return cfg.test != NO_TEST and (bool(cfg.extra) or cfg.test != PrepSettings.test)
-
-
-def write_outputs(out: Path, files: dict[str, Any]) -> None:
-    """Write every file into a temp dir next to `out`, then move them in: no half-written output."""
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        for name, content in files.items():
-            if callable(content):
-                content(staging / name)
-            else:
-                (staging / name).write_text(content, encoding="utf-8")
-        for name in files:
-            os.replace(staging / name, out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Any:
-    """A titled table: the first column names the row, the others hold right-aligned figures."""
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    table.add_column(header[0])
-    for name in header[1:]:
-        table.add_column(name, justify="right", overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    return table
+    """The test file matters only for the leak check and pseudo-label ids; a path the user typed is read even without
+    them."""
+    return cfg.test != NO_TEST and (bool(cfg.extra or cfg.pseudo_labels) or cfg.test != PrepSettings.test)
 
 
 def main(cfg: PrepSettings) -> None:
@@ -821,9 +810,10 @@ def main(cfg: PrepSettings) -> None:
     console.print(rich_table("settings", ["setting", "value"], [[f.name, str(getattr(cfg, f.name))]
                                                                  for f in dataclasses.fields(cfg)]))
     counts: dict[str, dict[str, int]] = {}
+    stages = PSEUDO_LABEL_STAGES if cfg.pseudo_labels else STAGES
 
     def new_counts(source: str) -> dict[str, int]:
-        counts[source] = dict.fromkeys(STAGES, 0)
+        counts[source] = dict.fromkeys(stages, 0)
         return counts[source]
 
     console.rule("competition data")
@@ -848,6 +838,11 @@ def main(cfg: PrepSettings) -> None:
         train_pairs, dev_pairs = train_pairs + dev_pairs, []
     for source, _ in train_pairs:
         counts[source]["sampled"] += 1
+    copies: list[dict] = []  # pseudo-labels dropped for holding a dev reference
+    if cfg.pseudo_labels:
+        console.rule("pseudo-labels (--pseudo_labels)")
+        pseudo_pairs, copies = pseudo_label_pairs(cfg, train[0] + dev[0] + test[0], dev[0], new_counts, console)
+        train_pairs += pseudo_pairs  # from here on like competition rows: targets, cleaning, length policy
     unified = None
     if cfg.unify_targets or cfg.show_changes:
         console.rule("targets (--unify_targets)")
@@ -881,22 +876,30 @@ def main(cfg: PrepSettings) -> None:
         console.print(f"{source}: {len(rows)} rows, {len(found)} usable, shapes: {', '.join(sorted({detect_shape(r) for _, r in indexed}))}")
 
     progress_columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    if extras:
+    pseudo_at = [k for k, (source, _) in enumerate(train_pairs) if source in cfg.pseudo_labels]
+    pseudo_rows = [competition_row(train_pairs[k][1], train_pairs[k][0], cfg.system_prompt, cfg.target_format)
+                   for k in pseudo_at]
+    if extras or pseudo_rows:
         console.rule("leakage and near-duplicates (MinHash)")
-        if cfg.test == NO_TEST:
+        if cfg.test == NO_TEST and extras:
             console.print("[bold red]--test none: NO TEST DIALOGUES CHECKED; augmentation rows that carry a test "
                           "dialogue stay in training[/bold red]")
-        texts = ["\n".join(m["content"] for m in row.prompt + row.completion) for row in extras]
+        texts = ["\n".join(m["content"] for m in row.prompt + row.completion) for row in extras + pseudo_rows]
+        exempt = [k >= len(extras) for k in range(len(texts))]  # pseudo-labels hold a dev/test dialogue on purpose
         dialogues = [[t["utterance"] for t in r["input"]["conversation"]] for _, r in dev[0] + test[0]]  # as given, not cleaned
         dialogue_ids = [r["id"] for _, r in dev[0] + test[0]]
         with Progress(*progress_columns, console=console, transient=True) as progress:
-            on_progress = [functools.partial(progress.advance, progress.add_task(task, total=len(texts)))
-                           for task in ("leak check", "near-duplicates")]
-            matched, shares, keep = leaks_then_near_duplicates(texts, dialogues, cfg.dedup_threshold, *on_progress)
+            on_progress = [functools.partial(progress.advance, progress.add_task(task, total=total))
+                           for task, total in (("leak check", len(extras)), ("near-duplicates", len(texts)))]
+            matched, shares, keep = leaks_then_near_duplicates(texts, dialogues, cfg.dedup_threshold, *on_progress,
+                                                               exempt)
         labels = [(row.source, int(row.id.rsplit(":", 1)[1])) for row in extras]
+        labels += [(row.source, -1) for row in pseudo_rows]  # never listed: an exempt row is no leak
         leaks, outcomes = row_outcomes(labels, dialogue_ids, matched, shares, keep)
-        for row, outcome in zip(extras, outcomes):
+        for row, outcome in zip(extras + pseudo_rows, outcomes):
             counts[row.source][outcome] += outcome != "kept"
+        duplicates = {k for k, outcome in zip(pseudo_at, outcomes[len(extras):]) if outcome != "kept"}
+        train_pairs = [pair for k, pair in enumerate(train_pairs) if k not in duplicates]
         extras = [row for row, outcome in zip(extras, outcomes) if outcome == "kept"]
         named = [f"{leak['source']} row {leak['row']} = {leak['matched']} ({leak['share']:.0%})" for leak in leaks]
         console.print(f"removed {len(leaks)} rows carrying a dev/test dialogue{name_ids(named)}; "
@@ -944,14 +947,14 @@ def main(cfg: PrepSettings) -> None:
         console.print(f"[yellow]competition train rows dropped, question + summary alone too long: {len(too_long_ids)}{name_ids(too_long_ids)}[/yellow]", soft_wrap=True)
     if not train_rows:
         raise UserError(f"no training rows left after the length policy (--max_seq_length {cfg.max_seq_length}); nothing was written")
+    pseudo_kept = dialogue_kinds([row.id for row in train_rows if row.source in cfg.pseudo_labels],
+                                 {"test": test[0], "dev": dev[0], "train": train[0]})
+    if pseudo_kept.get("dev") and not cfg.train_on_dev:
+        console.print(f"[yellow]{pseudo_kept['dev']} pseudo-labels summarize dev dialogues: the eval loss on dev.jsonl "
+                      "is no longer held out[/yellow]")
 
     console.rule("output")
-    lengths = {
-        "train_tokens": percentiles([r.tokens for r in train_rows]),
-        "dev_tokens": percentiles([r.tokens for r in dev_rows]),
-        "prompt_chars": percentiles([sum(len(m["content"]) for m in r.prompt) for r in train_rows]),
-        "summary_chars": percentiles([len(r.completion[0]["content"]) for r in train_rows]),
-    }
+    lengths = length_percentiles(train_rows, dev_rows)
     stats = {
         # How the prompt was built: train.py carries these to the adapter so inference matches.
         "system_prompt": cfg.system_prompt,
@@ -961,10 +964,11 @@ def main(cfg: PrepSettings) -> None:
         "length_counting": length_method,
         "rows": {"train": len(train_rows), "dev": len(dev_rows)},
         "sources": counts,
-        "stage_meaning": STAGE_HELP,
+        "stage_meaning": {stage: STAGE_HELP[stage] for stage in stages},
         "empty_utterances_dropped": empty_dropped,
         "leaks": leaks,
         "leak_check_dialogues": {"dev": len(dev[0]), "test": len(test[0])} if cfg.extra else None,
+        **({"pseudo_labels": {"kept_by_dialogue": pseudo_kept, "dev_references": copies}} if cfg.pseudo_labels else {}),
         "clean_inputs_effect": cleaning,
         "unify_targets_effect": unified,  # ids per rule and per problem left, train targets only
         "utterances_cut_from_middle": cut_utterances,
@@ -983,11 +987,7 @@ def main(cfg: PrepSettings) -> None:
             "augmentation": [r for r in train_rows if r.source not in competition_sources],
         }),
     })
-    console.print(rich_table("rows per source and stage", ["stage", *counts],
-                             [[stage, *(str(source[stage]) for source in counts.values())] for stage in STAGES]))
-    keys = ["p50", "p90", "p99", "max"]
-    console.print(rich_table("lengths (train rows)", ["measure", *keys],
-                             [[name, *(str(values[k]) for k in keys)] for name, values in lengths.items() if values]))
+    console.print(*summary_tables(counts, stages, lengths))
     console.print(f"wrote {len(train_rows)} train and {len(dev_rows)} dev rows, stats.json and lengths.png to {out}/ in {time.time() - started:.1f}s")
     data_flag = [] if Path(cfg.out) == Path(PrepSettings.out) else ["--data", cfg.out]  # train.py's default data
     console.print(f"next: {shell_command('python', 'train.py', *data_flag)}", markup=False, soft_wrap=True)

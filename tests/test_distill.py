@@ -332,6 +332,30 @@ def test_http_output_feeds_prep_extra(tmp_path, server):
     assert sorted(row["completion"][0]["content"] for row in from_teacher) == sorted(answer_for(f"topic-{i:02d}") for i in range(3))
 
 
+def test_summaries_of_the_test_file_feed_prep_pseudo_labels(tmp_path, server):
+    """Over a test file (no outputs) the next command is --pseudo_labels, and it keeps what --extra drops as leaks."""
+    test = [{key: value for key, value in r.items() if key != "output"} for r in make_input(tmp_path / "test.json", 3)]
+    (tmp_path / "test.json").write_text(json.dumps(test, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "self.jsonl"
+    result = run(distill_command(tmp_path / "test.json", out, server.url))
+    assert result.returncode == 0, result.stderr
+    assert f"next: python prep.py --pseudo_labels {out}" in result.stdout
+    sample = ["--train", "data/sample/train.json", "--dev", "data/sample/dev.json", "--test", str(tmp_path / "test.json")]
+    for flag, folder in (("--pseudo_labels", "with"), ("--extra", "without")):
+        prepared = run([sys.executable, str(REPO / "prep.py"), *sample, flag, str(out), "--out", str(tmp_path / folder)])
+        assert prepared.returncode == 0, prepared.stderr
+    kept = [row for row in read_jsonl(tmp_path / "with" / "train.jsonl") if row["source"] == str(out)]
+    assert sorted((row["id"], row["prompt"], row["completion"][0]["content"]) for row in kept) == \
+        [(r["id"], prep.build_messages(r), answer_for(r["input"]["subject_keyword"][0])) for r in test]  # any order
+    assert not [row for row in read_jsonl(tmp_path / "without" / "train.jsonl") if row["source"] == str(out)]
+
+
+def test_next_flag_for_the_answers():
+    assert distill.prep_flag([str(REPO / "data/sample/test.json")]) == "--pseudo_labels"
+    assert distill.prep_flag([str(REPO / "data/sample/train.json")]) == "--extra"
+    assert distill.prep_flag([str(REPO / "data/sample/test.json"), str(REPO / "data/sample/extra_alpaca.json")]) == "--extra"
+
+
 def test_truncated_last_line_from_a_crash_is_dropped(tmp_path):
     out = tmp_path / "o.jsonl"
     out.write_text('{"id": "a", "output": "x"}\n{"id": "b", "outp', encoding="utf-8")
