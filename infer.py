@@ -23,7 +23,8 @@ The prompt comes from prep.py (`build_messages`), the same function training use
 vLLM instead of Unsloth's generate() (from the vLLM venv, see README):
     .venv-vllm/bin/python infer.py --engine vllm --input data/일상대화요약_test.json
 
-Model loading and the two engines live in generate.py; the metrics in score.py.
+Model loading and the two engines live in generate.py; the metrics in score.py; the partial and candidates
+files and the submission's checks in progress.py; the preference pairs (--preference_out) in preference.py.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import pytest
 
 import preference
 import score
-from conftest import REPO_ROOT, SAMPLE_DIR, assert_one_line_error, run_script
+from conftest import SAMPLE_DIR, assert_one_line_error, run_script
 from infer import InferSettings
 from prep import UserError, competition_row
 from targets import clean_records
