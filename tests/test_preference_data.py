@@ -89,7 +89,8 @@ def test_build_pair_follows_the_format_and_skip_reasons_say_why():
 def test_the_prompt_is_the_sft_rows_with_the_trained_prompt_settings():
     record = next(r for r in sample_records() if clean_records([r])[0][0] != r)  # one that cleaning changes
     settings = {"system_prompt": True, "clean_inputs": True, "target_format": "prose"}
-    sft = competition_row(clean_records([record])[0][0], "train", True, "prose")  # prep.py --clean_inputs --system_prompt
+    # The SFT row prep.py --clean_inputs --system_prompt writes for the record:
+    sft = competition_row(clean_records([record])[0][0], "train", True, "prose")
     assert preference.pair_prompt(record, settings) == sft.prompt
     assert preference.pair_prompt(record, PROSE) != sft.prompt
 
@@ -177,7 +178,8 @@ def test_pairs_from_a_memorized_run_match_independent_scores_and_resume(tmp_path
         assert set(row) == PREF_KEYS
         assert row["chosen"] == [{"role": "assistant", "content": texts[best]}]
         assert row["rejected"] == [{"role": "assistant", "content": texts[worst]}]
-        assert row["chosen_score"] == pytest.approx(values[best]) and row["rejected_score"] == pytest.approx(values[worst])
+        assert row["chosen_score"] == pytest.approx(values[best])
+        assert row["rejected_score"] == pytest.approx(values[worst])
         assert row["margin"] == pytest.approx(values[best] - values[worst])
         assert row["metric"] == "rouge1" and row["base_model"] == run_config["base_model"]
         assert row["prompt_settings"] == PROSE
