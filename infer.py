@@ -10,6 +10,8 @@ Terminal:
     python infer.py --model outputs/run1 --input data/일상대화요약_dev.json   # every checkpoint of a run, scored: a table
     python infer.py --input data/일상대화요약_test.json --retry_empty         # redo only the summaries that came out empty
     python infer.py --input data/일상대화요약_test.json --regenerate_flagged  # redo only what the output guard flagged
+    python infer.py --model outputs/run1/final --input data/일상대화요약_train.json --num_samples 8 \
+        --preference_out data/prepared/preference.jsonl                    # DPO/KTO pairs: best vs worst candidate
 
 Colab:
     !python infer.py --input data/일상대화요약_test.json --output submission.json
@@ -21,15 +23,14 @@ The prompt comes from prep.py (`build_messages`), the same function training use
 vLLM instead of Unsloth's generate() (from the vLLM venv, see README):
     .venv-vllm/bin/python infer.py --engine vllm --input data/일상대화요약_test.json
 
-Model loading and the two engines live in generate.py; the metrics in score.py.
+Model loading and the two engines live in generate.py; the metrics in score.py; the partial and candidates
+files and the submission's checks in progress.py; the preference pairs (--preference_out) in preference.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,7 +74,6 @@ from score import (
     BLEURT_MODEL,
     KNOWN_METRICS,
     MetricModels,
-    guard_flags,
     guard_report,
     length_band,
     load_scorers,
@@ -85,7 +85,28 @@ from score import (
     select_candidates,
     write_scores,
 )
-from targets import clean_record, flatten_structured, looks_structured
+from preference import CHOSEN, check_preference_paths, check_preference_settings, write_preference_data
+from progress import (
+    append_partial,
+    as_prose,
+    build_submission,
+    candidates_path,
+    check_resume_settings,
+    check_submission,
+    describe_generation,
+    file_sha256,
+    flag_malformed_structure,
+    flatten_predictions,
+    generated_with,
+    generation_settings,
+    load_partial,
+    next_repetition_penalty,
+    partial_path,
+    print_guard,
+    regeneration_targets,
+    rows_from_output,
+)
+from targets import clean_record
 
 
 @dataclass
@@ -116,168 +137,20 @@ class InferSettings(EngineSettings):
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling for --num_samples"})
     seed: int = field(default=42, metadata={"help": "random seed for --num_samples (a resumed run samples the rest afresh)"})
     scores_file: str | None = field(default=None, metadata={"help": "per-item scores and output-guard flags; default: scores.json next to the output (or the --score file); a run that is not scored writes <output name>.guard.json"})
-
-
-# ---------------------------------------------------------------------------------------------
-# Resumable progress and the submission
-# ---------------------------------------------------------------------------------------------
-
-def partial_path(output: str | Path) -> Path:
-    output = Path(output)
-    return output.with_name(output.name + ".partial.jsonl")
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def candidates_path(output: str | Path) -> Path:
-    output = Path(output)
-    return output.with_name(output.name + ".candidates.jsonl")
-
-
-def load_partial(path: Path, fingerprint: dict) -> dict[str, dict]:
-    """{id: row} from an earlier run for the same input and model (the last row of an id wins);
-    a torn last line is ignored."""
-    if not path.is_file():
-        return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    try:
-        header = json.loads(lines[0]) if lines else {}
-    except json.JSONDecodeError:
-        header = {}
-    made_for = (header.get("fingerprint") or {}).get("target_format", "prose")
-    if made_for != fingerprint.get("target_format", "prose"):
-        raise UserError(f"{path}: holds summaries of a --target_format {made_for} model, and this model was trained "
-                        f"with --target_format {fingerprint.get('target_format', 'prose')}; delete it to start over")
-    if header.get("fingerprint") != fingerprint:
-        raise UserError(f"{path}: left by a run with a different input, model or prompt settings; delete it to start over, or rerun that command")
-    rows = {}
-    for line in lines[1:]:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a batch cut off mid-write by a kill: it is generated again
-        rows[row["id"]] = row
-    return rows
-
-
-def append_partial(path: Path, fingerprint: dict, rows: list[dict]) -> None:
-    """Append finished rows in one write + fsync, so a kill loses at most the batch in flight."""
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if not path.is_file():
-        text = json.dumps({"fingerprint": fingerprint}, ensure_ascii=False) + "\n" + text
-        path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def as_prose(text: str, target_format: str) -> dict:
-    """A partial-file row's text: a structured model's sections flattened to the one paragraph the submission,
-    scoring, the guard and --select see; a text that did not parse is marked, for the guard to flag."""
-    if target_format != "structured":
-        return {"output": text}
-    prose, well_formed = flatten_structured(text)
-    return {"output": prose} if well_formed else {"output": prose, "malformed_structure": True}
-
-
-def flatten_predictions(texts: list[str], where: str, console) -> list[str]:
-    """Prediction files for --score / --select may hold a structured model's raw text: scored as prose."""
-    structured = [looks_structured(text) for text in texts]
-    if any(structured):
-        console.print(f"[yellow]{where}: {sum(structured)} predictions hold ## headings or - bullets; "
-                      "flattened to prose")
-    return [flatten_structured(text)[0] if is_structured else text for text, is_structured in zip(texts, structured)]
-
-
-def flag_malformed_structure(guard: dict, ids: list[str]) -> None:
-    """Add the guard flag of a structured generation that did not parse (it was flattened all the same)."""
-    for item_id in ids:
-        guard["flags"][item_id].append("structure: not the trained sections (flattened)")
-    guard["flagged"] = [i for i in guard["flags"] if guard["flags"][i]]
-
-
-def build_submission(raw_records: list[dict], outputs: dict[str, str]) -> list[dict]:
-    """The input list, same order and fields, with `output` filled in."""
-    return [{**record, "output": outputs.get(record["id"], "")} for record in raw_records]
-
-
-def check_submission(submission: list[dict], raw_records: list[dict], path: str | Path) -> None:
-    """Refuse a submission the official scorer would reject: count, order, ids, fields, empty outputs."""
-    if len(submission) != len(raw_records):
-        raise UserError(f"{path}: submission has {len(submission)} records, input has {len(raw_records)}")
-    for index, (sub, raw) in enumerate(zip(submission, raw_records)):
-        if sub.get("id") != raw.get("id"):
-            raise UserError(f"{path}: record {index}: id {sub.get('id')!r} differs from the input's {raw.get('id')!r}")
-        if {k: v for k, v in sub.items() if k != "output"} != {k: v for k, v in raw.items() if k != "output"}:
-            raise UserError(f"{path}: record {index} (id {sub['id']!r}): fields other than 'output' changed")
-        if not isinstance(sub.get("output"), str) or not sub["output"].strip():
-            raise UserError(f"{path}: record {index} (id {sub['id']!r}): field 'output' is empty")
-
-
-def generation_settings(max_new_tokens: int, repetition_penalty: float) -> dict:
-    """What a partial-file row records about how its summary was generated."""
-    return {"max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty}
-
-
-def generated_with(row: dict, generation: dict) -> bool:
-    return all(row.get(key) == value for key, value in generation.items())
-
-
-def describe_generation(generation: dict) -> str:
-    return ", ".join(f"{key} {value}" for key, value in generation.items())
-
-
-def next_repetition_penalty(used: float | None) -> float:
-    """The penalty to try after `used` (None: an item of an existing --output, taken as generated without one)."""
-    return round(max(used or 1.0, 1.0) + 0.1, 2)
-
-
-def check_resume_settings(rows: dict[str, dict], generation: dict, todo: int, partial: Path) -> None:
-    """A plain resume must not mix settings: the items still to generate get the finished items' settings."""
-    others = {describe_generation({k: row[k] for k in generation}) for row in rows.values() if all(k in row for k in generation)}
-    others.discard(describe_generation(generation))
-    if todo and others:
-        raise UserError(f"{partial}: the finished items were generated with {' / '.join(sorted(others))}; resume with those settings, "
-                        f"or delete it to start over (to change settings for some items only, finish the run, then use --retry_empty or --regenerate_flagged)")
-
-
-def rows_from_output(output: Path, raw_records: list[dict]) -> list[dict]:
-    """The summaries of an earlier complete run's --output, as partial-file rows (how they were generated is unknown)."""
-    previous = read_json(output)
-    if not isinstance(previous, list):
-        raise UserError(f"{output}: expected the JSON list of records an earlier run wrote")
-    check_submission(previous, raw_records, output)
-    return [{"id": record["id"], "output": record["output"]} for record in previous]
-
-
-def regeneration_targets(records: list[dict], outputs: dict[str, str], band: tuple[int, int], retry_empty: bool, regenerate_flagged: bool) -> list[dict]:
-    """The records --retry_empty (empty summaries) and --regenerate_flagged (every guard flag) generate again."""
-    return [r for r in records
-            if (retry_empty and not outputs[r["id"]]) or (regenerate_flagged and guard_flags(outputs[r["id"]], band))]
-
-
-def print_guard(report: dict, console, penalty: float, retry_command: str | None = None) -> None:
-    """The guard's findings; `retry_command`, when given, is the full command that regenerates the flagged items."""
-    flagged = report["flagged"]
-    low, high = report["band_chars"]
-    if not flagged:
-        console.print(f"output guard: no summary outside {low}-{high} chars ({report['band_source']}) or looping")
-        return
-    console.print(f"[yellow]output guard: {len(flagged)} of {len(report['flags'])} summaries flagged "
-                  f"(band {low}-{high} chars: {report['band_source']}; or looping):")
-    for item_id in flagged[:5]:
-        console.print(f"  {item_id}: {'; '.join(report['flags'][item_id])}", markup=False, highlight=False)
-    if len(flagged) > 5:
-        console.print(f"  ... and {len(flagged) - 5} more (all in the per-item report)")
-    if retry_command:
-        console.print(f"to regenerate just these (keeping the rest): {retry_command}", style="yellow", markup=False,
-                      soft_wrap=True)
-    else:
-        console.print("[yellow]to regenerate just these (keeping the rest), rerun the same command with "
-                      f"--regenerate_flagged --repetition_penalty {penalty}")
+    preference_out: str | None = field(default=None, metadata={"help": (
+        "also write DPO/KTO preference pairs here (JSONL; needs --num_samples and an input with references): every "
+        "candidate scored against its reference; per record the best (see --chosen) and the worst")})
+    preference_metric: list[str] = field(default_factory=lambda: ["rouge1", "bertscore", "bleurt"], metadata={"help": (
+        "--preference_out scores each candidate by the mean of these (the leaderboard's); one whose model cannot be "
+        "loaded is left out, and each row's 'metric' names those used")})
+    # 0: the best and worst of N samples make a pair whenever their scores differ, as in MBR-ranked DPO (Yang et al.,
+    # NAACL 2024); the margins printed at the end show where a threshold would cut.
+    min_margin: float = field(default=0.0, metadata={"help": (
+        "--preference_out keeps a pair only when the chosen and rejected scores differ by at least this (and by more "
+        "than 0)")})
+    chosen: str = field(default="best", metadata={"help": (
+        "--preference_out: the chosen side is the best-scoring candidate (best), or the record's reference summary "
+        "(reference)"), "choices": CHOSEN})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,7 +453,7 @@ def choose_output(cfg: InferSettings, kind: str, limit: int | None, total: int) 
 
 def check_settings(cfg: InferSettings) -> None:
     check_engine_settings(cfg)
-    for name in ("metrics", "select_metric"):
+    for name in ("metrics", "select_metric", "preference_metric"):
         unknown = [m for m in getattr(cfg, name) if m not in KNOWN_METRICS]
         if unknown:
             raise UserError(f"--{name}: unknown {unknown}; choose from {list(KNOWN_METRICS)}")
@@ -597,6 +470,7 @@ def check_settings(cfg: InferSettings) -> None:
         raise UserError("--repetition_penalty must be positive (1.0 = off)")
     if cfg.num_samples and (cfg.retry_empty or cfg.regenerate_flagged):
         raise UserError("--retry_empty / --regenerate_flagged regenerate greedy summaries; leave out --num_samples")
+    check_preference_settings(cfg, bool(cfg.model) and is_training_run(Path(cfg.model)))
 
 
 def score_only(cfg: InferSettings, console) -> None:
@@ -627,6 +501,11 @@ def metric_scorers(cfg: InferSettings, console) -> tuple[dict, dict]:
     if key not in LOADED_SCORERS:
         LOADED_SCORERS[key] = load_scorers(list(key[0]), key[1], console)
     return LOADED_SCORERS[key]
+
+
+def preference_scorers(cfg: InferSettings, console) -> tuple[dict, dict]:
+    """metric_scorers for --preference_metric: the same models as scoring's when the metrics are the same."""
+    return metric_scorers(dataclasses.replace(cfg, metrics=cfg.preference_metric), console)
 
 
 def settings_flags(values: dict, defaults: dict) -> list[str]:
@@ -846,6 +725,7 @@ def main(cfg: InferSettings) -> None:
     model_name, run_config = resolve_model(cfg.model)
     system_prompt, clean_inputs = trained_system_prompt(run_config), trained_clean_inputs(run_config)
     target_format = trained_target_format(run_config)
+    check_preference_paths(cfg, output, kind, target_format)
     # What makes the prompts and the model: a partial file made with anything else is not this run's.
     fingerprint = {
         "input_sha256": file_sha256(cfg.input), "model": str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
@@ -871,6 +751,8 @@ def main(cfg: InferSettings) -> None:
     console.print(f"{mode_line(kind, evaluate, records)} -> {output}")
     if evaluate:  # a metric setting that cannot work stops the run before any generation
         metric_scorers(cfg, console)
+    if cfg.preference_out:
+        preference_scorers(cfg, console)
     rows, todo, generation = plan_generation(cfg, records, raw_records, output, partial, fingerprint, band, console)
     # The candidates of --num_samples belong to one model, prompt, generation and sampling setting.
     sampling = {**fingerprint, **generation, "num_samples": cfg.num_samples, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
@@ -986,6 +868,8 @@ def main(cfg: InferSettings) -> None:
             dev_run = infer_command(cfg, input="data/일상대화요약_dev.json", output="dev_pred.json", limit=None)
             console.print(f"next: upload {shell_command(output)}, or score a dev run with {dev_run}", markup=False,
                           soft_wrap=True)
+    if cfg.preference_out:  # last: the submission and its scores are written whatever the pairs come to
+        write_preference_data(cfg, records, sampled, *preference_scorers(cfg, console), model_name, run_config, console)
 
 
 if __name__ == "__main__":

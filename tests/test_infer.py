@@ -20,6 +20,7 @@ import pytest
 
 import generate  # import-light by design: no torch, no unsloth
 import infer
+import progress
 import score
 from conftest import OFFLINE_ENV, REPO_ROOT as REPO, assert_one_line_error, run_script
 from prep import UserError, validate_record
@@ -298,26 +299,26 @@ def test_shorten_to_fit_cuts_the_middle_of_the_conversation():
 
 def test_partial_file_round_trip_ignores_a_torn_line_and_refuses_another_run(tmp_path):
     path = tmp_path / "sub.json.partial.jsonl"
-    infer.append_partial(path, {"a": 1}, [{"id": "1", "output": ""}])
-    infer.append_partial(path, {"a": 1}, [{"id": "2", "output": "둘"}, {"id": "1", "output": "하나", "repetition_penalty": 1.1}])
+    progress.append_partial(path, {"a": 1}, [{"id": "1", "output": ""}])
+    progress.append_partial(path, {"a": 1}, [{"id": "2", "output": "둘"}, {"id": "1", "output": "하나", "repetition_penalty": 1.1}])
     with open(path, "a", encoding="utf-8") as handle:
         handle.write('{"id": "3", "out')  # killed mid-write
-    assert infer.load_partial(path, {"a": 1}) == {"1": {"id": "1", "output": "하나", "repetition_penalty": 1.1}, "2": {"id": "2", "output": "둘"}}
+    assert progress.load_partial(path, {"a": 1}) == {"1": {"id": "1", "output": "하나", "repetition_penalty": 1.1}, "2": {"id": "2", "output": "둘"}}
     with pytest.raises(UserError, match="different"):
-        infer.load_partial(path, {"a": 2})
+        progress.load_partial(path, {"a": 2})
 
 
 def test_a_plain_resume_refuses_to_mix_generation_settings(tmp_path):
-    rows = {"1": {"id": "1", "output": "하나", **infer.generation_settings(1024, 1.0)}, "2": {"id": "2", "output": "둘"}}
+    rows = {"1": {"id": "1", "output": "하나", **progress.generation_settings(1024, 1.0)}, "2": {"id": "2", "output": "둘"}}
     partial = tmp_path / "sub.json.partial.jsonl"
-    infer.check_resume_settings(rows, infer.generation_settings(1024, 1.0), 3, partial)
-    infer.check_resume_settings(rows, infer.generation_settings(1024, 1.1), 0, partial)  # nothing left to generate: nothing mixes
+    progress.check_resume_settings(rows, progress.generation_settings(1024, 1.0), 3, partial)
+    progress.check_resume_settings(rows, progress.generation_settings(1024, 1.1), 0, partial)  # nothing left to generate: nothing mixes
     with pytest.raises(UserError, match="repetition_penalty 1.0; resume with those settings"):
-        infer.check_resume_settings(rows, infer.generation_settings(1024, 1.1), 3, partial)
+        progress.check_resume_settings(rows, progress.generation_settings(1024, 1.1), 3, partial)
 
 
 def test_next_repetition_penalty_is_never_the_one_in_use():
-    assert [infer.next_repetition_penalty(used) for used in (None, 1.0, 1.1, 1.2, 0.9)] == [1.1, 1.1, 1.2, 1.3, 1.1]
+    assert [progress.next_repetition_penalty(used) for used in (None, 1.0, 1.1, 1.2, 0.9)] == [1.1, 1.1, 1.2, 1.3, 1.1]
 
 
 def test_default_output_never_takes_the_submission_name_for_a_partial_or_scored_run():
@@ -341,7 +342,7 @@ def test_regeneration_targets():
     outputs = {"ok": "두 화자는 이 대화에서 여행에 대해 말했습니다. SD2000001은 제주도가 좋다고 말했습니다.", "empty": "", "short": "여행 이야기.",
                "long": "가나다라마바사 " * 20, "loop": "SD2000001은 제주도에 가고 싶다고 말했습니다. " * 2}
     records = [{"id": i} for i in outputs]
-    targets = lambda **flags: [r["id"] for r in infer.regeneration_targets(records, outputs, band, **flags)]  # noqa: E731
+    targets = lambda **flags: [r["id"] for r in progress.regeneration_targets(records, outputs, band, **flags)]  # noqa: E731
     assert targets(retry_empty=True, regenerate_flagged=False) == ["empty"]
     assert targets(retry_empty=False, regenerate_flagged=True) == ["empty", "short", "long", "loop"]
 
@@ -357,16 +358,16 @@ def test_progress_lines_for_logs():
 
 def test_check_submission_refuses_what_the_scorer_would_reject():
     raw = [{"id": "1", "input": {"k": 1}, "output": ""}, {"id": "2", "input": {"k": 2}, "output": ""}]
-    good = infer.build_submission(raw, {"1": "요약", "2": "요약"})
-    infer.check_submission(good, raw, "sub.json")
+    good = progress.build_submission(raw, {"1": "요약", "2": "요약"})
+    progress.check_submission(good, raw, "sub.json")
     for bad, message in [
         (good[:1], "records"),
         ([good[1], good[0]], "differs"),
         ([good[0], {**good[1], "input": {"k": 3}}], "changed"),
-        (infer.build_submission(raw, {"1": "요약", "2": "  "}), "empty"),
+        (progress.build_submission(raw, {"1": "요약", "2": "  "}), "empty"),
     ]:
         with pytest.raises(UserError, match=message):
-            infer.check_submission(bad, raw, "sub.json")
+            progress.check_submission(bad, raw, "sub.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -624,7 +625,7 @@ def test_trained_model_reproduces_memorized_summaries(tmp_path, memorized_run):
                        "--batch_size", "4", "--max_new_tokens", "64", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     submission = json.loads((tmp_path / "submission.json").read_text(encoding="utf-8"))
-    infer.check_submission(submission, json.loads(test_file.read_text(encoding="utf-8")), "submission.json")
+    progress.check_submission(submission, json.loads(test_file.read_text(encoding="utf-8")), "submission.json")
     assert (tmp_path / "scores.json").read_text(encoding="utf-8") == scores_text  # test outputs are empty: no scoring
     guard = json.loads((tmp_path / "submission.guard.json").read_text(encoding="utf-8"))
     assert [item["id"] for item in guard["items"]] == [r["id"] for r in submission]

@@ -417,13 +417,13 @@ def test_e2e_structured_targets_and_prompt(tmp_path, run_script):
 
 
 def test_infer_flattens_and_flags_malformed_structure():
-    import infer
+    import progress
 
-    assert infer.as_prose(f"## {A} 요약\n- {A}은 갔습니다.", "structured") == {"output": f"{A}은 갔습니다."}
-    assert infer.as_prose(f"{A}은 갔습니다.", "structured") == {"output": f"{A}은 갔습니다.", "malformed_structure": True}
-    assert infer.as_prose("## 그대로", "prose") == {"output": "## 그대로"}, "a prose model's text is not touched"
+    assert progress.as_prose(f"## {A} 요약\n- {A}은 갔습니다.", "structured") == {"output": f"{A}은 갔습니다."}
+    assert progress.as_prose(f"{A}은 갔습니다.", "structured") == {"output": f"{A}은 갔습니다.", "malformed_structure": True}
+    assert progress.as_prose("## 그대로", "prose") == {"output": "## 그대로"}, "a prose model's text is not touched"
     guard = {"flags": {"a": [], "b": ["long: 900 chars > 800"], "c": []}, "flagged": ["b"]}
-    infer.flag_malformed_structure(guard, ["c"])
+    progress.flag_malformed_structure(guard, ["c"])
     assert guard["flagged"] == ["b", "c"] and guard["flags"]["c"] == ["structure: not the trained sections (flattened)"]
 
 
