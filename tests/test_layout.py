@@ -1,16 +1,17 @@
 """The scripts import one way: prep.py is the base (with dedup.py, its numpy engine, and targets.py, its text rules,
 below it); score.py, generate.py and train.py build on it (train.py merge lives in merge.py, which reads
 run_config.json as generate.py does); infer.py on score.py and generate.py; distill.py on generate.py and score.py
-(its rewrite guard)."""
+(its rewrite guard); train.py --stage dpo|kto lives in align.py, which reads run_config.json through generate.py."""
 import ast
 import subprocess
 import sys
 
 from conftest import REPO_ROOT
 
-SCRIPTS = ("dedup", "targets", "prep", "score", "generate", "merge", "train", "infer", "distill")
+SCRIPTS = ("dedup", "targets", "prep", "score", "generate", "merge", "align", "train", "infer", "distill")
 ALLOWED = {"dedup": set(), "targets": set(), "prep": {"dedup", "targets"}, "score": {"prep", "targets"},
-           "generate": {"prep"}, "merge": {"prep", "generate"}, "train": {"prep", "merge"},
+           "generate": {"prep"}, "merge": {"prep", "generate"}, "align": {"prep", "generate"},
+           "train": {"prep", "merge", "align"},
            "infer": {"prep", "score", "generate", "targets"},
            "distill": {"dedup", "prep", "generate", "score", "targets"}}
 
