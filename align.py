@@ -110,7 +110,8 @@ def check_stage_settings(cfg) -> None:
             raise UserError("--per_device_train_batch_size must be 2 or more for --loss_type kto (TRL estimates "
                             "its KL term from the other rows of a micro-batch)")
     if cfg.loss_weights is not None and len(cfg.loss_weights) != len(cfg.loss_type):
-        raise UserError(f"--loss_weights: {len(cfg.loss_weights)} given for {len(cfg.loss_type)} --loss_type (one each)")
+        raise UserError(f"--loss_weights: {len(cfg.loss_weights)} given for {len(cfg.loss_type)} --loss_type "
+                        "(one each)")
     if not cfg.beta > 0:
         raise UserError(f"--beta must be positive, got {cfg.beta}")
 
@@ -153,8 +154,8 @@ def validate_pair(row: Any, line_no: int, path: Path, expected: dict[str, Any]) 
     if row["chosen"][0]["content"].strip() == row["rejected"][0]["content"].strip():
         raise UserError(f"{where}: field 'rejected': the same text as 'chosen', so the pair prefers nothing")
     if row.get("base_model") != expected["base_model"]:
-        raise UserError(f"{where}: field 'base_model': expected {expected['base_model']!r} (the base of --init_adapter), "
-                        f"got {row.get('base_model')!r}; these candidates came from another model")
+        raise UserError(f"{where}: field 'base_model': expected {expected['base_model']!r} (the base of "
+                        f"--init_adapter), got {row.get('base_model')!r}; these candidates came from another model")
     settings = row.get("prompt_settings")
     for key, value in expected["prompt_settings"].items():
         got = settings.get(key) if isinstance(settings, dict) else None

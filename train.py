@@ -73,22 +73,26 @@ SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 @dataclass
 class TrainSettings:
     config: str | None = field(default=None, metadata={"help": "YAML file with any of these settings by name; flags win"})
-    stage: str = field(default="sft", metadata={"help": "sft on --data; dpo or kto on --preference_data, continuing --init_adapter", "choices": list(align.STAGES)})
-    init_adapter: str | None = field(default=None, metadata={"help": "dpo/kto: the SFT adapter to continue (RUN/final or checkpoint-N); also the reference policy"})
-    preference_data: str | None = field(default=None, metadata={"help": "dpo/kto: the pairs infer.py --preference_out wrote (JSONL)"})
-    beta: float = field(default=0.1, metadata={"help": "dpo/kto: how far the policy may move from the reference (higher: less)"})
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={"help": "dpo: TRL loss names, several mix (sigmoid sft); kto: kto or apo_zero_unpaired (default kto)"})
-    loss_weights: list[float] | None = field(default=None, metadata={"help": "dpo: one weight per --loss_type (default 1 each)"})
+    stage: str = field(default="sft", metadata={
+        "help": "sft on --data; dpo or kto on --preference_data from --init_adapter", "choices": list(align.STAGES)})
+    init_adapter: str | None = field(default=None, metadata={
+        "help": "dpo/kto: the SFT adapter to continue (RUN/final or checkpoint-N), also the reference policy"})
+    preference_data: str | None = field(default=None, metadata={"help": "dpo/kto: infer.py --preference_out's pairs"})
+    beta: float = field(default=0.1, metadata={"help": "dpo/kto: how close to the reference the policy stays"})
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={
+        "help": "dpo: TRL's loss names, several mix (sigmoid sft); kto: kto (default) or apo_zero_unpaired"})
+    loss_weights: list[float] | None = field(default=None, metadata={"help": "dpo: a weight per --loss_type (1 each)"})
     model: str = field(default="unsloth/gemma-2-9b-it-bnb-4bit", metadata={"help": "base model (hub name or local dir)"})
     data: str = field(default="data/prepared", metadata={"help": "prep.py output dir: train.jsonl (+ dev.jsonl)"})
     output_dir: str = field(default="outputs/gemma2-9b-dcs", metadata={"help": "checkpoints, then final/ (adapter)"})
-    max_seq_length: int = field(default=8192, metadata={"help": "longest prompt+summary in tokens; longer rows are refused (dpo/kto: the init adapter's)"})
+    max_seq_length: int = field(default=8192, metadata={
+        "help": "longest prompt+summary in tokens; longer rows are refused (dpo/kto: the init adapter's)"})
     load_in_4bit: bool = field(default=True, metadata={"help": "4-bit base weights (QLoRA)"})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA scaling numerator (alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA path"})
     target_modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS), metadata={"help": "projections that get LoRA"})
-    num_train_epochs: float = field(default=5.0, metadata={"help": "passes over train.jsonl (dpo/kto: 4 over the pairs)"})
+    num_train_epochs: float = field(default=5.0, metadata={"help": "passes over train.jsonl (dpo/kto: 4, over pairs)"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: use num_train_epochs)"})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "micro-batch; 1 fits 8192 tokens on 24 GB"})
     per_device_eval_batch_size: int = field(default=1, metadata={"help": "eval micro-batch"})
@@ -403,7 +407,8 @@ def library_versions() -> dict[str, str]:
 
 
 def build_run_config(cfg: TrainSettings, stats: dict, device: str, log_history: list[dict],
-                     global_step: int, epoch: float | None, n_train: int, n_dev: int, extra: dict | None = None) -> dict:
+                     global_step: int, epoch: float | None, n_train: int, n_dev: int,
+                     extra: dict | None = None) -> dict:
     """What travels with the adapter (final/ and every checkpoint-N/); infer.py reads base_model,
     max_seq_length, load_in_4bit, system_prompt, clean_inputs, target_format and data_dir back.
     `extra` (a dpo/kto run's stage, inputs and init run's data_dir) goes over the rest."""
@@ -756,17 +761,20 @@ def main(cfg: TrainSettings) -> None:
     dev_lengths = [count_tokens(tokenizer, row) for row in dev_rows]
     check_lengths(dev_rows, dev_lengths, cfg.max_seq_length, f"{cfg.data}/dev.jsonl")
     trainer_rows = len(train_rows) * (2 if cfg.stage == "kto" else 1)  # KTO: a row per answer
-    per_epoch = steps_per_epoch(trainer_rows, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world_size)
+    per_epoch = steps_per_epoch(trainer_rows, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                                world_size)
     bf16 = bool(is_bfloat16_supported())
     console.print(settings_table(cfg, {
         "device": device,
-        **({"train rows": len(train_rows), "dev rows": len(dev_rows) or "none (no eval loss)"} if cfg.stage == "sft" else
+        **({"train rows": len(train_rows), "dev rows": len(dev_rows) or "none (no eval loss)"}
+           if cfg.stage == "sft" else
            {"preference pairs": len(train_rows), "reference policy": f"{cfg.init_adapter} (TRL's frozen copy)"}),
         "longest row (tokens)": max(train_lengths + dev_lengths),
         "effective batch": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size,
         "steps per epoch": per_epoch,
         "total steps": total_steps(cfg, per_epoch),
-        f"system prompt (from {'prep' if cfg.stage == 'sft' else 'the init adapter'})": bool(stats.get("system_prompt", False)),
+        f"system prompt (from {'prep' if cfg.stage == 'sft' else 'the init adapter'})":
+            bool(stats.get("system_prompt", False)),
         "resume from": str(resume) if resume else "start",
     }))
 

@@ -1,8 +1,8 @@
 """train.py --stage dpo|kto through its real command line on the tiny Gemma 2: starting from an early checkpoint of the
 shared memorized run (which does not yet reproduce the summaries), DPO and KTO on pairs of (true summary, corrupted
-summary) grow the reward margin and make greedy generation (infer.py) return the true summaries; final/ is a plain
-LoRA adapter that carries the SFT run's settings; the prompt carries no loss; a SIGTERM checkpoints and the same
-command resumes; bad input ends in one line."""
+summary: the checkpoint's own wrong output, else the true one scrambled) grow the reward margin and make greedy
+generation (infer.py) return the true summaries; final/ is a plain LoRA adapter that carries the SFT run's settings;
+the prompt carries no loss; a SIGTERM checkpoints and the same command resumes; bad input ends in one line."""
 from __future__ import annotations
 
 import json
@@ -21,14 +21,18 @@ from prep import UserError
 from test_train import interrupt_when, python
 
 # The memorized run learns the 4 summaries in 60 steps; at this step greedy decoding still gets some of them wrong
-# (asserted, as the premise of the end-to-end tests).
-EARLY_STEP = 30
-# One micro-batch holds the 4 pairs (DPO) or 4 of the 8 KTO rows; a constant learning rate, no weight decay.
-SHORT_RUN = ["--learning_rate", "5e-3", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--weight_decay", "0",
+# (asserted, as the premise of the end-to-end tests). The pairs leave out the first summary, the last one the
+# memorized run gets right (at step 50): a few preference steps are not enough for it.
+EARLY_STEP = 35
+PAIRED = slice(1, None)
+# One micro-batch holds the pairs (DPO) or 4 of the KTO rows; a constant learning rate, no weight decay.
+SHORT_RUN = ["--lr_scheduler_type", "constant", "--warmup_steps", "0", "--weight_decay", "0",
              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--save_total_limit", "2"]
-DPO_STEPS, KTO_STEPS = 12, 12
 # Pure sigmoid DPO only moves the margin; the sft term pulls greedy decoding to the chosen text in few steps.
-DPO_LOSS = ["--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "1.0"]
+DPO_FLAGS = ["--max_steps", "10", "--learning_rate", "5e-3", "--loss_type", "sigmoid", "sft",
+             "--loss_weights", "1.0", "1.0"]
+# KTO at 5e-3 drives every log-prob down within two steps and its loss saturates: a smaller step.
+KTO_FLAGS = ["--max_steps", "10", "--learning_rate", "1e-3"]
 
 # The batch train.py's preference trainer feeds the model, through the same settings, model and trainer code.
 DUMP_PREFERENCE_BATCH = """
@@ -55,20 +59,23 @@ json.dump({
 """
 
 
-def corrupted(text: str) -> str:
-    """The summary's second half of words before its first: the same words, wrong."""
+def corrupted(text: str, generated: str) -> str:
+    """The model's own output when it is wrong (what infer.py --preference_out would reject), else the summary's
+    second half of words before its first: the same words, wrong."""
+    if generated.strip() != text.strip():
+        return generated
     words = text.split(" ")
     return " ".join(words[len(words) // 2:] + words[:len(words) // 2])
 
 
-def preference_pairs(rows: list[dict], run_config: dict) -> list[dict]:
+def preference_pairs(rows: list[dict], generated: list[str], run_config: dict) -> list[dict]:
     """PREF_FORMAT pairs for prep's rows: the SFT prompt, the true summary chosen, a corrupted one rejected."""
     return [{"id": row["id"], "prompt": row["prompt"], "chosen": row["completion"],
-             "rejected": [{"role": "assistant", "content": corrupted(row["completion"][0]["content"])}],
+             "rejected": [{"role": "assistant", "content": corrupted(row["completion"][0]["content"], output)}],
              "chosen_score": 1.0, "rejected_score": 0.2, "margin": 0.8, "metric": "rouge1",
              "base_model": run_config["base_model"],
              "prompt_settings": {key: run_config[key] for key in ("system_prompt", "clean_inputs", "target_format")}}
-            for row in rows]
+            for row, output in zip(rows, generated)]
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -88,34 +95,47 @@ def greedy_outputs(model: Path, records: list[dict], tmp_path: Path) -> list[str
 
 @pytest.fixture(scope="module")
 def early(memorized_run, tmp_path_factory) -> dict:
-    """The memorized run's checkpoint at EARLY_STEP, the pairs file for its 4 rows, and its greedy outputs."""
+    """The memorized run's checkpoint at EARLY_STEP, its greedy outputs and the pairs file for the PAIRED rows."""
     out = tmp_path_factory.mktemp("early")
     checkpoint = memorized_run["run"] / f"checkpoint-{EARLY_STEP}"
     run_config = json.loads((checkpoint / "run_config.json").read_text(encoding="utf-8"))
-    rows = [json.loads(line) for line in (memorized_run["prepared"] / "train.jsonl").read_text(encoding="utf-8").splitlines()]
-    pairs = write_jsonl(out / "pairs.jsonl", preference_pairs(rows, run_config))
-    references = [r["output"].strip() for r in memorized_run["records"]]
-    return {"checkpoint": checkpoint, "run_config": run_config, "pairs": pairs, "rows": rows,
-            "records": memorized_run["records"], "references": references,
-            "before": greedy_outputs(checkpoint, memorized_run["records"], out)}
+    lines = (memorized_run["prepared"] / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    rows, records = [json.loads(line) for line in lines][PAIRED], memorized_run["records"][PAIRED]
+    before = greedy_outputs(checkpoint, records, out)
+    pairs = write_jsonl(out / "pairs.jsonl", preference_pairs(rows, before, run_config))
+    return {"checkpoint": checkpoint, "run_config": run_config, "pairs": pairs, "records": records,
+            "references": [r["output"].strip() for r in records], "before": before}
+
+
+def stage_args(stage: str, early: dict, *flags) -> list[str]:
+    """train.py's arguments for a preference stage from the early checkpoint on its pairs."""
+    return [str(arg) for arg in ("train.py", "--stage", stage, "--init_adapter", early["checkpoint"],
+                                 "--preference_data", early["pairs"], *flags)]
+
+
+def stage_command(stage: str, early: dict, *flags) -> list[str]:
+    script, *rest = stage_args(stage, early, *flags)
+    return [sys.executable, str(REPO_ROOT / script), *rest]
 
 
 def preference_run(stage: str, early: dict, output_dir: Path, *flags: str) -> subprocess.CompletedProcess:
-    return run_script(["train.py", "--stage", stage, "--init_adapter", early["checkpoint"], "--preference_data",
-                       early["pairs"], "--output_dir", output_dir, *SHORT_RUN, *flags], cwd=output_dir.parent)
+    return run_script(stage_args(stage, early, "--output_dir", output_dir, *SHORT_RUN, *flags), cwd=output_dir.parent)
+
+
+def history(run: Path) -> list[dict]:
+    """The newest checkpoint's log history."""
+    return json.loads((train.checkpoint_dirs(run)[0] / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
 
 
 def logged(run: Path, key: str) -> list[float]:
-    state = json.loads((train.checkpoint_dirs(run)[0] / "trainer_state.json").read_text(encoding="utf-8"))
-    return [entry[key] for entry in state["log_history"] if key in entry]
+    return [entry[key] for entry in history(run) if key in entry]
 
 
 # ---------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stage, flags", [("dpo", ["--max_steps", str(DPO_STEPS), *DPO_LOSS]),
-                                          ("kto", ["--max_steps", str(KTO_STEPS)])])
+@pytest.mark.parametrize("stage, flags", [("dpo", DPO_FLAGS), ("kto", KTO_FLAGS)])
 def test_preference_run_prefers_the_true_summaries(early, tiny_model_dir, tmp_path, stage, flags):
     assert early["before"] != early["references"], "premise: the early checkpoint does not reproduce the summaries yet"
     run = tmp_path / "run"
@@ -133,10 +153,12 @@ def test_preference_run_prefers_the_true_summaries(early, tiny_model_dir, tmp_pa
     assert (adapter["r"], adapter["lora_alpha"], sorted(adapter["target_modules"])) == \
         (init["r"], init["lora_alpha"], sorted(init["target_modules"]))
     config = json.loads((final / "run_config.json").read_text(encoding="utf-8"))
-    for key in ("base_model", "max_seq_length", "load_in_4bit", "system_prompt", "clean_inputs", "target_format", "data_dir"):
+    for key in ("base_model", "max_seq_length", "load_in_4bit", "system_prompt", "clean_inputs", "target_format",
+                "data_dir"):
         assert config[key] == early["run_config"][key], key
     assert config["stage"] == stage and config["init_adapter"] == str(early["checkpoint"].resolve())
-    assert config["preference_data"] == str(early["pairs"].resolve()) and config["preference_pairs"] == 4
+    assert config["preference_data"] == str(early["pairs"].resolve())
+    assert config["preference_pairs"] == len(early["records"])
     assert config["settings"]["lora_r"] == init["r"] and config["settings"]["model"] == str(tiny_model_dir)
     assert (final / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "reward margin" in result.stdout and f"python infer.py --model {final}" in result.stdout
@@ -145,33 +167,32 @@ def test_preference_run_prefers_the_true_summaries(early, tiny_model_dir, tmp_pa
 def test_preference_defaults_show_in_the_settings_table(early, tmp_path):
     """Without --learning_rate / --num_train_epochs a dpo run takes the preference defaults; the table shows them.
     Stopped at the first Ctrl-C before any step: only the table is wanted."""
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "--stage", "dpo", "--init_adapter", str(early["checkpoint"]),
-               "--preference_data", str(early["pairs"]), "--output_dir", str(tmp_path / "run")]
-    code, stdout, stderr = interrupt_when(command, "resume from", tmp_path)
+    code, stdout, stderr = interrupt_when(stage_command("dpo", early, "--output_dir", tmp_path / "run"), "resume from",
+                                          tmp_path)
     assert code == 130, stdout[-2000:] + stderr[-2000:]
-    table = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in stdout.splitlines() if line.count("│") == 3}
+    table = {line.split("│")[1].strip(): line.split("│")[2].strip()
+             for line in stdout.splitlines() if line.count("│") == 3}
     assert table["learning_rate"] == "0.0001" and table["num_train_epochs"] == "4.0"
     assert table["max_seq_length"] == str(early["run_config"]["max_seq_length"]) and table["lora_r"] == "16"
-    assert table["preference pairs"] == "4" and table["stage"] == "dpo"
+    assert table["preference pairs"] == str(len(early["records"])) and table["stage"] == "dpo"
 
 
 def test_sigterm_checkpoints_and_the_same_command_resumes(early, tmp_path):
     run = tmp_path / "run"
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "--stage", "dpo", "--init_adapter", str(early["checkpoint"]),
-               "--preference_data", str(early["pairs"]), "--output_dir", str(run), *SHORT_RUN, "--max_steps", "6",
-               "--per_device_train_batch_size", "2", *DPO_LOSS]  # 2 steps per epoch: the stop lands mid-epoch
+    command = stage_command("dpo", early, "--output_dir", run, *SHORT_RUN, *DPO_FLAGS, "--max_steps", "6",
+                            "--per_device_train_batch_size", "2")  # 2 steps per epoch: a stop mid-epoch
     code, stdout, stderr = interrupt_when(command, "{'loss'", tmp_path, signal.SIGTERM)
     assert code == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
     stopped_at = train.find_resumable_checkpoint(run)
     assert stopped_at is not None and int(stopped_at.name.split("-")[1]) < 6
-    assert stderr.strip().splitlines()[-1] == f"stopped by SIGTERM: {stopped_at} is saved; run the same command again to resume from it"
+    assert stderr.strip().splitlines()[-1] == \
+        f"stopped by SIGTERM: {stopped_at} is saved; run the same command again to resume from it"
     assert not (stopped_at / "ref").exists() and not (run / "final").exists()
 
     resumed = subprocess.run(command, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"Resuming from {stopped_at}" in resumed.stdout
-    steps = [e["step"] for e in json.loads((train.checkpoint_dirs(run)[0] / "trainer_state.json").read_text(encoding="utf-8"))
-             ["log_history"] if "loss" in e]
+    steps = [entry["step"] for entry in history(run) if "loss" in entry]
     assert steps == list(range(1, 7)), "the resumed run continues the interrupted run's history"
     # The resumed policy is the checkpoint's, not the init adapter again: its first logged margin is not ~0.
     assert json.loads((run / "final" / "run_config.json").read_text(encoding="utf-8"))["global_step"] == 6
@@ -189,7 +210,8 @@ def test_the_prompt_carries_no_loss(early, tmp_path, stage):
     assert batch["adapters"] == ["default", "ref"], "TRL's frozen copy of the init adapter is the reference"
     expected = {tuple(p + a + [END_OF_TURN_ID, batch["newline_id"]]): len(p)
                 for p in batch["prompt_ids"] for a in batch["answer_ids"]}
-    assert len(batch["input_ids"]) == (8 if stage == "dpo" else 4)  # DPO: each pair's chosen then rejected
+    pairs = len(batch["prompt_ids"])  # DPO: each pair's chosen and rejected; KTO: a row per answer
+    assert len(batch["input_ids"]) == (2 * pairs if stage == "dpo" else min(4, 2 * pairs))
     for ids, mask, attention in zip(batch["input_ids"], batch["completion_mask"], batch["attention_mask"]):
         real = [i for i, a in zip(ids, attention) if a]
         prompt_len = expected[tuple(real)]
@@ -206,14 +228,14 @@ def test_stage_needs_its_inputs_and_a_matching_model(early, tmp_path):
                           "--stage dpo needs --init_adapter")
     assert_one_line_error(run_script(["train.py", "--stage", "kto", "--init_adapter", early["checkpoint"]]),
                           "--stage kto needs --preference_data")
-    assert_one_line_error(run_script(["train.py", "--stage", "dpo", "--init_adapter", early["checkpoint"], "--preference_data",
-                                      early["pairs"], "--model", "unsloth/gemma-2-9b-it-bnb-4bit"]),
-                          "--model unsloth/gemma-2-9b-it-bnb-4bit", f"was trained with model {early['run_config']['base_model']}")
+    assert_one_line_error(run_script(stage_args("dpo", early, "--model", "unsloth/gemma-2-9b-it-bnb-4bit")),
+                          "--model unsloth/gemma-2-9b-it-bnb-4bit",
+                          f"was trained with model {early['run_config']['base_model']}")
     assert_one_line_error(run_script(["train.py", "--stage", "dpo", "--init_adapter", tmp_path, "--preference_data",
                                       early["pairs"]]), f"--init_adapter {tmp_path}: not a LoRA adapter folder")
-    assert_one_line_error(run_script(["train.py", "--preference_data", early["pairs"]]), "--preference_data is for --stage dpo or kto")
-    assert_one_line_error(run_script(["train.py", "--stage", "kto", "--init_adapter", early["checkpoint"], "--preference_data",
-                                      early["pairs"], "--per_device_train_batch_size", "1"]),
+    assert_one_line_error(run_script(["train.py", "--preference_data", early["pairs"]]),
+                          "--preference_data is for --stage dpo or kto")
+    assert_one_line_error(run_script(stage_args("kto", early, "--per_device_train_batch_size", "1")),
                           "--per_device_train_batch_size must be 2 or more for --loss_type kto")
 
 
@@ -226,8 +248,10 @@ def bad_pair_files(early: dict, tmp_path: Path) -> list[tuple[Path, list[str]]]:
         return write_jsonl(path, [first, {**second, **change}, *pairs[2:]])
 
     cases: list[tuple[Path, list[str]]] = []
-    cases.append((with_second(rejected=second["chosen"]), ["line 2", repr(second["id"]), "field 'rejected'", "same text"]))
-    cases.append((with_second(base_model="google/gemma-2-9b-it"), ["line 2", "field 'base_model'", "'google/gemma-2-9b-it'"]))
+    cases.append((with_second(rejected=second["chosen"]),
+                  ["line 2", repr(second["id"]), "field 'rejected'", "same text"]))
+    cases.append((with_second(base_model="google/gemma-2-9b-it"),
+                  ["line 2", "field 'base_model'", "'google/gemma-2-9b-it'"]))
     cases.append((with_second(prompt_settings={**second["prompt_settings"], "system_prompt": True}),
                   ["line 2", "field 'prompt_settings.system_prompt'", "expected False", "got True"]))
     cases.append((with_second(chosen="a summary"), ["line 2", repr(second["id"]), "field 'chosen'"]))
@@ -249,8 +273,8 @@ def test_bad_preference_files_are_refused_in_one_line(early, tmp_path):
         message = str(err.value)
         assert message.startswith(str(path)) and all(f in message for f in fragments), (message, fragments)
     for path, fragments in (cases[0], cases[-2]):
-        result = run_script(["train.py", "--stage", "dpo", "--init_adapter", early["checkpoint"], "--preference_data", path,
-                             "--output_dir", tmp_path / "run"])
+        result = run_script(["train.py", "--stage", "dpo", "--init_adapter", early["checkpoint"],
+                             "--preference_data", path, "--output_dir", tmp_path / "run"])
         assert_one_line_error(result, str(path), *fragments)
         assert "Unsloth" not in result.stdout, "refused before the model loads"
 

@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
-ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "WANDB_MODE": "disabled", "COLUMNS": "200"}
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "COLUMNS": "200"}
 
 
 def run(args: list, cwd: Path, log_name: str) -> tuple[int, str]:
@@ -77,7 +77,8 @@ def main() -> None:
         run(["prep.py", "--train", sample / "train.json", "--dev", sample / "dev.json", "--out", root / "prepared",
              "--tokenizer", model, "--max_seq_length", "1024"], root, "prep")
         (root / "prepared" / "dev.jsonl").unlink()  # no evaluation inside the SFT timing
-        common = ["--max_steps", args.steps, "--per_device_train_batch_size", args.batch, "--gradient_accumulation_steps", 1,
+        common = ["--max_steps", args.steps, "--per_device_train_batch_size", args.batch,
+                  "--gradient_accumulation_steps", 1,
                   "--learning_rate", "1e-3", "--warmup_steps", 0, "--save_steps", args.steps, "--save_total_limit", 1]
         results = {}
         rss, output = run(["train.py", "--model", model, "--data", root / "prepared", "--output_dir", root / "sft",
@@ -86,8 +87,9 @@ def main() -> None:
         sft_config = json.loads((root / "sft" / "final" / "run_config.json").read_text(encoding="utf-8"))
         n_pairs = write_pairs(root / "prepared", sft_config, root / "pairs.jsonl")
         for stage in ("dpo", "kto"):
-            rss, output = run(["train.py", "--stage", stage, "--init_adapter", root / "sft" / "final", "--preference_data",
-                               root / "pairs.jsonl", "--output_dir", root / stage, *common], root, stage)
+            rss, output = run(["train.py", "--stage", stage, "--init_adapter", root / "sft" / "final",
+                               "--preference_data", root / "pairs.jsonl", "--output_dir", root / stage, *common],
+                              root, stage)
             results[stage] = (*seconds_per_step(output, root / stage), rss)
 
     print(f"\n{n_pairs} rows / pairs of data/sample, micro-batch {args.batch}, {args.steps} steps, CPU "
