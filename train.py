@@ -132,6 +132,10 @@ def _yaml_value(key: str, value: Any, annotation: Any, path: str) -> Any:
         raise UserError(f"{path}: key '{key}' must not be empty")
     if typing.get_origin(annotation) is list:
         items = value if isinstance(value, list) else [value]
+        if typing.get_args(annotation)[0] is float:
+            if not all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in items):
+                raise UserError(f"{path}: key '{key}' must be a list of numbers")
+            return [float(item) for item in items]
         if not all(isinstance(item, str) for item in items):
             raise UserError(f"{path}: key '{key}' must be a list of strings")
         return items

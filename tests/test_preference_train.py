@@ -166,8 +166,8 @@ def test_preference_run_prefers_the_true_summaries(early, tiny_model_dir, tmp_pa
 
 def test_preference_defaults_show_in_the_settings_table(early, tmp_path):
     """Without --learning_rate / --num_train_epochs a dpo run takes the preference defaults; the table shows them.
-    Stopped at the first Ctrl-C before any step: only the table is wanted."""
-    code, stdout, stderr = interrupt_when(stage_command("dpo", early, "--output_dir", tmp_path / "run"), "resume from",
+    Stopped by Ctrl-C once the table is out, while the model loads: only the table is wanted."""
+    code, stdout, stderr = interrupt_when(stage_command("dpo", early, "--output_dir", tmp_path / "run"), " Model ─",
                                           tmp_path)
     assert code == 130, stdout[-2000:] + stderr[-2000:]
     table = {line.split("│")[1].strip(): line.split("│")[2].strip()
@@ -307,3 +307,12 @@ def test_kto_rows_are_each_pair_twice_and_shuffled_by_the_seed():
     assert rows == align.kto_rows(pairs, seed=1) and rows != align.kto_rows(pairs, seed=2)
     assert sorted((r["completion"][0]["content"], r["label"]) for r in rows) == \
         sorted([(f"c{i}", True) for i in range(6)] + [(f"r{i}", False) for i in range(6)])
+
+
+def test_yaml_config_takes_the_loss_mix(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("loss_type: [sigmoid, sft]\nloss_weights: [1, 0.5]\nbeta: 0.2\n", encoding="utf-8")
+    assert train.load_yaml_config(str(config)) == {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.2}
+    config.write_text("loss_weights: [1, heavy]\n", encoding="utf-8")
+    with pytest.raises(UserError, match="key 'loss_weights' must be a list of numbers"):
+        train.load_yaml_config(str(config))
