@@ -312,7 +312,8 @@ def test_kto_rows_are_each_pair_twice_and_shuffled_by_the_seed():
 def test_yaml_config_takes_the_loss_mix(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("loss_type: [sigmoid, sft]\nloss_weights: [1, 0.5]\nbeta: 0.2\n", encoding="utf-8")
-    assert train.load_yaml_config(str(config)) == {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.2}
+    assert train.load_yaml_config(str(config)) == \
+        {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.2}
     config.write_text("loss_weights: [1, heavy]\n", encoding="utf-8")
     with pytest.raises(UserError, match="key 'loss_weights' must be a list of numbers"):
         train.load_yaml_config(str(config))
