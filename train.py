@@ -16,6 +16,14 @@ Then:
     python infer.py --model outputs/gemma2-9b-dcs --input data/일상대화요약_dev.json     # every checkpoint, scored
     python infer.py --model outputs/gemma2-9b-dcs/final --input data/일상대화요약_test.json
 
+Preference training after SFT (align.py): DPO or KTO on infer.py's pairs, continuing the SFT adapter, which is also
+the reference policy; the base model, LoRA shape and max_seq_length come from it; lr 1e-4 and 4 epochs by default:
+    python infer.py --model outputs/gemma2-9b-dcs/final --input data/일상대화요약_train.json --preference_out pairs.jsonl
+    python train.py --stage kto --init_adapter outputs/gemma2-9b-dcs/final --preference_data pairs.jsonl \
+        --output_dir outputs/kto                              # resumes, checkpoints and saves final/ like SFT
+    python train.py --stage dpo --init_adapter outputs/gemma2-9b-dcs/final --preference_data pairs.jsonl \
+        --loss_type sigmoid sft --loss_weights 1.0 1.0 --beta 0.1 --output_dir outputs/dpo
+
 Merging adapters (runs, seeds, or checkpoints of one run) into one, with PEFT's add_weighted_adapter:
     python train.py merge --adapters outputs/seed1/final outputs/seed2/final --method cat --output_dir outputs/merged
     python train.py merge --adapters outputs/run/checkpoint-64 outputs/run/checkpoint-96 --method linear \
@@ -43,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import align
 from prep import (
     UserError,
     _unwrap_optional,
@@ -64,21 +73,31 @@ SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 @dataclass
 class TrainSettings:
     config: str | None = field(default=None, metadata={"help": "YAML file with any of these settings by name; flags win"})
+    stage: str = field(default="sft", metadata={
+        "help": "sft on --data; dpo or kto on --preference_data from --init_adapter", "choices": list(align.STAGES)})
+    init_adapter: str | None = field(default=None, metadata={
+        "help": "dpo/kto: the SFT adapter to continue (RUN/final or checkpoint-N), also the reference policy"})
+    preference_data: str | None = field(default=None, metadata={"help": "dpo/kto: infer.py --preference_out's pairs"})
+    beta: float = field(default=0.1, metadata={"help": "dpo/kto: how close to the reference the policy stays"})
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={
+        "help": "dpo: TRL's loss names, several mix (sigmoid sft); kto: kto (default) or apo_zero_unpaired"})
+    loss_weights: list[float] | None = field(default=None, metadata={"help": "dpo: a weight per --loss_type (1 each)"})
     model: str = field(default="unsloth/gemma-2-9b-it-bnb-4bit", metadata={"help": "base model (hub name or local dir)"})
     data: str = field(default="data/prepared", metadata={"help": "prep.py output dir: train.jsonl (+ dev.jsonl)"})
     output_dir: str = field(default="outputs/gemma2-9b-dcs", metadata={"help": "checkpoints, then final/ (adapter)"})
-    max_seq_length: int = field(default=8192, metadata={"help": "longest prompt+summary in tokens; longer rows are refused"})
+    max_seq_length: int = field(default=8192, metadata={
+        "help": "longest prompt+summary in tokens; longer rows are refused (dpo/kto: the init adapter's)"})
     load_in_4bit: bool = field(default=True, metadata={"help": "4-bit base weights (QLoRA)"})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA scaling numerator (alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA path"})
     target_modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS), metadata={"help": "projections that get LoRA"})
-    num_train_epochs: float = field(default=5.0, metadata={"help": "passes over train.jsonl"})
+    num_train_epochs: float = field(default=5.0, metadata={"help": "passes over train.jsonl (dpo/kto: 4, over pairs)"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: use num_train_epochs)"})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "micro-batch; 1 fits 8192 tokens on 24 GB"})
     per_device_eval_batch_size: int = field(default=1, metadata={"help": "eval micro-batch"})
     gradient_accumulation_steps: int = field(default=16, metadata={"help": "micro-batches per step (1 x 16 = seed's effective 16)"})
-    learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate (dpo/kto: 1e-4)"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
@@ -96,8 +115,8 @@ class TrainSettings:
     hub_public: bool = field(default=False, metadata={"help": "create the --push_to_hub repo public instead of private"})
 
 
-DESCRIPTION = ("Unsloth 4-bit LoRA SFT of Gemma 2 on prep.py's rows (see the docstring for commands). "
-               "`python train.py merge --help`: merge adapters.")
+DESCRIPTION = ("Unsloth 4-bit LoRA SFT of Gemma 2 on prep.py's rows, or DPO / KTO after it (--stage; see the docstring "
+               "for commands). `python train.py merge --help`: merge adapters.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +132,10 @@ def _yaml_value(key: str, value: Any, annotation: Any, path: str) -> Any:
         raise UserError(f"{path}: key '{key}' must not be empty")
     if typing.get_origin(annotation) is list:
         items = value if isinstance(value, list) else [value]
+        if typing.get_args(annotation)[0] is float:
+            if not all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in items):
+                raise UserError(f"{path}: key '{key}' must be a list of numbers")
+            return [float(item) for item in items]
         if not all(isinstance(item, str) for item in items):
             raise UserError(f"{path}: key '{key}' must be a list of strings")
         return items
@@ -164,9 +187,12 @@ def parse_train_settings(argv: list[str] | None) -> TrainSettings:
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     parser = build_parser(TrainSettings, DESCRIPTION)
-    if known.config:
-        parser.set_defaults(**load_yaml_config(known.config))
-    return TrainSettings(**vars(parser.parse_args(argv)))
+    from_yaml = load_yaml_config(known.config) if known.config else {}
+    parser.set_defaults(**from_yaml)
+    values = vars(parser.parse_args(argv))
+    if values["stage"] != "sft":  # what the user left out comes from the init adapter, then the stage's defaults
+        values = align.stage_settings(values, align.given_flags(argv) | set(from_yaml))
+    return TrainSettings(**values)
 
 
 def check_settings(cfg: TrainSettings) -> None:
@@ -188,6 +214,7 @@ def check_settings(cfg: TrainSettings) -> None:
         raise UserError(f"--num_train_epochs must be positive, got {cfg.num_train_epochs}")
     if not cfg.target_modules:
         raise UserError("--target_modules needs at least one module name")
+    align.check_stage_settings(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,11 +411,14 @@ def library_versions() -> dict[str, str]:
 
 
 def build_run_config(cfg: TrainSettings, stats: dict, device: str, log_history: list[dict],
-                     global_step: int, epoch: float | None, n_train: int, n_dev: int) -> dict:
+                     global_step: int, epoch: float | None, n_train: int, n_dev: int,
+                     extra: dict | None = None) -> dict:
     """What travels with the adapter (final/ and every checkpoint-N/); infer.py reads base_model,
-    max_seq_length, load_in_4bit, system_prompt, clean_inputs and target_format back."""
+    max_seq_length, load_in_4bit, system_prompt, clean_inputs, target_format and data_dir back.
+    `extra` (a dpo/kto run's stage, inputs and init run's data_dir) goes over the rest."""
     train, evals = loss_curves(log_history)
     return {
+        "stage": cfg.stage,
         "base_model": cfg.model,
         "max_seq_length": cfg.max_seq_length,
         "load_in_4bit": cfg.load_in_4bit,
@@ -406,6 +436,7 @@ def build_run_config(cfg: TrainSettings, stats: dict, device: str, log_history: 
         "epoch": epoch,
         "train_loss": train[-1][1] if train else None,
         "eval_loss": evals[-1][1] if evals else None,
+        **(extra or {}),
     }
 
 
@@ -419,7 +450,7 @@ def settings_table(cfg: TrainSettings, facts: dict[str, Any]):
         table.add_row(key, f"[bold]{value}[/bold]")
     table.add_section()
     for key, value in dataclasses.asdict(cfg).items():
-        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+        table.add_row(key, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
     return table
 
 
@@ -462,15 +493,11 @@ def add_run_config_to_checkpoints(trainer, make_run_config: Callable[[Any], dict
     trainer.add_callback(RunConfigInCheckpoints())
 
 
-def build_trainer(cfg: TrainSettings, model, tokenizer, train_rows: list[dict], dev_rows: list[dict], bf16: bool):
-    """TRL's SFTTrainer over prep's prompt/completion rows: TRL templates them and masks the prompt."""
-    from datasets import Dataset
+def every_epoch_too(has_dev: bool):
+    """Trainer checkpoints (and evaluates) either per epoch or per N steps; this run wants both."""
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
 
     class EveryEpochToo(TrainerCallback):
-        """Trainer checkpoints (and evaluates) either per epoch or per N steps; this run wants both."""
-
         def __init__(self):
             self.saved_at = self.evaluated_at = -1
 
@@ -482,10 +509,15 @@ def build_trainer(cfg: TrainSettings, model, tokenizer, train_rows: list[dict], 
 
         def on_epoch_end(self, args, state, control, **kwargs):
             control.should_save = control.should_save or self.saved_at != state.global_step
-            if dev_rows:
+            if has_dev:
                 control.should_evaluate = control.should_evaluate or self.evaluated_at != state.global_step
 
-    args = SFTConfig(
+    return EveryEpochToo()
+
+
+def training_args(cfg: TrainSettings, bf16: bool) -> dict[str, Any]:
+    """The Trainer settings every stage shares, all explicit (Unsloth's GPU trainers change some defaults)."""
+    return dict(
         output_dir=cfg.output_dir,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
@@ -504,15 +536,25 @@ def build_trainer(cfg: TrainSettings, model, tokenizer, train_rows: list[dict], 
         save_strategy="steps" if cfg.save_steps else "epoch",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        eval_strategy=("steps" if cfg.eval_steps else "epoch") if dev_rows else "no",
-        eval_steps=cfg.eval_steps or None,
         report_to=cfg.report_to,
-        max_length=cfg.max_seq_length,
-        packing=False,
-        completion_only_loss=True,
         # Several GPUs (torchrun): every LoRA weight gets a gradient each step, and the search for unused ones
         # breaks under gradient checkpointing; Unsloth's GPU trainer picks False for LoRA too (_ddp_defaults.py).
         ddp_find_unused_parameters=False,
+    )
+
+
+def build_trainer(cfg: TrainSettings, model, tokenizer, train_rows: list[dict], dev_rows: list[dict], bf16: bool):
+    """TRL's SFTTrainer over prep's prompt/completion rows: TRL templates them and masks the prompt."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        **training_args(cfg, bf16),
+        eval_strategy=("steps" if cfg.eval_steps else "epoch") if dev_rows else "no",
+        eval_steps=cfg.eval_steps or None,
+        max_length=cfg.max_seq_length,
+        packing=False,
+        completion_only_loss=True,
     )
     return SFTTrainer(
         model=model,
@@ -520,7 +562,7 @@ def build_trainer(cfg: TrainSettings, model, tokenizer, train_rows: list[dict], 
         train_dataset=Dataset.from_list(to_trl_rows(train_rows)),
         eval_dataset=Dataset.from_list(to_trl_rows(dev_rows)) if dev_rows else None,
         processing_class=tokenizer,
-        callbacks=[EveryEpochToo()],
+        callbacks=[every_epoch_too(bool(dev_rows))],
     )
 
 
@@ -678,9 +720,13 @@ def main(cfg: TrainSettings) -> None:
     main_process, world_size = is_main_process(), int(os.environ.get("WORLD_SIZE", "1"))
 
     console.rule("[bold]Data")
-    train_rows, dev_rows, stats = load_prepared(cfg.data)
+    if cfg.stage == "sft":
+        (train_rows, dev_rows, stats), extra = load_prepared(cfg.data), None
+        console.print(f"{cfg.data}: {len(train_rows)} train rows, {len(dev_rows)} dev rows")
+    else:  # stats: the init run's prompt settings; extra: what the run_config records beyond SFT's
+        (train_rows, stats, extra), dev_rows = align.load_stage_data(cfg), []
+        console.print(f"{cfg.preference_data}: {len(train_rows)} preference pairs")
     resume = resolve_resume(cfg)
-    console.print(f"{cfg.data}: {len(train_rows)} train rows, {len(dev_rows)} dev rows")
 
     import unsloth  # noqa: F401  (must come first: it patches transformers, TRL and PEFT)
     import torch
@@ -709,31 +755,46 @@ def main(cfg: TrainSettings) -> None:
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"--model {cfg.model}: cannot load its tokenizer ({first_line})") from None
-    train_lengths = [count_tokens(tokenizer, row) for row in train_rows]
+    if cfg.stage == "sft":
+        train_lengths = [count_tokens(tokenizer, row) for row in train_rows]
+        check_lengths(train_rows, train_lengths, cfg.max_seq_length, f"{cfg.data}/train.jsonl")
+    else:
+        train_lengths = [max(count_tokens(tokenizer, {"prompt": pair["prompt"], "completion": pair[answer]})
+                             for answer in ("chosen", "rejected")) for pair in train_rows]
+        align.check_pair_lengths(train_rows, train_lengths, cfg.max_seq_length, cfg.preference_data)
     dev_lengths = [count_tokens(tokenizer, row) for row in dev_rows]
-    check_lengths(train_rows, train_lengths, cfg.max_seq_length, f"{cfg.data}/train.jsonl")
     check_lengths(dev_rows, dev_lengths, cfg.max_seq_length, f"{cfg.data}/dev.jsonl")
-    per_epoch = steps_per_epoch(len(train_rows), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world_size)
+    trainer_rows = len(train_rows) * (2 if cfg.stage == "kto" else 1)  # KTO: a row per answer
+    per_epoch = steps_per_epoch(trainer_rows, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                                world_size)
     bf16 = bool(is_bfloat16_supported())
     console.print(settings_table(cfg, {
         "device": device,
-        "train rows": len(train_rows),
-        "dev rows": len(dev_rows) or "none (no eval loss)",
+        **({"train rows": len(train_rows), "dev rows": len(dev_rows) or "none (no eval loss)"}
+           if cfg.stage == "sft" else
+           {"preference pairs": len(train_rows), "reference policy": f"{cfg.init_adapter} (TRL's frozen copy)"}),
         "longest row (tokens)": max(train_lengths + dev_lengths),
         "effective batch": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size,
         "steps per epoch": per_epoch,
         "total steps": total_steps(cfg, per_epoch),
-        "system prompt (from prep)": bool(stats.get("system_prompt", False)),
+        f"system prompt (from {'prep' if cfg.stage == 'sft' else 'the init adapter'})":
+            bool(stats.get("system_prompt", False)),
         "resume from": str(resume) if resume else "start",
     }))
 
     console.rule("[bold]Model")
     model, model_tokenizer = load_lora_model(cfg)
+    if cfg.stage != "sft":
+        align.load_init_weights(model, cfg.init_adapter)
     if cfg.save_merged:
         check_merge_space(model, output_dir)  # now, not after hours of training
-    trainer = build_trainer(cfg, model, model_tokenizer, train_rows, dev_rows, bf16)
+    if cfg.stage == "sft":
+        trainer = build_trainer(cfg, model, model_tokenizer, train_rows, dev_rows, bf16)
+    else:
+        trainer = align.build_preference_trainer(cfg, model, model_tokenizer, train_rows, training_args(cfg, bf16),
+                                                 [every_epoch_too(has_dev=False)])
     add_run_config_to_checkpoints(trainer, lambda state: build_run_config(
-        cfg, stats, device, state.log_history, state.global_step, state.epoch, len(train_rows), len(dev_rows)))
+        cfg, stats, device, state.log_history, state.global_step, state.epoch, len(train_rows), len(dev_rows), extra))
     stop = save_and_stop_on_request()
     trainer.add_callback(stop)
     # Read back from the trainer: Unsloth's CPU backend may turn fp16 / bf16 off where the CPU lacks them.
@@ -751,6 +812,8 @@ def main(cfg: TrainSettings) -> None:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.stopped:
         raise Terminated if stop.signal_name == "SIGTERM" else KeyboardInterrupt
+    if cfg.stage != "sft":
+        align.drop_reference_adapter(model)
     if dev_rows and not loss_curves(trainer.state.log_history)[1]:
         evaluate_without_half_precision_cast(trainer)  # every process: evaluation is collective
     if not main_process:
@@ -758,13 +821,13 @@ def main(cfg: TrainSettings) -> None:
 
     console.rule("[bold]Save")
     run_config = build_run_config(cfg, stats, device, trainer.state.log_history, trainer.state.global_step,
-                                  trainer.state.epoch, len(train_rows), len(dev_rows))
+                                  trainer.state.epoch, len(train_rows), len(dev_rows), extra)
     staging = output_dir / ".final.partial"
     if staging.exists():
         shutil.rmtree(staging)
     model.save_pretrained(str(staging))
     model_tokenizer.save_pretrained(str(staging))
-    plot_loss(trainer.state.log_history, staging / "loss.png")
+    (plot_loss if cfg.stage == "sft" else align.plot_preference)(trainer.state.log_history, staging / "loss.png")
     write_json(staging / "run_config.json", run_config)
     replace_dir(staging, output_dir / "final")
     console.print(f"adapter, tokenizer, run_config.json and loss.png -> {output_dir / 'final'}")
@@ -780,6 +843,9 @@ def main(cfg: TrainSettings) -> None:
     minutes = (time.time() - started) / 60
     losses = ", ".join(f"{name} {run_config[key]:.4f}" for name, key in (("train loss", "train_loss"), ("eval loss", "eval_loss"))
                        if run_config[key] is not None)
+    margins = align.curves(trainer.state.log_history).get("rewards/margins")
+    if margins:
+        losses += f", reward margin {margins[0][1]:.4f} -> {margins[-1][1]:.4f}"
     console.print(f"step {trainer.state.global_step}, {losses}, wall time {minutes:.1f} min")
     if on_gpu:
         console.print(f"peak GPU memory {torch.cuda.max_memory_reserved() / 2**30:.1f} GiB on {device}"

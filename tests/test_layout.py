@@ -1,19 +1,20 @@
 """The scripts import one way: prep.py is the base (with dedup.py, its numpy engine, targets.py, its text rules, and
 report.py, what it writes and shows, below it); score.py, generate.py and train.py build on it (train.py merge lives
-in merge.py, which reads run_config.json as generate.py does); infer.py on score.py and generate.py, with its resumable
-progress files in progress.py and its preference pairs in preference.py; distill.py on generate.py and score.py (its
-rewrite guard)."""
+in merge.py, which reads run_config.json as generate.py does; train.py --stage dpo|kto lives in align.py, which reads
+run_config.json through generate.py); infer.py on score.py and generate.py, with its resumable progress files in
+progress.py and its preference pairs in preference.py; distill.py on generate.py and score.py (its rewrite guard)."""
 import ast
 import subprocess
 import sys
 
 from conftest import REPO_ROOT
 
-SCRIPTS = ("dedup", "targets", "report", "prep", "score", "generate", "merge", "train", "progress", "preference",
-           "infer", "distill")
+SCRIPTS = ("dedup", "targets", "report", "prep", "score", "generate", "merge", "align", "train", "progress",
+           "preference", "infer", "distill")
 ALLOWED = {"dedup": set(), "targets": set(), "report": {"dedup"}, "prep": {"dedup", "targets", "report"},
            "score": {"prep", "targets"},
-           "generate": {"prep"}, "merge": {"prep", "generate"}, "train": {"prep", "merge"},
+           "generate": {"prep"}, "merge": {"prep", "generate"}, "align": {"prep", "generate"},
+           "train": {"prep", "merge", "align"},
            "progress": {"prep", "score", "targets"}, "preference": {"prep", "score", "generate", "targets", "progress"},
            "infer": {"prep", "score", "generate", "targets", "progress", "preference"},
            "distill": {"dedup", "prep", "generate", "score", "targets"}}
