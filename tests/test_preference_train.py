@@ -169,6 +169,34 @@ def test_preference_run_prefers_the_true_summaries(early, tiny_model_dir, tmp_pa
     assert "reward margin" in result.stdout and f"python infer.py --model {final}" in result.stdout
 
 
+def test_the_kits_own_pairs_make_a_dpo_run_that_the_checkpoint_table_scores(early, tmp_path):
+    """The recipe's chain on the early checkpoint: infer.py --preference_out pairs its own candidates with the
+    references, train.py --stage dpo trains on exactly that file, and infer.py's checkpoint table scores the run."""
+    dev = tmp_path / "dev.json"
+    dev.write_text(json.dumps(early["records"], ensure_ascii=False), encoding="utf-8")
+    pairs, run = tmp_path / "preference.jsonl", tmp_path / "run"
+    made = run_script(["infer.py", "--model", early["checkpoint"], "--input", dev, "--num_samples", "2",
+                       "--chosen", "reference", "--preference_out", pairs, "--batch_size", "4",
+                       "--max_new_tokens", "256"], cwd=tmp_path)
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    kept = [json.loads(line)["id"] for line in pairs.read_text(encoding="utf-8").splitlines()]
+    wrong = [r["id"] for r, before, ref in zip(early["records"], early["before"], early["references"]) if before != ref]
+    assert set(wrong) <= set(kept), "every record the checkpoint gets wrong makes a pair (chosen: the reference)"
+
+    trained = run_script(["train.py", "--stage", "dpo", "--init_adapter", early["checkpoint"], "--preference_data",
+                          pairs, "--output_dir", run, *SHORT_RUN, "--max_steps", "2", "--learning_rate", "1e-3",
+                          "--save_total_limit", "3"], cwd=tmp_path)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert json.loads((run / "final" / "run_config.json").read_text(encoding="utf-8"))["preference_pairs"] == len(kept)
+
+    table = run_script(["infer.py", "--model", run, "--input", dev, "--batch_size", "4", "--max_new_tokens", "256",
+                        "--metrics", "rouge1"], cwd=tmp_path)
+    assert table.returncode == 0, table.stdout[-3000:] + table.stderr[-3000:]
+    rows = json.loads((tmp_path / "dev_pred.checkpoints.json").read_text(encoding="utf-8"))["rows"]
+    assert [row["checkpoint"] for row in rows] == ["checkpoint-1", "checkpoint-2", "final"]
+    assert all(row["score"] is not None for row in rows)
+
+
 def test_preference_defaults_show_in_the_settings_table(early, tmp_path):
     """Without --learning_rate / --num_train_epochs a dpo run takes the preference defaults; the table shows them.
     Stopped by Ctrl-C once the table is out, while the model loads: only the table is wanted."""
