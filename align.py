@@ -195,13 +195,17 @@ def kto_rows(pairs: list[dict], seed: int) -> list[dict]:
     return rows
 
 
-def check_pair_lengths(pairs: list[dict], lengths: list[int], max_seq_length: int, path: str) -> None:
-    """Refuse pairs TRL would cut: its truncation keeps the start, so the answers would lose their ends."""
-    for pair, length in zip(pairs, lengths):
-        if length > max_seq_length:
-            raise UserError(f"{path}: pair id {pair.get('id')!r} is {length} tokens (prompt and its longer answer), "
-                            f"longer than --max_seq_length {max_seq_length}, and truncation would cut the answer; "
-                            "raise --max_seq_length or leave the pair out")
+def fitting_pairs(pairs: list[dict], lengths: list[int], max_seq_length: int,
+                  path: str) -> tuple[list[dict], list[int], list[str]]:
+    """(the pairs that fit --max_seq_length, their lengths, the ids of those left out). TRL's truncation keeps the
+    start, so a longer pair would lose the end of its answers: it is left out rather than cut (a shorter
+    --max_seq_length, chosen to fit the card, should not stop the run). None fitting is an error."""
+    kept = [(pair, length) for pair, length in zip(pairs, lengths) if length <= max_seq_length]
+    if not kept:
+        raise UserError(f"{path}: every pair is longer than --max_seq_length {max_seq_length} (the shortest is "
+                        f"{min(lengths)} tokens, prompt and its longer answer); raise --max_seq_length")
+    too_long = [pair.get("id") for pair, length in zip(pairs, lengths) if length > max_seq_length]
+    return [pair for pair, _ in kept], [length for _, length in kept], too_long
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ Then:
 
 Preference training after SFT (align.py): DPO or KTO on infer.py's pairs, continuing the SFT adapter, which is also
 the reference policy; the base model, LoRA shape and max_seq_length come from it; lr 1e-4 and 4 epochs by default:
-    python infer.py --model outputs/gemma2-9b-dcs/final --input data/일상대화요약_train.json --preference_out pairs.jsonl
+    python infer.py --model outputs/gemma2-9b-dcs/final --input data/일상대화요약_train.json --num_samples 4 \
+        --preference_out pairs.jsonl                          # the model's own candidates, scored: best vs worst
     python train.py --stage kto --init_adapter outputs/gemma2-9b-dcs/final --preference_data pairs.jsonl \
         --output_dir outputs/kto                              # resumes, checkpoints and saves final/ like SFT
     python train.py --stage dpo --init_adapter outputs/gemma2-9b-dcs/final --preference_data pairs.jsonl \
@@ -761,7 +762,12 @@ def main(cfg: TrainSettings) -> None:
     else:
         train_lengths = [max(count_tokens(tokenizer, {"prompt": pair["prompt"], "completion": pair[answer]})
                              for answer in ("chosen", "rejected")) for pair in train_rows]
-        align.check_pair_lengths(train_rows, train_lengths, cfg.max_seq_length, cfg.preference_data)
+        train_rows, train_lengths, too_long = align.fitting_pairs(train_rows, train_lengths, cfg.max_seq_length,
+                                                                  cfg.preference_data)
+        extra["preference_pairs"] = len(train_rows)
+        if too_long:
+            console.print(f"[yellow]{len(too_long)} pairs longer than --max_seq_length {cfg.max_seq_length} left out "
+                          f"(first id {too_long[0]!r}): TRL's truncation would cut their answers", highlight=False)
     dev_lengths = [count_tokens(tokenizer, row) for row in dev_rows]
     check_lengths(dev_rows, dev_lengths, cfg.max_seq_length, f"{cfg.data}/dev.jsonl")
     trainer_rows = len(train_rows) * (2 if cfg.stage == "kto" else 1)  # KTO: a row per answer

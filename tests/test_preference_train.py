@@ -270,6 +270,15 @@ def test_stage_needs_its_inputs_and_a_matching_model(early, tmp_path):
                           "--preference_data is for --stage dpo or kto")
     assert_one_line_error(run_script(stage_args("kto", early, "--per_device_train_batch_size", "1")),
                           "--per_device_train_batch_size must be 2 or more for --loss_type kto")
+    assert_one_line_error(run_script(stage_args("dpo", early, "--max_seq_length", "64")),
+                          f"{early['pairs']}: every pair is longer than --max_seq_length 64")
+
+
+def test_pairs_longer_than_max_seq_length_are_left_out_not_cut():
+    pairs = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
+    assert align.fitting_pairs(pairs, [90, 120, 100], 100, "p.jsonl") == ([pairs[0], pairs[2]], [90, 100], ["b"])
+    with pytest.raises(UserError, match="p.jsonl: every pair is longer than --max_seq_length 80 .the shortest is 90"):
+        align.fitting_pairs(pairs, [90, 120, 100], 80, "p.jsonl")
 
 
 def bad_pair_files(early: dict, tmp_path: Path) -> list[tuple[Path, list[str]]]:
