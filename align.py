@@ -14,13 +14,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from generate import (
-    find_run_config,
-    trained_base_model,
-    trained_clean_inputs,
-    trained_system_prompt,
-    trained_target_format,
-)
+from generate import find_run_config, trained_base_model, trained_prompt_settings
 from prep import UserError, parse_jsonl, read_json
 
 STAGES = ("sft", "dpo", "kto")
@@ -135,9 +129,7 @@ def _prompt_messages(value: Any) -> bool:
 def expected_source(init_dir: Path, run_config: dict) -> dict[str, Any]:
     """What a preference file for this adapter must say it came from: the base model and the prompt settings."""
     return {"base_model": trained_base_model(init_dir, run_config),
-            "prompt_settings": {"system_prompt": trained_system_prompt(run_config),
-                                "clean_inputs": trained_clean_inputs(run_config),
-                                "target_format": trained_target_format(run_config)}}
+            "prompt_settings": trained_prompt_settings(run_config)}
 
 
 def validate_pair(row: Any, line_no: int, path: Path, expected: dict[str, Any]) -> dict:
@@ -301,27 +293,19 @@ def plot_preference(log_history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def carried_run_config(cfg, init_config: dict, n_pairs: int) -> dict[str, Any]:
-    """run_config.json keys of a dpo/kto run beyond train.py's: the stage and its inputs, and the init run's
-    training rows (infer.py's length band reads them through data_dir)."""
+def carried_run_config(cfg, init_config: dict) -> dict[str, Any]:
+    """run_config.json keys of a dpo/kto run beyond train.py's: its inputs, and the init run's training rows
+    (infer.py's length band reads them through data_dir)."""
     settings = init_config.get("settings", {})
     return {
-        "stage": cfg.stage,
         "init_adapter": str(Path(cfg.init_adapter).resolve()),
         "preference_data": str(Path(cfg.preference_data).resolve()),
-        "preference_pairs": n_pairs,
         "data_dir": init_config.get("data_dir") or settings.get("data"),
     }
-
-
-def prompt_settings_of(init_config: dict) -> dict[str, Any]:
-    """The init run's prompt settings, in the shape of prep.py's stats.json, which train.py records from."""
-    return {"system_prompt": trained_system_prompt(init_config), "clean_inputs": trained_clean_inputs(init_config),
-            "target_format": trained_target_format(init_config)}
 
 
 def load_stage_data(cfg) -> tuple[list[dict], dict, dict]:
     """(the pairs, the init run's prompt settings, the run_config keys carried over) for a dpo/kto run."""
     _, init_config = read_init_adapter(cfg.init_adapter)
     pairs = read_preference_file(cfg.preference_data, Path(cfg.init_adapter), init_config)
-    return pairs, prompt_settings_of(init_config), carried_run_config(cfg, init_config, len(pairs))
+    return pairs, trained_prompt_settings(init_config), carried_run_config(cfg, init_config)

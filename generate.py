@@ -184,6 +184,13 @@ def trained_target_format(run_config: dict) -> str:
     return run_config.get("target_format", "prose")
 
 
+def trained_prompt_settings(run_config: dict) -> dict[str, Any]:
+    """The three settings that shape a run's prompts, as a preference pair records them (preference.py) and a
+    preference run checks them (align.py)."""
+    return {"system_prompt": trained_system_prompt(run_config), "clean_inputs": trained_clean_inputs(run_config),
+            "target_format": trained_target_format(run_config)}
+
+
 def resolve_model(model: str | None) -> tuple[str, dict]:
     """(name or folder to load, run_config) for --model; errors name the missing folder."""
     if model is None:

@@ -19,7 +19,7 @@ import json
 import statistics
 from pathlib import Path
 
-from generate import trained_base_model, trained_clean_inputs, trained_system_prompt, trained_target_format
+from generate import trained_base_model, trained_prompt_settings
 from prep import UserError, build_messages, write_text_atomic
 from progress import candidates_path, partial_path
 from score import KNOWN_METRICS, Scorer, score_with
@@ -63,12 +63,6 @@ def check_preference_paths(cfg, output: Path, kind: str, target_format: str) -> 
     for name, other in taken.items():
         if path.resolve() == other.resolve():
             raise UserError(f"--preference_out {path} is {name}: choose another name")
-
-
-def prompt_settings(run_config: dict) -> dict:
-    """The prompt settings of the model that made the candidates (train.py checks them against its adapter's)."""
-    return {"system_prompt": trained_system_prompt(run_config), "clean_inputs": trained_clean_inputs(run_config),
-            "target_format": trained_target_format(run_config)}
 
 
 def candidates_base_model(model_name: str, run_config: dict) -> str:
@@ -146,7 +140,7 @@ def write_preference_data(cfg, records: list[dict], candidates: dict[str, list[s
                           skipped: dict[str, str], model_name: str, run_config: dict, console) -> None:
     """Score every record's candidates (and, with --chosen reference, the reference) against the reference, build
     one pair per record, keep those skip_reason lets through, write them to --preference_out and print the counts."""
-    settings, base_model = prompt_settings(run_config), candidates_base_model(model_name, run_config)
+    settings, base_model = trained_prompt_settings(run_config), candidates_base_model(model_name, run_config)
     texts = [candidates[record["id"]] for record in records]
     references = [record["output"] for record in records]
     with_reference = cfg.chosen == "reference"

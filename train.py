@@ -416,7 +416,7 @@ def build_run_config(cfg: TrainSettings, stats: dict, device: str, log_history: 
                      extra: dict | None = None) -> dict:
     """What travels with the adapter (final/ and every checkpoint-N/); infer.py reads base_model,
     max_seq_length, load_in_4bit, system_prompt, clean_inputs, target_format and data_dir back.
-    `extra` (a dpo/kto run's stage, inputs and init run's data_dir) goes over the rest."""
+    `extra` (a dpo/kto run's inputs and init run's data_dir) goes over the rest."""
     train, evals = loss_curves(log_history)
     return {
         "stage": cfg.stage,
@@ -433,6 +433,7 @@ def build_run_config(cfg: TrainSettings, stats: dict, device: str, log_history: 
         "device": device,
         "train_rows": n_train,
         "eval_rows": n_dev,
+        **({"preference_pairs": n_train} if cfg.stage != "sft" else {}),  # the pairs trained on: those that fit
         "global_step": global_step,
         "epoch": epoch,
         "train_loss": train[-1][1] if train else None,
@@ -764,7 +765,6 @@ def main(cfg: TrainSettings) -> None:
                              for answer in ("chosen", "rejected")) for pair in train_rows]
         train_rows, train_lengths, too_long = align.fitting_pairs(train_rows, train_lengths, cfg.max_seq_length,
                                                                   cfg.preference_data)
-        extra["preference_pairs"] = len(train_rows)
         if too_long:
             console.print(f"[yellow]{len(too_long)} pairs longer than --max_seq_length {cfg.max_seq_length} left out "
                           f"(first id {too_long[0]!r}): TRL's truncation would cut their answers", highlight=False)
