@@ -14,8 +14,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+from common import UserError, parse_jsonl, read_json, read_utf8_text
 from generate import find_run_config, trained_base_model, trained_prompt_settings
-from prep import UserError, parse_jsonl, read_json
 
 STAGES = ("sft", "dpo", "kto")
 # The overall winner of the competition: SFT, then KTO with LoRA at lr 1e-4 for 4 epochs (REFERENCE section 9).
@@ -162,10 +162,7 @@ def read_preference_file(path: str, init_dir: Path, run_config: dict) -> list[di
     file = Path(path)
     if not file.is_file():
         raise UserError(f"{path}: preference file not found (infer.py --preference_out writes it)")
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    text = read_utf8_text(file)
     expected = expected_source(init_dir, run_config)
     rows = [validate_pair(row, line_no, file, expected) for line_no, row in parse_jsonl(text, file)]
     if not rows:

@@ -36,29 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import generate
+from common import (UserError, check_environment, dump_submission_json, filter_known_noise, parse_jsonl, parse_settings,
+                    read_json, run_cli, shell_command, write_text_atomic)
 from dedup import keep_first_of_near_duplicates
-from prep import (
-    EXTRA_SHAPES,
-    ROLE_ALIASES,
-    UserError,
-    as_text,
-    build_user_text,
-    check_environment,
-    conversation_text,
-    detect_shape,
-    dump_submission_json,
-    filter_known_noise,
-    load_competition_file,
-    load_extra_rows,
-    parse_jsonl,
-    parse_settings,
-    read_json,
-    row_messages,
-    run_cli,
-    shell_command,
-    validate_competition_data,
-    write_text_atomic,
-)
+from prep import (as_text, build_user_text, conversation_text, detect_shape, EXTRA_SHAPES, load_competition_file,
+                  load_extra_rows, ROLE_ALIASES, row_messages, validate_competition_data)
 from score import BERTSCORE_MODEL, MetricModels, load_scorers
 from targets import speakers_in_order
 REFUSAL_PREFIXES = (

@@ -23,15 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from prep import (
-    CHECKPOINT_DIR,
-    TRAINING_PROGRESS_KEYS,
-    UserError,
-    build_messages,
-    checkpoint_dirs,
-    drop_middle_utterances,
-    read_json,
-)
+from common import CHECKPOINT_DIR, TRAINING_PROGRESS_KEYS, UserError, checkpoint_dirs, read_json
+from prep import build_messages, drop_middle_utterances
 ENGINES = ("unsloth", "vllm")
 # gemma-2-9b keeps 42 layers x 2 x 8 KV heads x 256 dims x 2 bytes = 344 KB of KV cache per token:
 # 32K token positions are ~11 GB, beside the ~6.5 GB of 4-bit weights on a 24 GB card.

@@ -36,22 +36,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from prep import (
-    UserError,
-    check_environment,
-    checkpoint_dirs,
-    dump_submission_json,
-    filter_known_noise,
-    is_complete_checkpoint,
-    load_competition_file,
-    parse_settings,
-    read_json,
-    read_trainer_state,
-    run_cli,
-    shell_command,
-    validate_competition_data,
-    write_text_atomic,
-)
+from common import (UserError, check_environment, checkpoint_dirs, dump_submission_json, filter_known_noise,
+                    is_complete_checkpoint, parse_settings, read_json, read_trainer_state, run_cli, shell_command,
+                    write_text_atomic)
+from prep import load_competition_file, validate_competition_data
 from generate import (
     EngineSettings,
     Sampling,

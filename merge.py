@@ -15,17 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import (TRAINING_PROGRESS_KEYS, UserError, check_environment, filter_known_noise, give_usual_file_modes,
+                    read_json, shell_command, write_text_atomic)
 from generate import read_run_config, run_config_source
-from prep import (
-    TRAINING_PROGRESS_KEYS,
-    UserError,
-    check_environment,
-    filter_known_noise,
-    give_usual_file_modes,
-    read_json,
-    shell_command,
-    write_text_atomic,
-)
 
 MERGE_METHODS = ("cat", "linear", "svd", "ties", "dare_ties", "dare_linear")  # PEFT's combination_type names
 EQUAL_RANK_METHODS = ("linear", "ties", "dare_ties", "dare_linear")

@@ -19,8 +19,9 @@ import json
 import statistics
 from pathlib import Path
 
+from common import UserError, write_text_atomic
 from generate import trained_base_model, trained_prompt_settings
-from prep import UserError, build_messages, write_text_atomic
+from prep import build_messages
 from progress import candidates_path, partial_path
 from score import KNOWN_METRICS, Scorer, score_with
 from targets import clean_record

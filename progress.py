@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from prep import UserError, read_json
+from common import UserError, read_json
 from score import guard_flags
 from targets import flatten_structured, looks_structured
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from prep import UserError, load_competition_file, read_json, write_text_atomic
+from common import UserError, read_json, write_text_atomic
+from prep import load_competition_file
 from targets import flatten_structured
 
 KNOWN_METRICS = ("rouge1", "bertscore", "bleurt")

@@ -53,19 +53,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import align
-from prep import (
-    UserError,
-    _unwrap_optional,
-    build_parser,
-    check_environment,
-    checkpoint_dirs,
-    filter_known_noise,
-    give_usual_file_modes,
-    is_complete_checkpoint,
-    parse_jsonl,
-    read_json,
-    shell_command,
-)
+from common import (UserError, _unwrap_optional, build_parser, check_environment, checkpoint_dirs, filter_known_noise,
+                    give_usual_file_modes, is_complete_checkpoint, parse_jsonl, read_json, read_utf8_text,
+                    shell_command)
 from merge import MERGE_DESCRIPTION, MergeSettings, merge_main, replace_dir, write_json
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -246,10 +236,7 @@ def validate_row(row: Any, line_no: int, path: Path) -> dict:
 
 def read_rows(path: Path) -> list[dict]:
     """All rows of a prep.py JSONL file; errors name the file, the line and the field."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    text = read_utf8_text(path)
     return [validate_row(row, line_no, path) for line_no, row in parse_jsonl(text, path)]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import prep
+import common
 from conftest import OFFLINE_ENV, REPO_ROOT as REPO, VLLM_PYTHON, assert_one_line_error, run_script
 
 SAMPLE = REPO / "data" / "sample"
@@ -27,7 +27,7 @@ SAMPLE = REPO / "data" / "sample"
     ((3, 11, 0), None, True, ["torch is not installed", "--index-url https://download.pytorch.org/whl/"]),
 ])
 def test_environment_problems_name_the_fix(python, torch, needs_torch, fragments):
-    message = "; ".join(prep.environment_problems(python, torch, needs_torch))
+    message = "; ".join(common.environment_problems(python, torch, needs_torch))
     for fragment in fragments:
         assert fragment in message, (fragment, message)
 
@@ -37,11 +37,11 @@ def test_environment_problems_name_the_fix(python, torch, needs_torch, fragments
     ((3, 11, 7), None, False), ((3, 11, 7), "2.1.0", False),  # an HTTP teacher or --score loads no torch
 ])
 def test_supported_environments_pass(python, torch, needs_torch):
-    assert prep.environment_problems(python, torch, needs_torch) == []
+    assert common.environment_problems(python, torch, needs_torch) == []
 
 
 def test_both_problems_are_reported_at_once():
-    assert len(prep.environment_problems((3, 10), "2.2.0", True)) == 2
+    assert len(common.environment_problems((3, 10), "2.2.0", True)) == 2
 
 
 def fake_installed_torch(root: Path, version: str) -> dict[str, str]:
@@ -86,16 +86,16 @@ def test_check_env_passes_here_and_score_mode_needs_no_torch(tmp_path):
 _IMPORT_AND_LOG = """
 import importlib.util, logging, sys, warnings
 sys.path.insert(0, sys.argv[1])
-import prep
-prep.filter_known_noise()
+import common
+common.filter_known_noise()
 import unsloth, torchao, bitsandbytes  # on CPU these imports log the known noise
-for name, prefixes in prep.KNOWN_HARMLESS_LOGS.items():
+for name, prefixes in common.KNOWN_HARMLESS_LOGS.items():
     if importlib.util.find_spec(name.split(".")[0]) is None:
         continue  # vllm lives in .venv-vllm: test_vllm_noise_filters_still_match_vllm checks its filters there
     source = open(importlib.util.find_spec(name).origin, encoding="utf-8").read()
     for prefix in prefixes:
         print(f"{name} still logs {prefix!r}: {prefix in source}")
-for name in prep.KNOWN_HARMLESS_LOGS:
+for name in common.KNOWN_HARMLESS_LOGS:
     logging.getLogger(name).warning("a real problem reported by %s", name)
 warnings.warn("a real UserWarning")
 """
@@ -106,18 +106,18 @@ def test_known_noise_is_hidden_and_real_warnings_still_show():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "is an Enum subclass" not in result.stderr and "Failed to load" not in result.stderr
-    for name in prep.KNOWN_HARMLESS_LOGS:
+    for name in common.KNOWN_HARMLESS_LOGS:
         assert f"a real problem reported by {name}" in result.stderr
     assert "UserWarning: a real UserWarning" in result.stderr
     checked = [line for line in result.stdout.splitlines() if " still logs " in line]  # unsloth prints its banner too
-    assert len(checked) == sum(len(prefixes) for name, prefixes in prep.KNOWN_HARMLESS_LOGS.items()
+    assert len(checked) == sum(len(prefixes) for name, prefixes in common.KNOWN_HARMLESS_LOGS.items()
                                if not name.startswith("vllm"))
     assert all(line.endswith(": True") for line in checked), checked  # each filter still matches its library's message
 
 
 def test_vllm_noise_filters_still_match_vllm():
     """The vllm entries of KNOWN_HARMLESS_LOGS against the vLLM that .venv-vllm holds (the default venv has none)."""
-    names = {name: prefixes for name, prefixes in prep.KNOWN_HARMLESS_LOGS.items() if name.startswith("vllm")}
+    names = {name: prefixes for name, prefixes in common.KNOWN_HARMLESS_LOGS.items() if name.startswith("vllm")}
     code = ("import importlib.util, json, sys\n"
             "for name, prefixes in json.loads(sys.argv[1]).items():\n"
             "    source = open(importlib.util.find_spec(name).origin, encoding='utf-8').read()\n"
@@ -147,8 +147,8 @@ def test_atomic_write_follows_the_umask(tmp_path, umask):
     previous = os.umask(umask)
     try:
         target = tmp_path / "out.json"
-        prep.write_text_atomic(target, "[]\n")
-        prep.write_text_atomic(target, "[1]\n")  # replacing a file too
+        common.write_text_atomic(target, "[]\n")
+        common.write_text_atomic(target, "[1]\n")  # replacing a file too
     finally:
         os.umask(previous)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
@@ -164,7 +164,7 @@ def test_safetensors_files_get_the_usual_mode(tmp_path):
         (tmp_path / "adapter").mkdir()
         save_file({"w": np.zeros(2, dtype=np.float32)}, str(tmp_path / "adapter" / "adapter_model.safetensors"))
         assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o600  # the library's own doing
-        prep.give_usual_file_modes(tmp_path / "adapter")
+        common.give_usual_file_modes(tmp_path / "adapter")
     finally:
         os.umask(previous)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -23,7 +23,8 @@ import infer
 import progress
 import score
 from conftest import OFFLINE_ENV, REPO_ROOT as REPO, assert_one_line_error, run_script
-from prep import UserError, validate_record
+from common import UserError
+from prep import validate_record
 
 ENV = {**os.environ, **OFFLINE_ENV}
 FAST = ["--no-load_in_4bit", "--max_new_tokens", "16"]
@@ -379,8 +380,8 @@ def test_score_mode_scores_a_file_without_torch(tmp_path):
     preds = [{**r, "output": r["output"] if i else "학교에 갔다"} for i, r in enumerate(refs)][::-1]  # order may differ
     (tmp_path / "pred.json").write_text(json.dumps(preds, ensure_ascii=False), encoding="utf-8")
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import infer, prep; "
-        "prep.run_cli(infer.main, prep.parse_settings(infer.InferSettings, sys.argv[2:], '')); "
+        "import sys; sys.path.insert(0, sys.argv[1]); import infer, common; "
+        "common.run_cli(infer.main, common.parse_settings(infer.InferSettings, sys.argv[2:], '')); "
         "assert 'torch' not in sys.modules and 'unsloth' not in sys.modules, 'score mode imported torch'"
     )
     result = subprocess.run([sys.executable, "-c", code, str(REPO), "--score", "pred.json", "--ref", str(REPO / "data/sample/dev.json"),

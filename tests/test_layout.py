@@ -1,6 +1,7 @@
-"""The scripts import one way: prep.py is the base (with dedup.py, its numpy engine, targets.py, its text rules, and
-report.py, what it writes and shows, below it); score.py, generate.py and train.py build on it (train.py merge lives
-in merge.py, which reads run_config.json as generate.py does; train.py --stage dpo|kto lives in align.py, which reads
+"""The scripts import one way: common.py (settings -> argparse, one-line errors, files, checkpoint folders) is the
+floor; prep.py is the base of the pipeline (with dedup.py, its numpy engine, targets.py, its text rules, and report.py,
+what it writes and shows, below it); score.py, generate.py and train.py build on it (train.py merge lives in merge.py,
+which reads run_config.json as generate.py does; train.py --stage dpo|kto lives in align.py, which reads
 run_config.json through generate.py); infer.py on score.py and generate.py, with its resumable progress files in
 progress.py and its preference pairs in preference.py; distill.py on generate.py and score.py (its rewrite guard)."""
 import ast
@@ -9,15 +10,17 @@ import sys
 
 from conftest import REPO_ROOT
 
-SCRIPTS = ("dedup", "targets", "report", "prep", "score", "generate", "merge", "align", "train", "progress",
+SCRIPTS = ("common", "dedup", "targets", "report", "prep", "score", "generate", "merge", "align", "train", "progress",
            "preference", "infer", "distill")
-ALLOWED = {"dedup": set(), "targets": set(), "report": {"dedup"}, "prep": {"dedup", "targets", "report"},
-           "score": {"prep", "targets"},
-           "generate": {"prep"}, "merge": {"prep", "generate"}, "align": {"prep", "generate"},
-           "train": {"prep", "merge", "align"},
-           "progress": {"prep", "score", "targets"}, "preference": {"prep", "score", "generate", "targets", "progress"},
-           "infer": {"prep", "score", "generate", "targets", "progress", "preference"},
-           "distill": {"dedup", "prep", "generate", "score", "targets"}}
+ALLOWED = {"common": set(), "dedup": set(), "targets": set(), "report": {"dedup"},
+           "prep": {"common", "dedup", "targets", "report"},
+           "score": {"common", "prep", "targets"},
+           "generate": {"common", "prep"}, "merge": {"common", "generate"}, "align": {"common", "generate"},
+           "train": {"common", "merge", "align"},
+           "progress": {"common", "score", "targets"},
+           "preference": {"common", "prep", "score", "generate", "targets", "progress"},
+           "infer": {"common", "prep", "score", "generate", "targets", "progress", "preference"},
+           "distill": {"common", "dedup", "prep", "generate", "score", "targets"}}
 
 
 def project_imports(script: str) -> set[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import infer
 from conftest import REPO_ROOT as REPO, run_script
-from prep import shell_command
+from common import shell_command
 
 FAST = ["--no-load_in_4bit", "--max_new_tokens", "16"]
 

@@ -17,7 +17,8 @@ import preference
 import score
 from conftest import SAMPLE_DIR, assert_one_line_error, run_script
 from infer import InferSettings
-from prep import UserError, competition_row
+from common import UserError
+from prep import competition_row
 from targets import clean_records
 
 PREF_KEYS = {"id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "margin", "metric", "base_model",

@@ -17,7 +17,7 @@ import pytest
 import align
 import train
 from conftest import END_OF_TURN_ID, OFFLINE_ENV, REPO_ROOT, assert_one_line_error, run_script
-from prep import UserError
+from common import UserError
 from test_train import interrupt_when, python
 
 # The memorized run learns the 4 summaries in 60 steps; the early checkpoint is the first of these at which greedy

@@ -13,7 +13,7 @@ import pytest
 
 import prep
 from conftest import REPO_ROOT as REPO, assert_one_line_error, run_script
-from prep import UserError
+from common import UserError
 
 SAMPLE = REPO / "data" / "sample"
 OUT_FILES = ("train.jsonl", "dev.jsonl", "stats.json", "lengths.png")

@@ -17,7 +17,7 @@ import pytest
 import infer
 import train
 from conftest import END_OF_TURN_ID, MEMORIZE_FLAGS, MEMORIZE_ROWS, OFFLINE_ENV, REPO_ROOT, run_script
-from prep import UserError
+from common import UserError
 
 # 8 rows, micro-batch 2, no accumulation: 4 steps per epoch, 12 in all, a checkpoint at each epoch's end.
 RESUME_FLAGS = [

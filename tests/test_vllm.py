@@ -18,7 +18,7 @@ import pytest
 import generate
 from conftest import (OFFLINE_ENV, REPO_ROOT, VLLM_PYTHON, VLLM_SHAPE, assert_one_line_error,
                       build_tiny_gemma2, run_script, train_memorized)
-from prep import UserError
+from common import UserError
 from test_score import tiny_bert_dir, tiny_bleurt_dir  # noqa: F401  (fixtures: BERTScore and BLEURT after a vLLM run)
 
 # Eager mode skips minutes of torch.compile on CPU; float32 as the tiny checkpoint; 5% of RAM for the KV cache.

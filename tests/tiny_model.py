@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
         print("usage: python tests/tiny_model.py OUT_DIR", file=sys.stderr)
         return 2
     sys.path.insert(0, str(REPO_ROOT))
-    from prep import filter_known_noise
+    from common import filter_known_noise
 
     filter_known_noise()  # torchao's failed kernel loads and the like, as the scripts hide them
     out_dir = build_tiny_gemma2(Path(argv[0]))
