@@ -178,7 +178,7 @@ else
 fi
 # The real test of an install: unsloth imports (and patches) the stack, and says which accelerator it found.
 device=$("$PY" -c '
-from prep import filter_known_noise
+from common import filter_known_noise
 filter_known_noise()
 import unsloth, torch
 print(f"CUDA: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no CUDA")
