@@ -45,22 +45,33 @@ from targets import (STRUCTURED_INSTRUCTION, TARGET_FORMATS, clean_records, drop
 
 @dataclass
 class PrepSettings:
-    train: list[str] = field(default_factory=lambda: ["data/일상대화요약_train.json"], metadata={"help": "competition train file(s)"})
-    dev: str = field(default="data/일상대화요약_dev.json", metadata={"help": "competition dev file: dev.jsonl, and kept out of the augmentation rows"})
+    train: list[str] = field(default_factory=lambda: ["data/일상대화요약_train.json"],
+                             metadata={"help": "competition train file(s)"})
+    dev: str = field(default="data/일상대화요약_dev.json", metadata={"help": (
+        "competition dev file: dev.jsonl, and kept out of the augmentation rows")})
     test: str = field(default="data/일상대화요약_test.json", metadata={
         "help": ("competition test file: keeps its dialogues out of the --extra rows and holds records that "
                  "--pseudo_labels rows name ('none': dev only)")})
-    extra: list[str] = field(default_factory=list, metadata={"help": "augmentation sources: Hub dataset ids (owner/name[:split]) or .json/.jsonl/.parquet files"})
+    extra: list[str] = field(default_factory=list, metadata={"help": (
+        "augmentation sources: Hub dataset ids (owner/name[:split]) or .json/.jsonl/.parquet files")})
     pseudo_labels: list[str] = field(default_factory=list, metadata={"help": (
         "self-distillation: summaries of test (or other) dialogues, as distill.py distill's JSONL or competition JSON "
         "with 'output' filled; exempt from the leak check on their dialogue, dropped if (nearly) a dev reference")})
-    out: str = field(default="data/prepared", metadata={"help": "output directory (train.jsonl, dev.jsonl, stats.json, lengths.png)"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer name or path for exact lengths (default: the model's, if in the local HF cache, else an estimate)"})
-    max_seq_length: int = field(default=8192, metadata={"help": "longest row in tokens: longer competition rows lose middle utterances, longer augmentation rows go"})
-    dedup_threshold: float = field(default=0.7, metadata={"help": "near-duplicates: an augmentation row goes when an earlier kept one shares this Jaccard similarity of character 3-grams (0.5-1)"})
+    out: str = field(default="data/prepared", metadata={"help": (
+        "output directory (train.jsonl, dev.jsonl, stats.json, lengths.png)")})
+    tokenizer: str | None = field(default=None, metadata={"help": (
+        "tokenizer name or path for exact lengths (default: the model's, if in the local HF cache, else an estimate)")})
+    max_seq_length: int = field(default=8192, metadata={"help": (
+        "longest row in tokens: longer competition rows lose middle utterances, longer augmentation rows go")})
+    dedup_threshold: float = field(default=0.7, metadata={"help": (
+        "near-duplicates: an augmentation row goes when an earlier kept one shares this Jaccard similarity of "
+        "character 3-grams (0.5-1)")})
     train_on_dev: bool = field(default=False, metadata={"help": "also train on dev (the final run)"})
-    system_prompt: bool = field(default=False, metadata={"help": "put the baseline's system text at the top of the user turn"})
-    clean_inputs: bool = field(default=False, metadata={"help": "remove fillers (어~, 음~), xx masks and stuttered word repeats (그 그) from utterances; reduplication (무슨 무슨) stays"})
+    system_prompt: bool = field(default=False, metadata={"help": (
+        "put the baseline's system text at the top of the user turn")})
+    clean_inputs: bool = field(default=False, metadata={"help": (
+        "remove fillers (어~, 음~), xx masks and stuttered word repeats (그 그) from utterances; "
+        "reduplication (무슨 무슨) stays")})
     unify_targets: bool = field(default=False, metadata={"help": (
         "rewrite the training targets into one format by rules (opening, ids, particles, typos, speaker order); "
         "ids per rule in stats.json; dev.jsonl and the files scoring reads keep their references")})
@@ -69,9 +80,11 @@ class PrepSettings:
     target_format: str = field(default="prose", metadata={"help": (
         "prose: the summary as written; structured: ## 전반적인 요약 / ## SDa 요약 sections with - bullets, and the "
         "prompt asks for them (infer.py turns them back into prose)")})
-    limit: int | None = field(default=None, metadata={"help": "keep a random N rows of each training source (quick tries)"})
+    limit: int | None = field(default=None, metadata={"help": (
+        "keep a random N rows of each training source (quick tries)")})
     seed: int = field(default=42, metadata={"help": "seed for --limit sampling"})
-    check_env: bool = field(default=False, metadata={"help": "only check Python (>= 3.11) and torch (>= 2.4, < 2.15) before installing requirements.txt, then exit"})
+    check_env: bool = field(default=False, metadata={"help": (
+        "only check Python (>= 3.11) and torch (>= 2.4, < 2.15) before installing requirements.txt, then exit")})
 
 
 # The official baseline's system prompt (teddysum/Korean_DCS_2024). Gemma 2 rejects a system role,
@@ -246,14 +259,16 @@ def load_hub_rows(source: str) -> list[dict]:
         return list(datasets.load_dataset(name, split=split or "train"))
     except Exception as err:  # offline, unknown id, bad split: datasets raises many types
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"{source}: could not load from the Hugging Face Hub ({type(err).__name__}: {reason})") from None
+        raise UserError(f"{source}: could not load from the Hugging Face Hub "
+                        f"({type(err).__name__}: {reason})") from None
 
 
 def load_extra_rows(source: str) -> list[dict]:
     path = Path(source)
     if path.is_file():
         rows = read_local_rows(path)
-    elif path.suffix.lower() in (".json", ".jsonl", ".parquet") or source.startswith((".", "/")) or not _HUB_ID.fullmatch(source):
+    elif (path.suffix.lower() in (".json", ".jsonl", ".parquet") or source.startswith((".", "/"))
+          or not _HUB_ID.fullmatch(source)):
         raise UserError(f"{source}: file not found (and not a Hub dataset id like owner/name or owner/name:split)")
     else:
         rows = load_hub_rows(source)
@@ -272,7 +287,8 @@ def detect_shape(row: dict) -> str | None:
             return key
     if {"instruction", "output"} <= keys:
         return "alpaca"
-    for pair in (("instruction", "response"), ("prompt", "response"), ("prompt", "completion"), ("question", "answer"), ("questions", "references")):
+    for pair in (("instruction", "response"), ("prompt", "response"), ("prompt", "completion"), ("question", "answer"),
+                 ("questions", "references")):
         if set(pair) <= keys:
             return "/".join(pair)
     return None
@@ -311,7 +327,8 @@ def row_messages(row: dict, shape: str, system_prompt: bool) -> list[dict] | Non
         for question, answer in zip(questions, answers):
             if not as_text(question) or not as_text(answer):
                 break
-            messages += [{"role": "user", "content": as_text(question)}, {"role": "assistant", "content": as_text(answer)}]
+            messages += [{"role": "user", "content": as_text(question)},
+                         {"role": "assistant", "content": as_text(answer)}]
     else:
         prompt_key, answer_key = ("instruction", "output") if shape == "alpaca" else shape.split("/")
         user = as_text(row[prompt_key])
@@ -339,7 +356,8 @@ def extra_rows(source: str, indexed_rows: list[tuple[int, dict]], system_prompt:
         shape = detect_shape(row)
         if shape is None:
             columns = ", ".join(sorted(map(str, row))) or "(none)"
-            raise UserError(f"{source}: row {index} has an unknown shape; found columns: {columns}; expected one of: {'; '.join(EXTRA_SHAPES)}")
+            raise UserError(f"{source}: row {index} has an unknown shape; found columns: {columns}; "
+                            f"expected one of: {'; '.join(EXTRA_SHAPES)}")
         messages = row_messages(row, shape, system_prompt)
         if messages is None:
             counts["unusable"] += 1
@@ -357,7 +375,8 @@ def tokenizer_is_cached(repo_id: str) -> bool:
     model type); the weights are never needed."""
     from huggingface_hub import try_to_load_from_cache
 
-    return all(isinstance(try_to_load_from_cache(repo_id, name), str) for name in ("tokenizer_config.json", "config.json"))
+    return all(isinstance(try_to_load_from_cache(repo_id, name), str)
+               for name in ("tokenizer_config.json", "config.json"))
 
 
 def load_tokenizer(name: str | None) -> tuple[Any, str]:
@@ -365,14 +384,16 @@ def load_tokenizer(name: str | None) -> tuple[Any, str]:
     if name is None:
         name = next(filter(tokenizer_is_cached, LOCAL_TOKENIZER_CANDIDATES), None)
         if name is None:
-            return None, f"estimate: {CHARS_PER_TOKEN:g} token per character + {TEMPLATE_TOKENS_PER_MESSAGE} per message (no --tokenizer)"
+            return None, (f"estimate: {CHARS_PER_TOKEN:g} token per character + {TEMPLATE_TOKENS_PER_MESSAGE} "
+                          "per message (no --tokenizer)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as err:  # missing dir, no hub access, broken files
-        raise UserError(f"--tokenizer {name}: could not load a tokenizer ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]})") from None
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(f"--tokenizer {name}: could not load a tokenizer ({type(err).__name__}: {reason})") from None
     if not tokenizer.chat_template:
         raise UserError(f"--tokenizer {name}: has no chat template; point it at the chat model's tokenizer")
     return tokenizer, f"tokenizer {name} with its chat template"
@@ -382,7 +403,8 @@ def count_tokens(tokenizer: Any, conversations: list[list[dict]]) -> list[int]:
     """Length of each conversation as the trainer sees it: the whole chat template rendered."""
     if tokenizer is None:
         return [
-            math.ceil(sum(len(m["content"]) for m in conv) / CHARS_PER_TOKEN) + TEMPLATE_TOKENS_PER_MESSAGE * len(conv) + 1
+            math.ceil(sum(len(m["content"]) for m in conv) / CHARS_PER_TOKEN)
+            + TEMPLATE_TOKENS_PER_MESSAGE * len(conv) + 1
             for conv in conversations
         ]
     texts = [tokenizer.apply_chat_template(conv, tokenize=False) for conv in conversations]
@@ -422,7 +444,8 @@ def require_summaries(path: str | Path, records: list[dict], role: str, raw: lis
     if not records:
         raise UserError(f"{path}: no records; --{role} needs the competition {role} file (a non-empty list)")
     if not any(r["output"].strip() for r in records):
-        raise UserError(f"{path}: every record's 'output' is {'empty' if any('output' in r for r in raw) else 'missing'}; "
+        state = "empty" if any("output" in r for r in raw) else "missing"
+        raise UserError(f"{path}: every record's 'output' is {state}; "
                         f"this looks like a test file, and --{role} needs records with summaries")
     for index, (record, as_read) in enumerate(zip(records, raw)):
         if not record["output"].strip():
@@ -444,7 +467,8 @@ def load_competition(paths: list[str], role: str, seen_ids: dict[str, str]) -> t
         dropped += n_dropped
         for index, record in enumerate(records):
             if record["id"] in seen_ids:
-                raise UserError(f"{path}: record {index} (id {record['id']!r}): field 'id' already used in {seen_ids[record['id']]}")
+                raise UserError(f"{path}: record {index} (id {record['id']!r}): field 'id' already used in "
+                                f"{seen_ids[record['id']]}")
             seen_ids[record["id"]] = path
             out.append((path, record))
     return out, dropped
@@ -522,7 +546,8 @@ def check_settings(cfg: PrepSettings) -> None:
     if cfg.max_seq_length < 64:
         raise UserError(f"--max_seq_length {cfg.max_seq_length}: must be at least 64 tokens")
     if not 0.5 <= cfg.dedup_threshold <= 1:
-        raise UserError(f"--dedup_threshold {cfg.dedup_threshold}: must be between 0.5 and 1 (MinHash LSH finds few pairs below 0.6)")
+        raise UserError(f"--dedup_threshold {cfg.dedup_threshold}: must be between 0.5 and 1 "
+                        "(MinHash LSH finds few pairs below 0.6)")
     if cfg.target_format not in TARGET_FORMATS:
         raise UserError(f"--target_format {cfg.target_format}: unknown; choose {' or '.join(TARGET_FORMATS)}")
     if cfg.show_changes is not None and cfg.show_changes < 1:
