@@ -591,21 +591,21 @@ class PrepRun:
     train: list[tuple[str, dict]] = field(default_factory=list)  # the competition files as read: (source, record)
     dev: list[tuple[str, dict]] = field(default_factory=list)
     test: list[tuple[str, dict]] = field(default_factory=list)
-    empty_dropped: int = 0
+    empty_dropped: int = 0  # empty utterances dropped while reading them
     train_pairs: list[tuple[str, dict]] = field(default_factory=list)  # competition records bound for train.jsonl
     dev_pairs: list[tuple[str, dict]] = field(default_factory=list)  # and for dev.jsonl
     copies: list[dict] = field(default_factory=list)  # pseudo-labels dropped for holding a dev reference
-    unified: dict | None = None
-    cleaning: dict | None = None
+    unified: dict | None = None  # what --unify_targets changed, for stats.json
+    cleaning: dict | None = None  # what --clean_inputs removed, for stats.json
     extras: list[Row] = field(default_factory=list)  # augmentation rows
     leaks: list[dict] = field(default_factory=list)  # every augmentation row dropped as a leak, with its dialogue
-    length_method: str = ""
-    train_rows: list[Row] = field(default_factory=list)
+    length_method: str = ""  # exact (which tokenizer) or estimated
+    train_rows: list[Row] = field(default_factory=list)  # the rows written, once they fit --max_seq_length
     dev_rows: list[Row] = field(default_factory=list)
     cut_utterances: int = 0
-    cut_ids: list[str] = field(default_factory=list)
-    too_long_ids: list[str] = field(default_factory=list)
-    pseudo_kept: dict[str, int] = field(default_factory=dict)
+    cut_ids: list[str] = field(default_factory=list)  # train and dev rows that lost middle utterances
+    too_long_ids: list[str] = field(default_factory=list)  # competition train rows dropped whole
+    pseudo_kept: dict[str, int] = field(default_factory=dict)  # pseudo-labels kept, by the file of their dialogue
 
     def new_counts(self, source: str) -> dict[str, int]:
         """A zero for every stage of `source`'s rows, to fill as they pass."""
@@ -811,7 +811,7 @@ def fit_to_length(run: PrepRun) -> None:
                       "dev.jsonl is no longer held out[/yellow]")
 
 
-def run_stats(run: PrepRun, lengths: dict[str, dict[str, int]]) -> dict:
+def build_stats(run: PrepRun, lengths: dict[str, dict[str, int]]) -> dict:
     """stats.json: how the prompt was built, the settings, and what each stage did."""
     cfg = run.cfg
     return {
@@ -864,6 +864,7 @@ def report_done(run: PrepRun, lengths: dict[str, dict[str, int]]) -> None:
 
 
 def main(cfg: PrepSettings) -> None:
+    """Competition sets, pseudo-labels, targets, cleaning, augmentation, leaks and duplicates, lengths, then write."""
     if cfg.check_env:  # before rich: this runs before requirements.txt is installed
         print_environment_ok()
         return
@@ -886,11 +887,16 @@ def main(cfg: PrepSettings) -> None:
     fit_to_length(run)
     run.console.rule("output")
     lengths = length_percentiles(run.train_rows, run.dev_rows)
-    write_prepared(run, run_stats(run, lengths))
+    write_prepared(run, build_stats(run, lengths))
     report_done(run, lengths)
 
 
+def parse_args(argv: list[str]) -> PrepSettings:
+    """The settings from the command line; the generators' old subcommands point to distill.py."""
+    if argv and argv[0] in ("distill", "magpie"):
+        sys.exit(f"error: the generators moved to their own script: python distill.py {' '.join(argv)}")
+    return parse_settings(PrepSettings, argv, __doc__.splitlines()[0])
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("distill", "magpie"):
-        sys.exit(f"error: the generators moved to their own script: python distill.py {' '.join(sys.argv[1:])}")
-    run_cli(main, parse_settings(PrepSettings, sys.argv[1:], __doc__.splitlines()[0]))
+    run_cli(main, parse_args(sys.argv[1:]))
