@@ -709,8 +709,8 @@ def progress_bar(console: Any) -> Any:
 
 
 def remove_leaks_and_duplicates(run: PrepRun) -> None:
-    """Augmentation rows that carry a dev/test dialogue go, then near-duplicates of earlier kept rows (pseudo-labels
-    included: they may hold a dev/test dialogue, not repeat each other)."""
+    """Augmentation rows that carry a dev/test dialogue go (pseudo-labels hold one on purpose and are exempt), then
+    near-duplicates of earlier kept rows, pseudo-labels included."""
     cfg, console = run.cfg, run.console
     pseudo_at = [k for k, (source, _) in enumerate(run.train_pairs) if source in cfg.pseudo_labels]
     pseudo_rows = [competition_row(run.train_pairs[k][1], run.train_pairs[k][0], cfg.system_prompt, cfg.target_format)
@@ -819,7 +819,7 @@ def build_stats(run: PrepRun, lengths: dict[str, dict[str, int]]) -> dict:
         "system_prompt": cfg.system_prompt,
         "clean_inputs": cfg.clean_inputs,
         "target_format": cfg.target_format,
-        # same inputs, same bytes
+        # all but where the files go and --check_env: same inputs, same bytes
         "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "check_env")},
         "length_counting": run.length_method,
         "rows": {"train": len(run.train_rows), "dev": len(run.dev_rows)},
@@ -870,8 +870,8 @@ def main(cfg: PrepSettings) -> None:
         return
     from rich.console import Console
 
-    run = PrepRun(cfg, Console(highlight=False), time.time(), PSEUDO_LABEL_STAGES if cfg.pseudo_labels else STAGES)
     check_settings(cfg)
+    run = PrepRun(cfg, Console(highlight=False), time.time(), PSEUDO_LABEL_STAGES if cfg.pseudo_labels else STAGES)
     show_settings(run)
     load_competition_sets(run)
     if cfg.pseudo_labels:
