@@ -89,7 +89,8 @@ MIN_PYTHON = (3, 11)  # trl 1.15 requires it; matplotlib 3.11.2 has no cp310 whe
 MIN_TORCH = (2, 4)  # bitsandbytes' floor: pip would otherwise pull a PyPI torch over the image's CUDA one
 MAX_TORCH = (2, 15)  # unsloth 2026.10.9 pins torch < 2.15
 TORCH_FIX = ("install a CUDA torch from the PyTorch index first, e.g. pip install 'torch>=2.4,<2.15' "
-             "--index-url https://download.pytorch.org/whl/cu124 (the cuXXX your driver supports), then requirements.txt")
+             "--index-url https://download.pytorch.org/whl/cu124 (the cuXXX your driver supports), "
+             "then requirements.txt")
 
 
 def release_tuple(version: str) -> tuple[int, int] | None:
@@ -98,12 +99,14 @@ def release_tuple(version: str) -> tuple[int, int] | None:
     return (int(match[1]), int(match[2])) if match else None
 
 
-def environment_problems(python_version: tuple[int, ...], torch_version: str | None, needs_torch: bool = True) -> list[str]:
+def environment_problems(python_version: tuple[int, ...], torch_version: str | None,
+                         needs_torch: bool = True) -> list[str]:
     """What stops this kit from installing or running on this interpreter and torch, each with its fix."""
     problems = []
     if tuple(python_version[:2]) < MIN_PYTHON:
         problems.append(
-            f"Python {'.'.join(map(str, python_version[:2]))} is too old: trl 1.15 and matplotlib 3.11.2 need Python >= 3.11; "
+            f"Python {'.'.join(map(str, python_version[:2]))} is too old: "
+            "trl 1.15 and matplotlib 3.11.2 need Python >= 3.11; "
             "make a 3.11+ environment (uv venv -p 3.11 .venv, or Colab's Python 3.12) and install there"
         )
     if not needs_torch:
@@ -196,7 +199,8 @@ def parse_jsonl(text: str, path: str | Path, hint: str = "") -> Iterator[tuple[i
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(f"{path}: line {line_number} is not valid JSON ({err.msg}, column {err.colno}){hint}") from None
+            raise UserError(f"{path}: line {line_number} is not valid JSON "
+                            f"({err.msg}, column {err.colno}){hint}") from None
         yield line_number, value
 
 
@@ -241,7 +245,8 @@ def dump_submission_json(records: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
-TRAINING_PROGRESS_KEYS = ("global_step", "epoch", "train_loss", "eval_loss")  # run_config.json keys true of one checkpoint only
+# run_config.json keys true of one checkpoint only
+TRAINING_PROGRESS_KEYS = ("global_step", "epoch", "train_loss", "eval_loss")
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:

@@ -56,7 +56,8 @@ def _normalized_codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     mapped = _normalize_table()[np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)]
     keep = mapped != 0
-    removed_before = np.searchsorted(np.flatnonzero(~keep), np.concatenate(([0], np.cumsum(lengths))))  # at each text's start
+    text_starts = np.concatenate(([0], np.cumsum(lengths)))
+    removed_before = np.searchsorted(np.flatnonzero(~keep), text_starts)  # at each text's start
     return mapped[keep], lengths - np.diff(removed_before)
 
 
@@ -143,7 +144,8 @@ def candidate_pairs(signatures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def signature_agreement(signatures: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 50_000) -> np.ndarray:
     """Share of equal bins for each pair: an estimate of its Jaccard similarity."""
-    return np.concatenate([(signatures[i[s:s + chunk]] == signatures[j[s:s + chunk]]).mean(axis=1) for s in range(0, len(i), chunk)] or [np.empty(0)])
+    return np.concatenate([(signatures[i[s:s + chunk]] == signatures[j[s:s + chunk]]).mean(axis=1)
+                           for s in range(0, len(i), chunk)] or [np.empty(0)])
 
 
 def _expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -166,13 +168,15 @@ def ngram_jaccards(texts: list[str], i: np.ndarray, j: np.ndarray) -> np.ndarray
     hashes, counts = ngram_hashes([texts[r] for r in rows], SHINGLE)
     # Every row's distinct 3-grams as one sorted array of keys: the row's rank in the top 24 bits,
     # 40 bits of the hash below (two 3-grams of one text collide with odds of about one in a million).
-    keys = np.sort((np.repeat(np.arange(len(rows), dtype=np.uint64), counts) << np.uint64(40)) | (hashes >> np.uint64(24)))
+    row_ranks = np.repeat(np.arange(len(rows), dtype=np.uint64), counts)
+    keys = np.sort((row_ranks << np.uint64(40)) | (hashes >> np.uint64(24)))
     repeated = np.zeros(len(keys), dtype=bool)
     repeated[1:] = keys[1:] == keys[:-1]
     keys = keys[~repeated]
     sizes = np.bincount((keys >> np.uint64(40)).astype(np.intp), minlength=len(rows))
     a, b = np.searchsorted(rows, i), np.searchsorted(rows, j)
-    queries = keys[_expand_ranges(np.cumsum(sizes)[b] - sizes[b], sizes[b])] & np.uint64((1 << 40) - 1)  # b's 3-grams ...
+    b_keys = keys[_expand_ranges(np.cumsum(sizes)[b] - sizes[b], sizes[b])]
+    queries = b_keys & np.uint64((1 << 40) - 1)  # b's 3-grams ...
     queries |= np.repeat(a.astype(np.uint64), sizes[b]) << np.uint64(40)  # ... looked up among a's
     found = keys[np.minimum(np.searchsorted(keys, queries), len(keys) - 1)] == queries
     shared = np.bincount(np.repeat(np.arange(len(i)), sizes[b]), weights=found, minlength=len(i))

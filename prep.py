@@ -45,22 +45,33 @@ from targets import (STRUCTURED_INSTRUCTION, TARGET_FORMATS, clean_records, drop
 
 @dataclass
 class PrepSettings:
-    train: list[str] = field(default_factory=lambda: ["data/일상대화요약_train.json"], metadata={"help": "competition train file(s)"})
-    dev: str = field(default="data/일상대화요약_dev.json", metadata={"help": "competition dev file: dev.jsonl, and kept out of the augmentation rows"})
+    train: list[str] = field(default_factory=lambda: ["data/일상대화요약_train.json"],
+                             metadata={"help": "competition train file(s)"})
+    dev: str = field(default="data/일상대화요약_dev.json", metadata={"help": (
+        "competition dev file: dev.jsonl, and kept out of the augmentation rows")})
     test: str = field(default="data/일상대화요약_test.json", metadata={
         "help": ("competition test file: keeps its dialogues out of the --extra rows and holds records that "
                  "--pseudo_labels rows name ('none': dev only)")})
-    extra: list[str] = field(default_factory=list, metadata={"help": "augmentation sources: Hub dataset ids (owner/name[:split]) or .json/.jsonl/.parquet files"})
+    extra: list[str] = field(default_factory=list, metadata={"help": (
+        "augmentation sources: Hub dataset ids (owner/name[:split]) or .json/.jsonl/.parquet files")})
     pseudo_labels: list[str] = field(default_factory=list, metadata={"help": (
         "self-distillation: summaries of test (or other) dialogues, as distill.py distill's JSONL or competition JSON "
         "with 'output' filled; exempt from the leak check on their dialogue, dropped if (nearly) a dev reference")})
-    out: str = field(default="data/prepared", metadata={"help": "output directory (train.jsonl, dev.jsonl, stats.json, lengths.png)"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer name or path for exact lengths (default: the model's, if in the local HF cache, else an estimate)"})
-    max_seq_length: int = field(default=8192, metadata={"help": "longest row in tokens: longer competition rows lose middle utterances, longer augmentation rows go"})
-    dedup_threshold: float = field(default=0.7, metadata={"help": "near-duplicates: an augmentation row goes when an earlier kept one shares this Jaccard similarity of character 3-grams (0.5-1)"})
+    out: str = field(default="data/prepared", metadata={"help": (
+        "output directory (train.jsonl, dev.jsonl, stats.json, lengths.png)")})
+    tokenizer: str | None = field(default=None, metadata={"help": (
+        "tokenizer name or path for exact lengths (default: the model's, if in the local HF cache, else an estimate)")})
+    max_seq_length: int = field(default=8192, metadata={"help": (
+        "longest row in tokens: longer competition rows lose middle utterances, longer augmentation rows go")})
+    dedup_threshold: float = field(default=0.7, metadata={"help": (
+        "near-duplicates: an augmentation row goes when an earlier kept one shares this Jaccard similarity of "
+        "character 3-grams (0.5-1)")})
     train_on_dev: bool = field(default=False, metadata={"help": "also train on dev (the final run)"})
-    system_prompt: bool = field(default=False, metadata={"help": "put the baseline's system text at the top of the user turn"})
-    clean_inputs: bool = field(default=False, metadata={"help": "remove fillers (어~, 음~), xx masks and stuttered word repeats (그 그) from utterances; reduplication (무슨 무슨) stays"})
+    system_prompt: bool = field(default=False, metadata={"help": (
+        "put the baseline's system text at the top of the user turn")})
+    clean_inputs: bool = field(default=False, metadata={"help": (
+        "remove fillers (어~, 음~), xx masks and stuttered word repeats (그 그) from utterances; "
+        "reduplication (무슨 무슨) stays")})
     unify_targets: bool = field(default=False, metadata={"help": (
         "rewrite the training targets into one format by rules (opening, ids, particles, typos, speaker order); "
         "ids per rule in stats.json; dev.jsonl and the files scoring reads keep their references")})
@@ -69,9 +80,11 @@ class PrepSettings:
     target_format: str = field(default="prose", metadata={"help": (
         "prose: the summary as written; structured: ## 전반적인 요약 / ## SDa 요약 sections with - bullets, and the "
         "prompt asks for them (infer.py turns them back into prose)")})
-    limit: int | None = field(default=None, metadata={"help": "keep a random N rows of each training source (quick tries)"})
+    limit: int | None = field(default=None, metadata={"help": (
+        "keep a random N rows of each training source (quick tries)")})
     seed: int = field(default=42, metadata={"help": "seed for --limit sampling"})
-    check_env: bool = field(default=False, metadata={"help": "only check Python (>= 3.11) and torch (>= 2.4, < 2.15) before installing requirements.txt, then exit"})
+    check_env: bool = field(default=False, metadata={"help": (
+        "only check Python (>= 3.11) and torch (>= 2.4, < 2.15) before installing requirements.txt, then exit")})
 
 
 # The official baseline's system prompt (teddysum/Korean_DCS_2024). Gemma 2 rejects a system role,
@@ -246,14 +259,16 @@ def load_hub_rows(source: str) -> list[dict]:
         return list(datasets.load_dataset(name, split=split or "train"))
     except Exception as err:  # offline, unknown id, bad split: datasets raises many types
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"{source}: could not load from the Hugging Face Hub ({type(err).__name__}: {reason})") from None
+        raise UserError(f"{source}: could not load from the Hugging Face Hub "
+                        f"({type(err).__name__}: {reason})") from None
 
 
 def load_extra_rows(source: str) -> list[dict]:
     path = Path(source)
     if path.is_file():
         rows = read_local_rows(path)
-    elif path.suffix.lower() in (".json", ".jsonl", ".parquet") or source.startswith((".", "/")) or not _HUB_ID.fullmatch(source):
+    elif (path.suffix.lower() in (".json", ".jsonl", ".parquet") or source.startswith((".", "/"))
+          or not _HUB_ID.fullmatch(source)):
         raise UserError(f"{source}: file not found (and not a Hub dataset id like owner/name or owner/name:split)")
     else:
         rows = load_hub_rows(source)
@@ -272,7 +287,8 @@ def detect_shape(row: dict) -> str | None:
             return key
     if {"instruction", "output"} <= keys:
         return "alpaca"
-    for pair in (("instruction", "response"), ("prompt", "response"), ("prompt", "completion"), ("question", "answer"), ("questions", "references")):
+    for pair in (("instruction", "response"), ("prompt", "response"), ("prompt", "completion"), ("question", "answer"),
+                 ("questions", "references")):
         if set(pair) <= keys:
             return "/".join(pair)
     return None
@@ -311,7 +327,8 @@ def row_messages(row: dict, shape: str, system_prompt: bool) -> list[dict] | Non
         for question, answer in zip(questions, answers):
             if not as_text(question) or not as_text(answer):
                 break
-            messages += [{"role": "user", "content": as_text(question)}, {"role": "assistant", "content": as_text(answer)}]
+            messages += [{"role": "user", "content": as_text(question)},
+                         {"role": "assistant", "content": as_text(answer)}]
     else:
         prompt_key, answer_key = ("instruction", "output") if shape == "alpaca" else shape.split("/")
         user = as_text(row[prompt_key])
@@ -339,7 +356,8 @@ def extra_rows(source: str, indexed_rows: list[tuple[int, dict]], system_prompt:
         shape = detect_shape(row)
         if shape is None:
             columns = ", ".join(sorted(map(str, row))) or "(none)"
-            raise UserError(f"{source}: row {index} has an unknown shape; found columns: {columns}; expected one of: {'; '.join(EXTRA_SHAPES)}")
+            raise UserError(f"{source}: row {index} has an unknown shape; found columns: {columns}; "
+                            f"expected one of: {'; '.join(EXTRA_SHAPES)}")
         messages = row_messages(row, shape, system_prompt)
         if messages is None:
             counts["unusable"] += 1
@@ -357,7 +375,8 @@ def tokenizer_is_cached(repo_id: str) -> bool:
     model type); the weights are never needed."""
     from huggingface_hub import try_to_load_from_cache
 
-    return all(isinstance(try_to_load_from_cache(repo_id, name), str) for name in ("tokenizer_config.json", "config.json"))
+    return all(isinstance(try_to_load_from_cache(repo_id, name), str)
+               for name in ("tokenizer_config.json", "config.json"))
 
 
 def load_tokenizer(name: str | None) -> tuple[Any, str]:
@@ -365,14 +384,16 @@ def load_tokenizer(name: str | None) -> tuple[Any, str]:
     if name is None:
         name = next(filter(tokenizer_is_cached, LOCAL_TOKENIZER_CANDIDATES), None)
         if name is None:
-            return None, f"estimate: {CHARS_PER_TOKEN:g} token per character + {TEMPLATE_TOKENS_PER_MESSAGE} per message (no --tokenizer)"
+            return None, (f"estimate: {CHARS_PER_TOKEN:g} token per character + {TEMPLATE_TOKENS_PER_MESSAGE} "
+                          "per message (no --tokenizer)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as err:  # missing dir, no hub access, broken files
-        raise UserError(f"--tokenizer {name}: could not load a tokenizer ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]})") from None
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(f"--tokenizer {name}: could not load a tokenizer ({type(err).__name__}: {reason})") from None
     if not tokenizer.chat_template:
         raise UserError(f"--tokenizer {name}: has no chat template; point it at the chat model's tokenizer")
     return tokenizer, f"tokenizer {name} with its chat template"
@@ -382,7 +403,8 @@ def count_tokens(tokenizer: Any, conversations: list[list[dict]]) -> list[int]:
     """Length of each conversation as the trainer sees it: the whole chat template rendered."""
     if tokenizer is None:
         return [
-            math.ceil(sum(len(m["content"]) for m in conv) / CHARS_PER_TOKEN) + TEMPLATE_TOKENS_PER_MESSAGE * len(conv) + 1
+            math.ceil(sum(len(m["content"]) for m in conv) / CHARS_PER_TOKEN)
+            + TEMPLATE_TOKENS_PER_MESSAGE * len(conv) + 1
             for conv in conversations
         ]
     texts = [tokenizer.apply_chat_template(conv, tokenize=False) for conv in conversations]
@@ -422,7 +444,8 @@ def require_summaries(path: str | Path, records: list[dict], role: str, raw: lis
     if not records:
         raise UserError(f"{path}: no records; --{role} needs the competition {role} file (a non-empty list)")
     if not any(r["output"].strip() for r in records):
-        raise UserError(f"{path}: every record's 'output' is {'empty' if any('output' in r for r in raw) else 'missing'}; "
+        state = "empty" if any("output" in r for r in raw) else "missing"
+        raise UserError(f"{path}: every record's 'output' is {state}; "
                         f"this looks like a test file, and --{role} needs records with summaries")
     for index, (record, as_read) in enumerate(zip(records, raw)):
         if not record["output"].strip():
@@ -444,7 +467,8 @@ def load_competition(paths: list[str], role: str, seen_ids: dict[str, str]) -> t
         dropped += n_dropped
         for index, record in enumerate(records):
             if record["id"] in seen_ids:
-                raise UserError(f"{path}: record {index} (id {record['id']!r}): field 'id' already used in {seen_ids[record['id']]}")
+                raise UserError(f"{path}: record {index} (id {record['id']!r}): field 'id' already used in "
+                                f"{seen_ids[record['id']]}")
             seen_ids[record["id"]] = path
             out.append((path, record))
     return out, dropped
@@ -522,7 +546,8 @@ def check_settings(cfg: PrepSettings) -> None:
     if cfg.max_seq_length < 64:
         raise UserError(f"--max_seq_length {cfg.max_seq_length}: must be at least 64 tokens")
     if not 0.5 <= cfg.dedup_threshold <= 1:
-        raise UserError(f"--dedup_threshold {cfg.dedup_threshold}: must be between 0.5 and 1 (MinHash LSH finds few pairs below 0.6)")
+        raise UserError(f"--dedup_threshold {cfg.dedup_threshold}: must be between 0.5 and 1 "
+                        "(MinHash LSH finds few pairs below 0.6)")
     if cfg.target_format not in TARGET_FORMATS:
         raise UserError(f"--target_format {cfg.target_format}: unknown; choose {' or '.join(TARGET_FORMATS)}")
     if cfg.show_changes is not None and cfg.show_changes < 1:
@@ -550,204 +575,328 @@ def needs_test_file(cfg: PrepSettings) -> bool:
     return cfg.test != NO_TEST and (bool(cfg.extra or cfg.pseudo_labels) or cfg.test != PrepSettings.test)
 
 
-def main(cfg: PrepSettings) -> None:
-    if cfg.check_env:  # before rich: this runs before requirements.txt is installed
-        torch_version = check_environment()
-        print(f"ok: Python {sys.version.split()[0]} and torch {torch_version} suit this kit; install requirements.txt next")
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+# ---------------------------------------------------------------------------------------------
+# The run, stage by stage: each stage reads and extends one PrepRun
+# ---------------------------------------------------------------------------------------------
 
-    started, console = time.time(), Console(highlight=False)
-    check_settings(cfg)
-    console.rule("[bold]prep.py")
-    console.print(rich_table("settings", ["setting", "value"], [[f.name, str(getattr(cfg, f.name))]
-                                                                 for f in dataclasses.fields(cfg)]))
-    counts: dict[str, dict[str, int]] = {}
-    stages = PSEUDO_LABEL_STAGES if cfg.pseudo_labels else STAGES
+@dataclass
+class PrepRun:
+    """What one run of prep.py has found so far; main hands it from stage to stage."""
 
-    def new_counts(source: str) -> dict[str, int]:
-        counts[source] = dict.fromkeys(stages, 0)
-        return counts[source]
+    cfg: PrepSettings
+    console: Any
+    started: float
+    stages: tuple[str, ...]
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> stage -> rows
+    train: list[tuple[str, dict]] = field(default_factory=list)  # the competition files as read: (source, record)
+    dev: list[tuple[str, dict]] = field(default_factory=list)
+    test: list[tuple[str, dict]] = field(default_factory=list)
+    empty_dropped: int = 0  # empty utterances dropped while reading them
+    train_pairs: list[tuple[str, dict]] = field(default_factory=list)  # competition records bound for train.jsonl
+    dev_pairs: list[tuple[str, dict]] = field(default_factory=list)  # and for dev.jsonl
+    copies: list[dict] = field(default_factory=list)  # pseudo-labels dropped for holding a dev reference
+    unified: dict | None = None  # what --unify_targets changed, for stats.json
+    cleaning: dict | None = None  # what --clean_inputs removed, for stats.json
+    extras: list[Row] = field(default_factory=list)  # augmentation rows
+    leaks: list[dict] = field(default_factory=list)  # every augmentation row dropped as a leak, with its dialogue
+    length_method: str = ""  # exact (which tokenizer) or estimated
+    train_rows: list[Row] = field(default_factory=list)  # the rows written, once they fit --max_seq_length
+    dev_rows: list[Row] = field(default_factory=list)
+    cut_utterances: int = 0
+    cut_ids: list[str] = field(default_factory=list)  # train and dev rows that lost middle utterances
+    too_long_ids: list[str] = field(default_factory=list)  # competition train rows dropped whole
+    pseudo_kept: dict[str, int] = field(default_factory=dict)  # pseudo-labels kept, by the file of their dialogue
 
+    def new_counts(self, source: str) -> dict[str, int]:
+        """A zero for every stage of `source`'s rows, to fill as they pass."""
+        self.counts[source] = dict.fromkeys(self.stages, 0)
+        return self.counts[source]
+
+
+def print_environment_ok() -> None:
+    """--check_env: Python and torch suit the kit (plain print: rich is not installed yet)."""
+    torch_version = check_environment()
+    print(f"ok: Python {sys.version.split()[0]} and torch {torch_version} suit this kit; install requirements.txt next")
+
+
+def show_settings(run: PrepRun) -> None:
+    """The resolved settings as a table."""
+    run.console.rule("[bold]prep.py")
+    run.console.print(rich_table("settings", ["setting", "value"], [[f.name, str(getattr(run.cfg, f.name))]
+                                                                     for f in dataclasses.fields(run.cfg)]))
+
+
+def load_competition_sets(run: PrepRun) -> None:
+    """Read train, dev and (when it matters) test; sample --limit train records; fold dev in with --train_on_dev."""
+    cfg, console = run.cfg, run.console
     console.rule("competition data")
     seen_ids: dict[str, str] = {}
-    train = load_competition(cfg.train, "train", seen_ids)
-    dev = load_competition([cfg.dev], "dev", seen_ids)
-    test = load_competition([cfg.test], "test", {}) if needs_test_file(cfg) else ([], 0)
-    empty_dropped = train[1] + dev[1] + test[1]
-    train_pairs = list(train[0])
+    run.train, train_dropped = load_competition(cfg.train, "train", seen_ids)
+    run.dev, dev_dropped = load_competition([cfg.dev], "dev", seen_ids)
+    run.test, test_dropped = load_competition([cfg.test], "test", {}) if needs_test_file(cfg) else ([], 0)
+    run.empty_dropped = train_dropped + dev_dropped + test_dropped
+    train_pairs = list(run.train)
     for source in cfg.train:
-        new_counts(source)["loaded"] = sum(s == source for s, _ in train_pairs)
+        run.new_counts(source)["loaded"] = sum(s == source for s, _ in train_pairs)
     if cfg.limit:
-        train_pairs = [p for source in cfg.train for p in sample_rows([p for p in train_pairs if p[0] == source], cfg.limit, cfg.seed)]
-    dev_pairs = dev[0]
+        train_pairs = [pair for source in cfg.train
+                       for pair in sample_rows([p for p in train_pairs if p[0] == source], cfg.limit, cfg.seed)]
+    dev_pairs = run.dev
     console.print(
-        f"train {len(train_pairs)} · dev {len(dev_pairs)} · test {len(test[0])} records"
-        f"{' (dev folded into train)' if cfg.train_on_dev else ''} · {empty_dropped} empty utterances dropped"
+        f"train {len(train_pairs)} · dev {len(dev_pairs)} · test {len(run.test)} records"
+        f"{' (dev folded into train)' if cfg.train_on_dev else ''} · {run.empty_dropped} empty utterances dropped"
     )
     if cfg.train_on_dev:
-        new_counts(cfg.dev)["loaded"] = len(dev_pairs)
+        run.new_counts(cfg.dev)["loaded"] = len(dev_pairs)
         # dev.jsonl stays empty: a loss on rows the model trained on is no held-out eval loss.
         train_pairs, dev_pairs = train_pairs + dev_pairs, []
     for source, _ in train_pairs:
-        counts[source]["sampled"] += 1
-    copies: list[dict] = []  # pseudo-labels dropped for holding a dev reference
-    if cfg.pseudo_labels:
-        console.rule("pseudo-labels (--pseudo_labels)")
-        pseudo_pairs, copies = pseudo_label_pairs(cfg, train[0] + dev[0] + test[0], dev[0], new_counts, console)
-        train_pairs += pseudo_pairs  # from here on like competition rows: targets, cleaning, length policy
-    unified = None
-    if cfg.unify_targets or cfg.show_changes:
-        console.rule("targets (--unify_targets)")
-        records, unified, changes = unify_records([record for _, record in train_pairs])
-        train_pairs = [(source, record) for (source, _), record in zip(train_pairs, records)]
-        for line in target_change_lines(unified, changes, cfg.show_changes or 0):
-            console.print(line, soft_wrap=True)
-        if cfg.show_changes:
-            return
-    cleaning = None
-    if cfg.clean_inputs:
-        records, cleaning = clean_records([record for _, record in train_pairs + dev_pairs])
-        pairs = [(source, record) for (source, _), record in zip(train_pairs + dev_pairs, records)]
-        train_pairs, dev_pairs = pairs[:len(train_pairs)], pairs[len(train_pairs):]
-        share = cleaning["chars_saved"] / max(cleaning["chars_before"], 1)
-        console.print(f"--clean_inputs: {cleaning['chars_saved']} characters saved ({share:.1%}), "
+        run.counts[source]["sampled"] += 1
+    run.train_pairs, run.dev_pairs = train_pairs, dev_pairs
+
+
+def add_pseudo_labels(run: PrepRun) -> None:
+    """--pseudo_labels join the training records, less those that copy a dev reference."""
+    run.console.rule("pseudo-labels (--pseudo_labels)")
+    pseudo_pairs, run.copies = pseudo_label_pairs(run.cfg, run.train + run.dev + run.test, run.dev, run.new_counts,
+                                                  run.console)
+    run.train_pairs += pseudo_pairs  # from here on like competition rows: targets, cleaning, length policy
+
+
+def unify_training_targets(run: PrepRun) -> None:
+    """--unify_targets: the training summaries rewritten by rules; --show_changes prints before/after pairs."""
+    run.console.rule("targets (--unify_targets)")
+    records, run.unified, changes = unify_records([record for _, record in run.train_pairs])
+    run.train_pairs = [(source, record) for (source, _), record in zip(run.train_pairs, records)]
+    for line in target_change_lines(run.unified, changes, run.cfg.show_changes or 0):
+        run.console.print(line, soft_wrap=True)
+
+
+def clean_dialogues(run: PrepRun) -> None:
+    """--clean_inputs: fillers, masks and stutters leave the train and dev dialogues."""
+    records, cleaning = clean_records([record for _, record in run.train_pairs + run.dev_pairs])
+    pairs = [(source, record) for (source, _), record in zip(run.train_pairs + run.dev_pairs, records)]
+    run.train_pairs, run.dev_pairs = pairs[:len(run.train_pairs)], pairs[len(run.train_pairs):]
+    run.cleaning = cleaning
+    share = cleaning["chars_saved"] / max(cleaning["chars_before"], 1)
+    run.console.print(f"--clean_inputs: {cleaning['chars_saved']} characters saved ({share:.1%}), "
                       f"{cleaning['utterances_dropped']} utterances left empty")
 
-    console.rule("augmentation sources")
-    extras: list[Row] = []
-    leaks: list[dict] = []  # every augmentation row dropped as a leak, with the dev/test dialogue it carries
+
+def load_augmentation(run: PrepRun) -> None:
+    """The usable rows of every --extra source (a --limit sample of each)."""
+    cfg = run.cfg
+    run.console.rule("augmentation sources")
     for source in cfg.extra:
-        source_counts = new_counts(source)
-        with console.status(f"loading {source}"):
+        source_counts = run.new_counts(source)
+        with run.console.status(f"loading {source}"):
             rows = load_extra_rows(source)
         source_counts["loaded"] = len(rows)
         indexed = sample_rows(list(enumerate(rows)), cfg.limit, cfg.seed)
         source_counts["sampled"] = len(indexed)
         found = extra_rows(source, indexed, cfg.system_prompt, source_counts)
-        extras += found
-        console.print(f"{source}: {len(rows)} rows, {len(found)} usable, shapes: {', '.join(sorted({detect_shape(r) for _, r in indexed}))}")
+        run.extras += found
+        shapes = ", ".join(sorted({detect_shape(r) for _, r in indexed}))
+        run.console.print(f"{source}: {len(rows)} rows, {len(found)} usable, shapes: {shapes}")
 
-    progress_columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    pseudo_at = [k for k, (source, _) in enumerate(train_pairs) if source in cfg.pseudo_labels]
-    pseudo_rows = [competition_row(train_pairs[k][1], train_pairs[k][0], cfg.system_prompt, cfg.target_format)
+
+def progress_bar(console: Any) -> Any:
+    """A transient rich progress bar for prep's own loops."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console, transient=True)
+
+
+def remove_leaks_and_duplicates(run: PrepRun) -> None:
+    """Augmentation rows that carry a dev/test dialogue go (pseudo-labels hold one on purpose and are exempt), then
+    near-duplicates of earlier kept rows, pseudo-labels included."""
+    cfg, console = run.cfg, run.console
+    pseudo_at = [k for k, (source, _) in enumerate(run.train_pairs) if source in cfg.pseudo_labels]
+    pseudo_rows = [competition_row(run.train_pairs[k][1], run.train_pairs[k][0], cfg.system_prompt, cfg.target_format)
                    for k in pseudo_at]
-    if extras or pseudo_rows:
-        console.rule("leakage and near-duplicates (MinHash)")
-        if cfg.test == NO_TEST and extras:
-            console.print("[bold red]--test none: NO TEST DIALOGUES CHECKED; augmentation rows that carry a test "
-                          "dialogue stay in training[/bold red]")
-        texts = ["\n".join(m["content"] for m in row.prompt + row.completion) for row in extras + pseudo_rows]
-        exempt = [k >= len(extras) for k in range(len(texts))]  # pseudo-labels hold a dev/test dialogue on purpose
-        dialogues = [[t["utterance"] for t in r["input"]["conversation"]] for _, r in dev[0] + test[0]]  # as given, not cleaned
-        dialogue_ids = [r["id"] for _, r in dev[0] + test[0]]
-        with Progress(*progress_columns, console=console, transient=True) as progress:
-            on_progress = [functools.partial(progress.advance, progress.add_task(task, total=total))
-                           for task, total in (("leak check", len(extras)), ("near-duplicates", len(texts)))]
-            matched, shares, keep = leaks_then_near_duplicates(texts, dialogues, cfg.dedup_threshold, *on_progress,
-                                                               exempt)
-        labels = [(row.source, int(row.id.rsplit(":", 1)[1])) for row in extras]
-        labels += [(row.source, -1) for row in pseudo_rows]  # never listed: an exempt row is no leak
-        leaks, outcomes = row_outcomes(labels, dialogue_ids, matched, shares, keep)
-        for row, outcome in zip(extras + pseudo_rows, outcomes):
-            counts[row.source][outcome] += outcome != "kept"
-        duplicates = {k for k, outcome in zip(pseudo_at, outcomes[len(extras):]) if outcome != "kept"}
-        train_pairs = [pair for k, pair in enumerate(train_pairs) if k not in duplicates]
-        extras = [row for row, outcome in zip(extras, outcomes) if outcome == "kept"]
-        named = [f"{leak['source']} row {leak['row']} = {leak['matched']} ({leak['share']:.0%})" for leak in leaks]
-        console.print(f"removed {len(leaks)} rows carrying a dev/test dialogue{name_ids(named)}; "
-                      f"{outcomes.count('duplicate')} near-duplicates (3-gram Jaccard >= {cfg.dedup_threshold})", soft_wrap=True)
+    if not run.extras and not pseudo_rows:
+        return
+    console.rule("leakage and near-duplicates (MinHash)")
+    if cfg.test == NO_TEST and run.extras:
+        console.print("[bold red]--test none: NO TEST DIALOGUES CHECKED; augmentation rows that carry a test "
+                      "dialogue stay in training[/bold red]")
+    texts = ["\n".join(m["content"] for m in row.prompt + row.completion) for row in run.extras + pseudo_rows]
+    exempt = [k >= len(run.extras) for k in range(len(texts))]  # pseudo-labels hold a dev/test dialogue on purpose
+    held_out = run.dev + run.test
+    dialogues = [[t["utterance"] for t in r["input"]["conversation"]] for _, r in held_out]  # as given, not cleaned
+    with progress_bar(console) as progress:
+        on_progress = [functools.partial(progress.advance, progress.add_task(task, total=total))
+                       for task, total in (("leak check", len(run.extras)), ("near-duplicates", len(texts)))]
+        matched, shares, keep = leaks_then_near_duplicates(texts, dialogues, cfg.dedup_threshold, *on_progress,
+                                                           exempt)
+    labels = [(row.source, int(row.id.rsplit(":", 1)[1])) for row in run.extras]
+    labels += [(row.source, -1) for row in pseudo_rows]  # never listed: an exempt row is no leak
+    run.leaks, outcomes = row_outcomes(labels, [r["id"] for _, r in held_out], matched, shares, keep)
+    for row, outcome in zip(run.extras + pseudo_rows, outcomes):
+        run.counts[row.source][outcome] += outcome != "kept"
+    duplicates = {k for k, outcome in zip(pseudo_at, outcomes[len(run.extras):]) if outcome != "kept"}
+    run.train_pairs = [pair for k, pair in enumerate(run.train_pairs) if k not in duplicates]
+    run.extras = [row for row, outcome in zip(run.extras, outcomes) if outcome == "kept"]
+    named = [f"{leak['source']} row {leak['row']} = {leak['matched']} ({leak['share']:.0%})" for leak in run.leaks]
+    console.print(f"removed {len(run.leaks)} rows carrying a dev/test dialogue{name_ids(named)}; "
+                  f"{outcomes.count('duplicate')} near-duplicates (3-gram Jaccard >= {cfg.dedup_threshold})",
+                  soft_wrap=True)
 
-    console.rule("length policy")
-    tokenizer, length_method = load_tokenizer(cfg.tokenizer)
-    console.print(f"lengths: {length_method}; limit {cfg.max_seq_length} tokens per row")
-    if tokenizer is None:
-        console.print(f"[yellow]the estimate errs long, so rows that fit may be cut: --tokenizer {LOCAL_TOKENIZER_CANDIDATES[0]} counts exactly "
-                      "(it downloads the tokenizer only)[/yellow]")
-    train_rows, dev_rows, cut_utterances, cut_ids, too_long_ids = [], [], 0, [], []
-    for pairs, target in ((train_pairs, train_rows), (dev_pairs, dev_rows)):
+
+def fit_competition_rows(run: PrepRun, tokenizer: Any) -> None:
+    """Train and dev records as rows within --max_seq_length: middle utterances cut, or (train only) the row dropped
+    when the question and summary alone are too long."""
+    for pairs, target in ((run.train_pairs, run.train_rows), (run.dev_pairs, run.dev_rows)):
         for source, record in pairs:
-            row, n_cut = fit_competition_record(record, source, cfg, tokenizer)
-            stage_counts = counts.get(source) if target is train_rows else None
+            row, n_cut = fit_competition_record(record, source, run.cfg, tokenizer)
+            stage_counts = run.counts.get(source) if target is run.train_rows else None
             if row is None:
                 if stage_counts is None:
-                    raise UserError(f"{source}: record {record['id']!r}: question + summary alone exceed --max_seq_length {cfg.max_seq_length}")
+                    raise UserError(f"{source}: record {record['id']!r}: question + summary alone exceed "
+                                    f"--max_seq_length {run.cfg.max_seq_length}")
                 stage_counts["too_long"] += 1
-                too_long_ids.append(record["id"])
+                run.too_long_ids.append(record["id"])
                 continue
-            cut_utterances += n_cut
+            run.cut_utterances += n_cut
             if n_cut:
-                cut_ids.append(record["id"])
+                run.cut_ids.append(record["id"])
             if stage_counts is not None:
                 stage_counts["cut"] += n_cut > 0
             target.append(row)
-    with Progress(*progress_columns, console=console, transient=True) as progress:
-        task = progress.add_task("token counts", total=len(extras))
-        for start in range(0, len(extras), 1000):
-            batch = extras[start:start + 1000]
+
+
+def fit_augmentation_rows(run: PrepRun, tokenizer: Any) -> None:
+    """Augmentation rows are counted (batches of 1000) and dropped whole when over --max_seq_length."""
+    with progress_bar(run.console) as progress:
+        task = progress.add_task("token counts", total=len(run.extras))
+        for start in range(0, len(run.extras), 1000):
+            batch = run.extras[start:start + 1000]
             for row, n in zip(batch, count_tokens(tokenizer, [r.prompt + r.completion for r in batch])):
                 row.tokens = n
             progress.advance(task, len(batch))
-    for row in extras:
-        if row.tokens > cfg.max_seq_length:
-            counts[row.source]["too_long"] += 1
-    extras = [row for row in extras if row.tokens <= cfg.max_seq_length]
-    train_rows += extras
-    for row in train_rows:
-        counts[row.source]["kept"] += 1
-    console.print(f"competition rows cut: {len(cut_ids)} ({cut_utterances} utterances dropped from the middle){name_ids(cut_ids)}", soft_wrap=True)
-    if too_long_ids:
-        console.print(f"[yellow]competition train rows dropped, question + summary alone too long: {len(too_long_ids)}{name_ids(too_long_ids)}[/yellow]", soft_wrap=True)
-    if not train_rows:
-        raise UserError(f"no training rows left after the length policy (--max_seq_length {cfg.max_seq_length}); nothing was written")
-    pseudo_kept = dialogue_kinds([row.id for row in train_rows if row.source in cfg.pseudo_labels],
-                                 {"test": test[0], "dev": dev[0], "train": train[0]})
-    if pseudo_kept.get("dev") and not cfg.train_on_dev:
-        console.print(f"[yellow]{pseudo_kept['dev']} pseudo-labels summarize dev dialogues: the eval loss on dev.jsonl "
-                      "is no longer held out[/yellow]")
+    for row in run.extras:
+        if row.tokens > run.cfg.max_seq_length:
+            run.counts[row.source]["too_long"] += 1
+    run.extras = [row for row in run.extras if row.tokens <= run.cfg.max_seq_length]
 
-    console.rule("output")
-    lengths = length_percentiles(train_rows, dev_rows)
-    stats = {
+
+def fit_to_length(run: PrepRun) -> None:
+    """Every row within --max_seq_length, counted exactly with a tokenizer or estimated without one."""
+    cfg, console = run.cfg, run.console
+    console.rule("length policy")
+    tokenizer, run.length_method = load_tokenizer(cfg.tokenizer)
+    console.print(f"lengths: {run.length_method}; limit {cfg.max_seq_length} tokens per row")
+    if tokenizer is None:
+        console.print("[yellow]the estimate errs long, so rows that fit may be cut: "
+                      f"--tokenizer {LOCAL_TOKENIZER_CANDIDATES[0]} counts exactly "
+                      "(it downloads the tokenizer only)[/yellow]")
+    fit_competition_rows(run, tokenizer)
+    fit_augmentation_rows(run, tokenizer)
+    run.train_rows += run.extras
+    for row in run.train_rows:
+        run.counts[row.source]["kept"] += 1
+    console.print(f"competition rows cut: {len(run.cut_ids)} ({run.cut_utterances} utterances dropped from the "
+                  f"middle){name_ids(run.cut_ids)}", soft_wrap=True)
+    if run.too_long_ids:
+        console.print("[yellow]competition train rows dropped, question + summary alone too long: "
+                      f"{len(run.too_long_ids)}{name_ids(run.too_long_ids)}[/yellow]", soft_wrap=True)
+    if not run.train_rows:
+        raise UserError(f"no training rows left after the length policy (--max_seq_length {cfg.max_seq_length}); "
+                        "nothing was written")
+    run.pseudo_kept = dialogue_kinds([row.id for row in run.train_rows if row.source in cfg.pseudo_labels],
+                                     {"test": run.test, "dev": run.dev, "train": run.train})
+    if run.pseudo_kept.get("dev") and not cfg.train_on_dev:
+        console.print(f"[yellow]{run.pseudo_kept['dev']} pseudo-labels summarize dev dialogues: the eval loss on "
+                      "dev.jsonl is no longer held out[/yellow]")
+
+
+def build_stats(run: PrepRun, lengths: dict[str, dict[str, int]]) -> dict:
+    """stats.json: how the prompt was built, the settings, and what each stage did."""
+    cfg = run.cfg
+    return {
         # How the prompt was built: train.py carries these to the adapter so inference matches.
         "system_prompt": cfg.system_prompt,
         "clean_inputs": cfg.clean_inputs,
         "target_format": cfg.target_format,
-        "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "check_env")},  # same inputs, same bytes
-        "length_counting": length_method,
-        "rows": {"train": len(train_rows), "dev": len(dev_rows)},
-        "sources": counts,
-        "stage_meaning": {stage: STAGE_HELP[stage] for stage in stages},
-        "empty_utterances_dropped": empty_dropped,
-        "leaks": leaks,
-        "leak_check_dialogues": {"dev": len(dev[0]), "test": len(test[0])} if cfg.extra else None,
-        **({"pseudo_labels": {"kept_by_dialogue": pseudo_kept, "dev_references": copies}} if cfg.pseudo_labels else {}),
-        "clean_inputs_effect": cleaning,
-        "unify_targets_effect": unified,  # ids per rule and per problem left, train targets only
-        "utterances_cut_from_middle": cut_utterances,
-        "cut_ids": cut_ids,  # train and dev rows that lost middle utterances
-        "too_long_ids": too_long_ids,  # competition train rows dropped: question + summary alone exceed the limit
+        # all but where the files go and --check_env: same inputs, same bytes
+        "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "check_env")},
+        "length_counting": run.length_method,
+        "rows": {"train": len(run.train_rows), "dev": len(run.dev_rows)},
+        "sources": run.counts,
+        "stage_meaning": {stage: STAGE_HELP[stage] for stage in run.stages},
+        "empty_utterances_dropped": run.empty_dropped,
+        "leaks": run.leaks,
+        "leak_check_dialogues": {"dev": len(run.dev), "test": len(run.test)} if cfg.extra else None,
+        **({"pseudo_labels": {"kept_by_dialogue": run.pseudo_kept, "dev_references": run.copies}}
+           if cfg.pseudo_labels else {}),
+        "clean_inputs_effect": run.cleaning,
+        "unify_targets_effect": run.unified,  # ids per rule and per problem left, train targets only
+        "utterances_cut_from_middle": run.cut_utterances,
+        "cut_ids": run.cut_ids,  # train and dev rows that lost middle utterances
+        "too_long_ids": run.too_long_ids,  # competition train rows dropped: question + summary alone exceed the limit
         "lengths": lengths,
     }
-    competition_sources = set(cfg.train) | {cfg.dev}
-    out = Path(cfg.out)
-    write_outputs(out, {
-        "train.jsonl": "".join(row.to_json() + "\n" for row in train_rows),
-        "dev.jsonl": "".join(row.to_json() + "\n" for row in dev_rows),
+
+
+def write_prepared(run: PrepRun, stats: dict) -> None:
+    """train.jsonl, dev.jsonl, stats.json and lengths.png, all or nothing."""
+    competition_sources = set(run.cfg.train) | {run.cfg.dev}
+    write_outputs(Path(run.cfg.out), {
+        "train.jsonl": "".join(row.to_json() + "\n" for row in run.train_rows),
+        "dev.jsonl": "".join(row.to_json() + "\n" for row in run.dev_rows),
         "stats.json": json.dumps(stats, ensure_ascii=False, indent=2) + "\n",
         "lengths.png": lambda path: plot_lengths(path, {
-            "competition": [r for r in train_rows if r.source in competition_sources],
-            "augmentation": [r for r in train_rows if r.source not in competition_sources],
+            "competition": [r for r in run.train_rows if r.source in competition_sources],
+            "augmentation": [r for r in run.train_rows if r.source not in competition_sources],
         }),
     })
-    console.print(*summary_tables(counts, stages, lengths))
-    console.print(f"wrote {len(train_rows)} train and {len(dev_rows)} dev rows, stats.json and lengths.png to {out}/ in {time.time() - started:.1f}s")
+
+
+def report_done(run: PrepRun, lengths: dict[str, dict[str, int]]) -> None:
+    """The tables of rows per stage and lengths, what was written where, and the next command."""
+    cfg, console = run.cfg, run.console
+    console.print(*summary_tables(run.counts, run.stages, lengths))
+    console.print(f"wrote {len(run.train_rows)} train and {len(run.dev_rows)} dev rows, stats.json and lengths.png "
+                  f"to {Path(cfg.out)}/ in {time.time() - run.started:.1f}s")
     data_flag = [] if Path(cfg.out) == Path(PrepSettings.out) else ["--data", cfg.out]  # train.py's default data
     console.print(f"next: {shell_command('python', 'train.py', *data_flag)}", markup=False, soft_wrap=True)
 
 
+def main(cfg: PrepSettings) -> None:
+    """Competition sets, pseudo-labels, targets, cleaning, augmentation, leaks and duplicates, lengths, then write."""
+    if cfg.check_env:  # before rich: this runs before requirements.txt is installed
+        print_environment_ok()
+        return
+    from rich.console import Console
+
+    check_settings(cfg)
+    run = PrepRun(cfg, Console(highlight=False), time.time(), PSEUDO_LABEL_STAGES if cfg.pseudo_labels else STAGES)
+    show_settings(run)
+    load_competition_sets(run)
+    if cfg.pseudo_labels:
+        add_pseudo_labels(run)
+    if cfg.unify_targets or cfg.show_changes:
+        unify_training_targets(run)
+        if cfg.show_changes:  # a preview of the rules: nothing is written
+            return
+    if cfg.clean_inputs:
+        clean_dialogues(run)
+    load_augmentation(run)
+    remove_leaks_and_duplicates(run)
+    fit_to_length(run)
+    run.console.rule("output")
+    lengths = length_percentiles(run.train_rows, run.dev_rows)
+    write_prepared(run, build_stats(run, lengths))
+    report_done(run, lengths)
+
+
+def parse_args(argv: list[str]) -> PrepSettings:
+    """The settings from the command line; the generators' old subcommands point to distill.py."""
+    if argv and argv[0] in ("distill", "magpie"):
+        sys.exit(f"error: the generators moved to their own script: python distill.py {' '.join(argv)}")
+    return parse_settings(PrepSettings, argv, __doc__.splitlines()[0])
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("distill", "magpie"):
-        sys.exit(f"error: the generators moved to their own script: python distill.py {' '.join(sys.argv[1:])}")
-    run_cli(main, parse_settings(PrepSettings, sys.argv[1:], __doc__.splitlines()[0]))
+    run_cli(main, parse_args(sys.argv[1:]))

@@ -113,7 +113,8 @@ def bertscore_scorer(models: MetricModels) -> Scorer:
     config = AutoConfig.from_pretrained(models.bertscore_model)
     layers = getattr(config, "num_hidden_layers", None)
     if layers is not None and not 1 <= models.bertscore_layers <= layers:
-        raise UserError(f"--bertscore_layers {models.bertscore_layers}: {models.bertscore_model} has layers 1..{layers}")
+        raise UserError(f"--bertscore_layers {models.bertscore_layers}: "
+                        f"{models.bertscore_model} has layers 1..{layers}")
     from bert_score.utils import bert_cos_score_idf, get_model
 
     tokenizer = bertscore_tokenizer(models.bertscore_model, config)
@@ -172,7 +173,8 @@ def bleurt_rembert_weights(port_weights: dict, hidden_size: int) -> dict:
     return weights
 
 
-def bleurt_pair_ids(reference: list[int], candidate: list[int], max_length: int, cls: int, sep: int) -> tuple[list[int], list[int]]:
+def bleurt_pair_ids(reference: list[int], candidate: list[int], max_length: int, cls: int,
+                    sep: int) -> tuple[list[int], list[int]]:
     """(input ids, segment ids) as the original's encode_example builds them: the longer side loses its last
     token until both fit, then [CLS] reference [SEP] candidate [SEP]."""
     reference, candidate = list(reference), list(candidate)
@@ -220,7 +222,8 @@ def bleurt_scorer(models: MetricModels) -> Scorer:
     cls, sep, max_length = pieces.piece_to_id("[CLS]"), pieces.piece_to_id("[SEP]"), config["max_position_embeddings"]
 
     def score(hypotheses: list[str], references: list[str]) -> list[float]:
-        pairs = [bleurt_pair_ids(pieces.encode(r), pieces.encode(h), max_length, cls, sep) for h, r in zip(hypotheses, references)]
+        pairs = [bleurt_pair_ids(pieces.encode(r), pieces.encode(h), max_length, cls, sep)
+                 for h, r in zip(hypotheses, references)]
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))  # similar lengths share a batch: less padding
         scores = [0.0] * len(pairs)
         with torch.inference_mode():
@@ -229,7 +232,8 @@ def bleurt_scorer(models: MetricModels) -> Scorer:
                 width = max(len(pairs[i][0]) for i in batch)
                 ids = torch.tensor([pairs[i][0] + [0] * (width - len(pairs[i][0])) for i in batch], device=device)
                 segments = torch.tensor([pairs[i][1] + [0] * (width - len(pairs[i][1])) for i in batch], device=device)
-                mask = torch.tensor([[1] * len(pairs[i][0]) + [0] * (width - len(pairs[i][0])) for i in batch], device=device)
+                mask = torch.tensor([[1] * len(pairs[i][0]) + [0] * (width - len(pairs[i][0])) for i in batch],
+                                    device=device)
                 logits = model(input_ids=ids, token_type_ids=segments, attention_mask=mask).logits[:, 0]
                 for i, value in zip(batch, logits.tolist()):
                     scores[i] = value
@@ -333,7 +337,8 @@ def mbr_utilities(candidates: list[list[str]], utility: Scorer) -> list[list[flo
 
     ROUGE-1 F1 and BERTScore F1 are symmetric, so each unordered pair is scored once, in one call for all
     items (one model pass). A lone candidate gets 0."""
-    pairs = [(item, i, j) for item, texts in enumerate(candidates) for i in range(len(texts)) for j in range(i + 1, len(texts))]
+    pairs = [(item, i, j) for item, texts in enumerate(candidates)
+             for i in range(len(texts)) for j in range(i + 1, len(texts))]
     values = utility([candidates[k][i] for k, i, _ in pairs], [candidates[k][j] for k, _, j in pairs]) if pairs else []
     totals = [[0.0] * len(texts) for texts in candidates]
     for (item, i, j), value in zip(pairs, values):
@@ -400,17 +405,20 @@ def check_same_ids(path: str, ids: list[str], expected_path: str, expected_ids: 
     missing = [i for i in expected_ids if i not in set(ids)]
     extra = [i for i in ids if i not in set(expected_ids)]
     if missing or extra:
-        raise UserError(f"{path}: ids do not match {expected_path}: {len(missing)} missing (first {missing[:1]}), {len(extra)} not in {expected_path} (first {extra[:1]})")
+        raise UserError(f"{path}: ids do not match {expected_path}: {len(missing)} missing (first {missing[:1]}), "
+                        f"{len(extra)} not in {expected_path} (first {extra[:1]})")
 
 
-def pair_by_id(predictions: list[dict], references: list[dict], pred_path: str, ref_path: str) -> tuple[list[str], list[str], list[str]]:
+def pair_by_id(predictions: list[dict], references: list[dict], pred_path: str,
+               ref_path: str) -> tuple[list[str], list[str], list[str]]:
     """(ids, predicted outputs, reference outputs) matched by id; every mismatch is reported."""
     ref_by_id = {r["id"]: r["output"] for r in references}
     pred_ids = [p["id"] for p in predictions]
     check_same_ids(pred_path, pred_ids, ref_path, list(ref_by_id))
     empty_refs = [i for i, out in ref_by_id.items() if not out.strip()]
     if empty_refs:
-        raise UserError(f"{ref_path}: record id {empty_refs[0]!r}: field 'output' is empty; references need summaries to score against")
+        raise UserError(f"{ref_path}: record id {empty_refs[0]!r}: field 'output' is empty; "
+                        "references need summaries to score against")
     return pred_ids, [p["output"] for p in predictions], [ref_by_id[i] for i in pred_ids]
 
 
@@ -470,8 +478,10 @@ def length_band(run_config: dict) -> tuple[int, int, str]:
         lengths = sorted(training_summary_lengths(prepared))
         if lengths:
             low, high = (nearest_rank(lengths, q) for q in BAND_PERCENTILES)
-            return low, high, f"p{BAND_PERCENTILES[0]}-p{BAND_PERCENTILES[1]} of the {len(lengths)} competition summaries in {prepared / 'train.jsonl'}"
-    return (*REFERENCE_SUMMARY_CHARS, "the range of the competition's train+dev references (the model's training rows were not found)")
+            return low, high, (f"p{BAND_PERCENTILES[0]}-p{BAND_PERCENTILES[1]} of the {len(lengths)} competition "
+                               f"summaries in {prepared / 'train.jsonl'}")
+    return (*REFERENCE_SUMMARY_CHARS,
+            "the range of the competition's train+dev references (the model's training rows were not found)")
 
 
 def repetition_loop(text: str) -> str | None:
@@ -506,4 +516,5 @@ def guard_flags(text: str, band: tuple[int, int]) -> list[str]:
 def guard_report(ids: list[str], texts: list[str], band: tuple[int, int, str]) -> dict:
     """The guard's verdict for scores.json: the band, where it came from, and the flags per item."""
     flags = {item_id: guard_flags(text, band[:2]) for item_id, text in zip(ids, texts)}
-    return {"band_chars": list(band[:2]), "band_source": band[2], "flagged": [i for i in ids if flags[i]], "flags": flags}
+    return {"band_chars": list(band[:2]), "band_source": band[2], "flagged": [i for i in ids if flags[i]],
+            "flags": flags}
