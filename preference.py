@@ -15,14 +15,13 @@ desirable and an undesirable row.
 from __future__ import annotations
 
 import collections
-import json
 import statistics
 from pathlib import Path
 
 from common import UserError, write_text_atomic
 from generate import trained_base_model, trained_prompt_settings
 from prep import build_messages
-from progress import candidates_path, partial_path
+from progress import candidates_path, jsonl_text, partial_path
 from score import KNOWN_METRICS, Scorer, score_with
 from targets import clean_record
 
@@ -162,7 +161,7 @@ def write_preference_data(cfg, records: list[dict], candidates: dict[str, list[s
     if not kept:
         raise UserError(f"{cfg.input}: no preference pair kept of {len(rows)} records (reasons above); lower "
                         "--min_margin, or sample more (--num_samples) or more diversely (--temperature)")
-    write_text_atomic(cfg.preference_out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
+    write_text_atomic(cfg.preference_out, jsonl_text(kept))
     console.print(f"{len(kept)} preference pairs -> {cfg.preference_out}")
 
 
