@@ -15,55 +15,17 @@ desirable and an undesirable row.
 from __future__ import annotations
 
 import collections
-import json
 import statistics
 from pathlib import Path
 
 from common import UserError, write_text_atomic
 from generate import trained_base_model, trained_prompt_settings
 from prep import build_messages
-from progress import candidates_path, partial_path
+from progress import candidates_path, jsonl_text, partial_path
 from score import KNOWN_METRICS, Scorer, score_with
 from targets import clean_record
 
 CHOSEN = ("best", "reference")  # --chosen: the best-scoring candidate, or the record's reference summary
-
-
-def check_preference_settings(cfg, training_run: bool) -> None:
-    """The settings-only refusals (infer.py's check_settings calls this before anything is loaded)."""
-    if cfg.min_margin < 0:
-        raise UserError(f"--min_margin {cfg.min_margin}: must be 0 or more (the least score difference between "
-                        "chosen and rejected)")
-    if not cfg.preference_out:
-        return
-    if cfg.score or cfg.select:
-        raise UserError("--preference_out: pairs are made from generated candidates; leave out --score / --select")
-    if training_run:
-        raise UserError(f"--preference_out: --model {cfg.model} is a training run; give the one model whose "
-                        f"summaries make the pairs (e.g. {Path(cfg.model) / 'final'})")
-    if cfg.num_samples < 1:
-        raise UserError("--preference_out needs --num_samples N (N >= 1): each record's pair is drawn from its "
-                        "greedy summary and N samples")
-
-
-def check_preference_paths(cfg, output: Path, kind: str, target_format: str) -> None:
-    """Refusals that need the input read and the model's run_config: checked before any generation."""
-    if not cfg.preference_out:
-        return
-    if kind != "references":
-        raise UserError(f"{cfg.input}: --preference_out scores the candidates against the references: every record "
-                        "needs its 'output' (use the train or dev file)")
-    if target_format == "structured":
-        raise UserError("--preference_out: this model was trained with --target_format structured, and its candidates "
-                        "are kept flattened to prose; pairs of prose would pull it away from its sections")
-    path = Path(cfg.preference_out)
-    if path.is_dir():
-        raise UserError(f"--preference_out {path} is a folder: give a file name")
-    taken = {"the input file": Path(cfg.input), "--output": output, "the candidates file": candidates_path(output),
-             "the partial file": partial_path(output)}
-    for name, other in taken.items():
-        if path.resolve() == other.resolve():
-            raise UserError(f"--preference_out {path} is {name}: choose another name")
 
 
 def candidates_base_model(model_name: str, run_config: dict) -> str:
@@ -137,6 +99,57 @@ def margin_stats(margins: list[float]) -> dict[str, float]:
     return {"min": min(margins), "median": statistics.median(margins), "max": max(margins)} if margins else {}
 
 
+def check_preference_settings(cfg, training_run: bool) -> None:
+    """The settings-only refusals (infer.py's check_settings calls this before anything is loaded)."""
+    if cfg.min_margin < 0:
+        raise UserError(f"--min_margin {cfg.min_margin}: must be 0 or more (the least score difference between "
+                        "chosen and rejected)")
+    if not cfg.preference_out:
+        return
+    if cfg.score or cfg.select:
+        raise UserError("--preference_out: pairs are made from generated candidates; leave out --score / --select")
+    if training_run:
+        raise UserError(f"--preference_out: --model {cfg.model} is a training run; give the one model whose "
+                        f"summaries make the pairs (e.g. {Path(cfg.model) / 'final'})")
+    if cfg.num_samples < 1:
+        raise UserError("--preference_out needs --num_samples N (N >= 1): each record's pair is drawn from its "
+                        "greedy summary and N samples")
+
+
+def check_preference_paths(cfg, output: Path, kind: str, target_format: str) -> None:
+    """Refusals that need the input read and the model's run_config: checked before any generation."""
+    if not cfg.preference_out:
+        return
+    if kind != "references":
+        raise UserError(f"{cfg.input}: --preference_out scores the candidates against the references: every record "
+                        "needs its 'output' (use the train or dev file)")
+    if target_format == "structured":
+        raise UserError("--preference_out: this model was trained with --target_format structured, and its candidates "
+                        "are kept flattened to prose; pairs of prose would pull it away from its sections")
+    path = Path(cfg.preference_out)
+    if path.is_dir():
+        raise UserError(f"--preference_out {path} is a folder: give a file name")
+    taken = {"the input file": Path(cfg.input), "--output": output, "the candidates file": candidates_path(output),
+             "the partial file": partial_path(output)}
+    for name, other in taken.items():
+        if path.resolve() == other.resolve():
+            raise UserError(f"--preference_out {path} is {name}: choose another name")
+
+
+def print_preference_stats(cfg, rows: list[dict], reasons: dict[str, str | None], kept: list[dict], console) -> None:
+    """Pairs kept, the margins' spread, and the records skipped, grouped by why."""
+    stats = margin_stats([row["margin"] for row in kept])
+    chosen = "the reference" if cfg.chosen == "reference" else "the best candidate"
+    console.print(f"pairs kept: {len(kept)} of {len(rows)} records (chosen: {chosen}; rejected: the worst candidate; "
+                  f"--min_margin {cfg.min_margin})")
+    if stats:
+        console.print("margins: " + ", ".join(f"{key} {value:.4f}" for key, value in stats.items()))
+    why = collections.Counter(reason for reason in reasons.values() if reason)
+    for reason, count in why.items():
+        first = next(record_id for record_id, found in reasons.items() if found == reason)
+        console.print(f"[yellow]skipped {count} records: {reason} (first id {first!r})", highlight=False)
+
+
 def write_preference_data(cfg, records: list[dict], candidates: dict[str, list[str]], scorers: dict[str, Scorer],
                           skipped: dict[str, str], model_name: str, run_config: dict, console) -> None:
     """Score every record's candidates (and, with --chosen reference, the reference) against the reference, build
@@ -162,19 +175,5 @@ def write_preference_data(cfg, records: list[dict], candidates: dict[str, list[s
     if not kept:
         raise UserError(f"{cfg.input}: no preference pair kept of {len(rows)} records (reasons above); lower "
                         "--min_margin, or sample more (--num_samples) or more diversely (--temperature)")
-    write_text_atomic(cfg.preference_out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
+    write_text_atomic(cfg.preference_out, jsonl_text(kept))
     console.print(f"{len(kept)} preference pairs -> {cfg.preference_out}")
-
-
-def print_preference_stats(cfg, rows: list[dict], reasons: dict[str, str | None], kept: list[dict], console) -> None:
-    """Pairs kept, the margins' spread, and the records skipped, grouped by why."""
-    stats = margin_stats([row["margin"] for row in kept])
-    chosen = "the reference" if cfg.chosen == "reference" else "the best candidate"
-    console.print(f"pairs kept: {len(kept)} of {len(rows)} records (chosen: {chosen}; rejected: the worst candidate; "
-                  f"--min_margin {cfg.min_margin})")
-    if stats:
-        console.print("margins: " + ", ".join(f"{key} {value:.4f}" for key, value in stats.items()))
-    why = collections.Counter(reason for reason in reasons.values() if reason)
-    for reason, count in why.items():
-        first = next(record_id for record_id, found in reasons.items() if found == reason)
-        console.print(f"[yellow]skipped {count} records: {reason} (first id {first!r})", highlight=False)

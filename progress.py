@@ -16,10 +16,9 @@ import json
 import os
 from pathlib import Path
 
-from common import UserError, read_json
+from common import UserError, dump_submission_json, read_json, write_text_atomic
 from score import guard_flags
 from targets import flatten_structured, looks_structured
-
 
 
 def partial_path(output: str | Path) -> Path:
@@ -63,16 +62,26 @@ def load_partial(path: Path, fingerprint: dict) -> dict[str, dict]:
     return rows
 
 
+def jsonl_text(rows: list[dict]) -> str:
+    """One JSON line per row, Korean as it is."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def append_partial(path: Path, fingerprint: dict, rows: list[dict]) -> None:
     """Append finished rows in one write + fsync, so a kill loses at most the batch in flight."""
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    text = jsonl_text(rows)
     if not path.is_file():
-        text = json.dumps({"fingerprint": fingerprint}, ensure_ascii=False) + "\n" + text
+        text = jsonl_text([{"fingerprint": fingerprint}]) + text
         path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def write_candidates(path: Path, fingerprint: dict, rows: list[dict]) -> None:
+    """The candidates file rewritten whole under the same header (each row with its `chosen` index)."""
+    write_text_atomic(path, jsonl_text([{"fingerprint": fingerprint}, *rows]))
 
 
 def as_prose(text: str, target_format: str) -> dict:
@@ -118,6 +127,15 @@ def check_submission(submission: list[dict], raw_records: list[dict], path: str 
             raise UserError(f"{path}: record {index} (id {sub['id']!r}): field 'output' is empty")
 
 
+def write_submission(raw_records: list[dict], outputs: dict[str, str], path: Path) -> list[dict]:
+    """The input list with each record's `output` filled in, checked as the official scorer would, written
+    atomically."""
+    submission = build_submission(raw_records, outputs)
+    check_submission(submission, raw_records, path)
+    write_text_atomic(path, dump_submission_json(submission))
+    return submission
+
+
 def generation_settings(max_new_tokens: int, repetition_penalty: float) -> dict:
     """What a partial-file row records about how its summary was generated."""
     return {"max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty}
@@ -147,6 +165,15 @@ def check_resume_settings(rows: dict[str, dict], generation: dict, todo: int, pa
                         "the run, then use --retry_empty or --regenerate_flagged)")
 
 
+def empty_summaries_error(input_path: str, empty: list[str], rows: dict[str, dict], partial: Path) -> UserError:
+    """The error for summaries that came out empty, with a retry that changes a setting the run did not use."""
+    used = max((rows.get(i, {}).get("repetition_penalty", 1.0) for i in empty), default=1.0)
+    return UserError(f"{input_path}: record id {empty[0]!r} (and {len(empty) - 1} more): the model generated an "
+                     f"empty summary; the {len(rows) - len(empty)} other summaries are kept in {partial}; to "
+                     "regenerate just these, rerun the same command with --retry_empty --repetition_penalty "
+                     f"{next_repetition_penalty(used)}")
+
+
 def rows_from_output(output: Path, raw_records: list[dict]) -> list[dict]:
     """The summaries of an earlier complete run's --output, as partial-file rows (how they were generated is
     unknown)."""
@@ -162,6 +189,11 @@ def regeneration_targets(records: list[dict], outputs: dict[str, str], band: tup
     """The records --retry_empty (empty summaries) and --regenerate_flagged (every guard flag) generate again."""
     return [r for r in records
             if (retry_empty and not outputs[r["id"]]) or (regenerate_flagged and guard_flags(outputs[r["id"]], band))]
+
+
+def guard_summary(report: dict) -> dict:
+    """What a scores or guard file records of the output guard besides its per-item flags."""
+    return {key: report[key] for key in ("band_chars", "band_source", "flagged")}
 
 
 def print_guard(report: dict, console, penalty: float, retry_command: str | None = None) -> None:
