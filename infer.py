@@ -46,12 +46,11 @@ from score import (BERTSCORE_LAYERS, BERTSCORE_MODEL, BLEURT_MODEL, KNOWN_METRIC
                    length_band, load_scorers, pair_by_id, print_scores, read_candidate_files, score_predictions,
                    score_with, select_candidates, write_scores)
 from preference import CHOSEN, check_preference_paths, check_preference_settings, write_preference_data
-# check_submission is used through write_submission; tests call it as infer.check_submission.
-from progress import (append_partial, as_prose, candidates_path, check_resume_settings, check_submission,
-                      describe_generation, empty_summaries_error, file_sha256, flag_malformed_structure,
-                      flatten_predictions, generated_with, generation_settings, guard_summary, load_partial,
-                      next_repetition_penalty, partial_path, print_guard, regeneration_targets, rows_from_output,
-                      write_candidates, write_submission)
+from progress import (append_partial, as_prose, candidates_path, check_resume_settings, describe_generation,
+                      empty_summaries_error, file_sha256, flag_malformed_structure, flatten_predictions,
+                      generated_with, generation_settings, guard_summary, load_partial, next_repetition_penalty,
+                      partial_path, print_guard, regeneration_targets, rows_from_output, write_candidates,
+                      write_submission)
 from targets import clean_record
 
 

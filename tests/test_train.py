@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import infer
+import progress
 import train
 from conftest import END_OF_TURN_ID, MEMORIZE_FLAGS, MEMORIZE_ROWS, OFFLINE_ENV, REPO_ROOT, run_script
 from common import UserError
@@ -387,7 +387,7 @@ def test_torchrun_two_processes_write_once_and_feed_infer(tiny_model_dir, memori
                            "--max_new_tokens", "256"], cwd=tmp_path)
     assert inferred.returncode == 0, inferred.stdout[-3000:] + inferred.stderr[-3000:]
     submission = json.loads((tmp_path / "submission.json").read_text(encoding="utf-8"))
-    infer.check_submission(submission, records, "submission.json")
+    progress.check_submission(submission, records, "submission.json")
     assert [r["output"] for r in submission] == [r["output"].strip() for r in memorize_data["records"]]
 
 
