@@ -27,6 +27,9 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # trl kto_config.py
 # Settings that must be the init adapter's: the LoRA shape its weights load into, and the base they were trained on.
 FROM_INIT_ADAPTER = ("model", "lora_r", "lora_alpha", "target_modules")
+# The metrics a dpo/kto run's loss.png shows, each as (logged key, label).
+PLOTTED = (("loss", "loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
+           ("rewards/accuracies", "reward accuracy (chosen > rejected)"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,10 +274,6 @@ def drop_reference_adapter(model) -> None:
 # ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------
-
-PLOTTED = (("loss", "loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
-           ("rewards/accuracies", "reward accuracy (chosen > rejected)"))
-
 
 def curves(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """(step, value) points of each plotted metric that was logged."""
