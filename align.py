@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from common import UserError, parse_jsonl, read_json, read_utf8_text
 from generate import find_run_config, trained_base_model, trained_prompt_settings
@@ -27,6 +27,9 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # trl kto_config.py
 # Settings that must be the init adapter's: the LoRA shape its weights load into, and the base they were trained on.
 FROM_INIT_ADAPTER = ("model", "lora_r", "lora_alpha", "target_modules")
+# The metrics a dpo/kto run's loss.png shows, each as (logged key, label).
+PLOTTED = (("loss", "loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
+           ("rewards/accuracies", "reward accuracy (chosen > rejected)"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +200,18 @@ def fitting_pairs(pairs: list[dict], lengths: list[int], max_seq_length: int,
     return [pair for pair, _ in kept], [length for _, length in kept], too_long
 
 
+def fit_pairs(cfg, pairs: list[dict], count_tokens: Callable[[dict], int], console) -> tuple[list[dict], list[int]]:
+    """(the pairs that fit --max_seq_length, their lengths), with one line for those left out. A pair is as long
+    as its prompt with the longer answer, each counted by `count_tokens` as a prompt/completion row of SFT."""
+    lengths = [max(count_tokens({"prompt": pair["prompt"], "completion": pair[answer]})
+                   for answer in ("chosen", "rejected")) for pair in pairs]
+    kept, kept_lengths, too_long = fitting_pairs(pairs, lengths, cfg.max_seq_length, cfg.preference_data)
+    if too_long:
+        console.print(f"[yellow]{len(too_long)} pairs longer than --max_seq_length {cfg.max_seq_length} left out "
+                      f"(first id {too_long[0]!r}): TRL's truncation would cut their answers", highlight=False)
+    return kept, kept_lengths
+
+
 # ---------------------------------------------------------------------------------------------
 # Model and trainer
 # ---------------------------------------------------------------------------------------------
@@ -260,14 +275,16 @@ def drop_reference_adapter(model) -> None:
 # Reporting
 # ---------------------------------------------------------------------------------------------
 
-PLOTTED = (("loss", "loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
-           ("rewards/accuracies", "reward accuracy (chosen > rejected)"))
-
-
 def curves(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """(step, value) points of each plotted metric that was logged."""
     points = {key: [(e["step"], e[key]) for e in log_history if key in e and "step" in e] for key, _ in PLOTTED}
     return {key: values for key, values in points.items() if values}
+
+
+def margin_note(log_history: list[dict]) -> str:
+    """How the reward margin moved over the run, for train.py's closing line; "" when none was logged (SFT)."""
+    margins = curves(log_history).get("rewards/margins")
+    return f", reward margin {margins[0][1]:.4f} -> {margins[-1][1]:.4f}" if margins else ""
 
 
 def plot_preference(log_history: list[dict], path: Path) -> None:

@@ -159,23 +159,8 @@ def write_in_dtype_of(weights: Path, like: Path) -> None:
     save_file(tensors, str(weights), metadata={"format": "pt"})
 
 
-def merge_main(cfg: MergeSettings) -> None:
-    check_environment()
-    filter_known_noise()
-    from rich.console import Console
-    from rich.markup import escape
-
-    console = Console()
-    adapters = [read_adapter_folder(path) for path in cfg.adapters]
-    weights = check_merge(cfg, adapters)
-    for path, (_, _, source) in zip(cfg.adapters, adapters):
-        if source != Path(path):
-            console.print(f"[yellow]{path}: no run_config.json, so its run's {source} gives the prompt settings "
-                          "(as infer.py does)")
-    first_run = adapters[0][1]
-    output_dir = Path(cfg.output_dir)
-
-    import unsloth  # noqa: F401  (must come first: it patches transformers and PEFT)
+def merge_adapters(cfg: MergeSettings, first_run: dict, weights: list[float], console):
+    """The first adapter with its base, the others loaded beside it, combined by PEFT into the "merged" adapter."""
     import torch
     from unsloth import FastLanguageModel
 
@@ -192,6 +177,14 @@ def merge_main(cfg: MergeSettings) -> None:
     torch.manual_seed(cfg.seed)  # DARE's masks come from torch.bernoulli (peft/utils/merge_utils.py random_pruning)
     model.add_weighted_adapter(adapters=names, weights=peft_weights(cfg.method, weights), adapter_name="merged",
                                combination_type=cfg.method, density=cfg.density)
+    return model, tokenizer
+
+
+def save_merged_adapter(cfg: MergeSettings, model, tokenizer, adapters: list[tuple[dict, dict, Path | None]],
+                        weights: list[float]) -> int:
+    """The merged adapter in the first adapter's dtype, with the tokenizer and run_config.json, swapped into
+    --output_dir whole; returns its rank."""
+    output_dir = Path(cfg.output_dir)
     staging = output_dir.with_name(f".{output_dir.name}.partial")
     if staging.exists():
         shutil.rmtree(staging)
@@ -204,6 +197,29 @@ def merge_main(cfg: MergeSettings) -> None:
     write_json(merged / "run_config.json", merged_run_config(cfg, adapters, weights, rank))
     replace_dir(merged, output_dir)
     shutil.rmtree(staging)
+    return rank
+
+
+def merge_main(cfg: MergeSettings) -> None:
+    """Read and check the adapters before any model loads, merge them, save the result, say what to run next."""
+    check_environment()
+    filter_known_noise()
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console()
+    adapters = [read_adapter_folder(path) for path in cfg.adapters]
+    weights = check_merge(cfg, adapters)
+    for path, (_, _, source) in zip(cfg.adapters, adapters):
+        if source != Path(path):
+            console.print(f"[yellow]{path}: no run_config.json, so its run's {source} gives the prompt settings "
+                          "(as infer.py does)")
+
+    import unsloth  # noqa: F401  (must come first: it patches transformers and PEFT)
+
+    model, tokenizer = merge_adapters(cfg, adapters[0][1], weights, console)
+    rank = save_merged_adapter(cfg, model, tokenizer, adapters, weights)
+    output_dir = Path(cfg.output_dir)
     for path, weight, (adapter, _, _) in zip(cfg.adapters, weights, adapters):
         console.print(f"{path}: rank {adapter.get('r')}, weight {weight:g}")
     console.print(f"merged adapter (rank {rank}), tokenizer and run_config.json -> {output_dir}")

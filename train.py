@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -63,7 +64,8 @@ SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 @dataclass
 class TrainSettings:
-    config: str | None = field(default=None, metadata={"help": "YAML file with any of these settings by name; flags win"})
+    config: str | None = field(default=None, metadata={
+        "help": "YAML file with any of these settings by name; flags win"})
     stage: str = field(default="sft", metadata={
         "help": "sft on --data; dpo or kto on --preference_data from --init_adapter", "choices": list(align.STAGES)})
     init_adapter: str | None = field(default=None, metadata={
@@ -73,7 +75,8 @@ class TrainSettings:
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={
         "help": "dpo: TRL's loss names, several mix (sigmoid sft); kto: kto (default) or apo_zero_unpaired"})
     loss_weights: list[float] | None = field(default=None, metadata={"help": "dpo: a weight per --loss_type (1 each)"})
-    model: str = field(default="unsloth/gemma-2-9b-it-bnb-4bit", metadata={"help": "base model (hub name or local dir)"})
+    model: str = field(default="unsloth/gemma-2-9b-it-bnb-4bit", metadata={
+        "help": "base model (hub name or local dir)"})
     data: str = field(default="data/prepared", metadata={"help": "prep.py output dir: train.jsonl (+ dev.jsonl)"})
     output_dir: str = field(default="outputs/gemma2-9b-dcs", metadata={"help": "checkpoints, then final/ (adapter)"})
     max_seq_length: int = field(default=8192, metadata={
@@ -82,111 +85,74 @@ class TrainSettings:
     lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA scaling numerator (alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA path"})
-    target_modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS), metadata={"help": "projections that get LoRA"})
+    target_modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS), metadata={
+        "help": "projections that get LoRA"})
     num_train_epochs: float = field(default=5.0, metadata={"help": "passes over train.jsonl (dpo/kto: 4, over pairs)"})
-    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: use num_train_epochs)"})
+    max_steps: int = field(default=-1, metadata={
+        "help": "stop after this many optimizer steps (-1: use num_train_epochs)"})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "micro-batch; 1 fits 8192 tokens on 24 GB"})
     per_device_eval_batch_size: int = field(default=1, metadata={"help": "eval micro-batch"})
-    gradient_accumulation_steps: int = field(default=16, metadata={"help": "micro-batches per step (1 x 16 = seed's effective 16)"})
+    gradient_accumulation_steps: int = field(default=16, metadata={
+        "help": "micro-batches per step (1 x 16 = seed's effective 16)"})
     learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate (dpo/kto: 1e-4)"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
-    optim: str = field(default="adamw_8bit", metadata={"help": "transformers optimizer name (CPU swaps 8-bit for torch AdamW)"})
+    optim: str = field(default="adamw_8bit", metadata={
+        "help": "transformers optimizer name (CPU swaps 8-bit for torch AdamW)"})
     seed: int = field(default=42, metadata={"help": "seed for LoRA init, shuffling and dropout"})
     logging_steps: int = field(default=1, metadata={"help": "log train loss every N steps"})
     save_steps: int = field(default=0, metadata={"help": "also checkpoint every N steps (0: only at each epoch end)"})
-    eval_steps: int = field(default=0, metadata={"help": "also evaluate on dev every N steps (0: only at each epoch end)"})
+    eval_steps: int = field(default=0, metadata={
+        "help": "also evaluate on dev every N steps (0: only at each epoch end)"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept in output_dir (older ones deleted)"})
     report_to: str = field(default="none", metadata={"help": "tracker: none, wandb, tensorboard, ..."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint dir to resume from (default: the last one in output_dir)"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "start from scratch over a finished or interrupted run"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "checkpoint dir to resume from (default: the last one in output_dir)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start from scratch over a finished or interrupted run"})
     save_merged: bool = field(default=False, metadata={"help": "also write a merged 16-bit model to output_dir/merged"})
-    push_to_hub: str | None = field(default=None, metadata={"help": "upload the adapter to this hub repo, created private (needs HF_TOKEN)"})
-    hub_public: bool = field(default=False, metadata={"help": "create the --push_to_hub repo public instead of private"})
+    push_to_hub: str | None = field(default=None, metadata={
+        "help": "upload the adapter to this hub repo, created private (needs HF_TOKEN)"})
+    hub_public: bool = field(default=False, metadata={
+        "help": "create the --push_to_hub repo public instead of private"})
 
 
-DESCRIPTION = ("Unsloth 4-bit LoRA SFT of Gemma 2 on prep.py's rows, or DPO / KTO after it (--stage; see the docstring "
-               "for commands). `python train.py merge --help`: merge adapters.")
+@dataclass
+class RunData:
+    """The rows a run trains on, and what run_config.json records about where they came from."""
+    train_rows: list[dict]  # prep.py's rows (sft) or preference pairs (dpo/kto)
+    dev_rows: list[dict]  # none for dpo/kto
+    stats: dict  # sft: prep's stats.json; dpo/kto: the init run's prompt settings
+    extra: dict | None  # dpo/kto: the run_config keys beyond SFT's
+    longest: int = 0  # the longest row in tokens, once measure_rows has counted them
+
+
+@dataclass
+class Device:
+    """Where the run trains: the card (or the CPU), the processes torchrun started, the precision it supports."""
+    name: str
+    on_gpu: bool
+    world_size: int
+    main_process: bool
+    bf16: bool
+
+
+@dataclass
+class Training:
+    """What the stages after the build share: the model with its LoRA, its tokenizer, the trainer, the stop."""
+    model: Any
+    tokenizer: Any
+    trainer: Any
+    stop: Any  # save_and_stop_on_request's callback
 
 
 # ---------------------------------------------------------------------------------------------
-# Settings: flags, YAML, checks
+# Checks: settings, prep.py's rows, the output directory
 # ---------------------------------------------------------------------------------------------
-
-def _yaml_value(key: str, value: Any, annotation: Any, path: str) -> Any:
-    """Check one YAML value against the field's type; strings are left for argparse to convert like a flag."""
-    annotation, optional = _unwrap_optional(annotation)
-    if value is None:
-        if optional:
-            return None
-        raise UserError(f"{path}: key '{key}' must not be empty")
-    if typing.get_origin(annotation) is list:
-        items = value if isinstance(value, list) else [value]
-        if typing.get_args(annotation)[0] is float:
-            if not all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in items):
-                raise UserError(f"{path}: key '{key}' must be a list of numbers")
-            return [float(item) for item in items]
-        if not all(isinstance(item, str) for item in items):
-            raise UserError(f"{path}: key '{key}' must be a list of strings")
-        return items
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{path}: key '{key}' must be true or false, got {value!r}")
-        return value
-    if annotation in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if annotation is int and value != int(value):
-            raise UserError(f"{path}: key '{key}' must be an integer, got {value!r}")
-        return annotation(value)
-    if isinstance(value, str):
-        return value
-    raise UserError(f"{path}: key '{key}' must be {annotation.__name__}, got {value!r}")
-
-
-def load_yaml_config(path: str, settings_cls: type = TrainSettings) -> dict[str, Any]:
-    """The same names as the flags, from a YAML mapping (Axolotl-style run file)."""
-    import yaml
-
-    config_path = Path(path)
-    if not config_path.is_file():
-        raise UserError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(config_path.read_text(encoding="utf-8-sig"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise UserError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
-    hints = typing.get_type_hints(settings_cls)
-    known = {f.name for f in dataclasses.fields(settings_cls)} - {"config"}
-    values = {}
-    for key, value in data.items():
-        if key not in known:
-            raise UserError(f"{path}: unknown setting '{key}' (run python train.py --help for the names)")
-        values[key] = _yaml_value(key, value, hints[key], path)
-    return values
-
-
-def parse_train_settings(argv: list[str] | None) -> TrainSettings:
-    """Flags over YAML over the dataclass defaults: the YAML values become the parser's defaults."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    parser = build_parser(TrainSettings, DESCRIPTION)
-    from_yaml = load_yaml_config(known.config) if known.config else {}
-    parser.set_defaults(**from_yaml)
-    values = vars(parser.parse_args(argv))
-    if values["stage"] != "sft":  # what the user left out comes from the init adapter, then the stage's defaults
-        values = align.stage_settings(values, align.given_flags(argv) | set(from_yaml))
-    return TrainSettings(**values)
-
 
 def check_settings(cfg: TrainSettings) -> None:
+    """Every setting in its range (and the stage's loss settings) before anything loads: one line if not."""
     positive = ["max_seq_length", "lora_r", "lora_alpha", "per_device_train_batch_size",
                 "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps", "save_total_limit"]
     for name in positive:
@@ -208,14 +174,11 @@ def check_settings(cfg: TrainSettings) -> None:
     align.check_stage_settings(cfg)
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: prep.py's rows
-# ---------------------------------------------------------------------------------------------
-
 def _check_messages(value: Any, role: str) -> bool:
     return (
         isinstance(value, list) and len(value) >= 1
-        and all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("user", "assistant") for m in value)
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("user", "assistant")
+                for m in value)
         and value[-1]["role"] == role and value[-1]["content"].strip() != ""
     )
 
@@ -265,7 +228,8 @@ def to_trl_rows(rows: list[dict]) -> list[dict]:
 
 def count_tokens(tokenizer, row: dict) -> int:
     """Length of the training sequence exactly as TRL builds it: the chat template over prompt + completion."""
-    return len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True)["input_ids"])
+    messages = row["prompt"] + row["completion"]
+    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
 
 def check_lengths(rows: list[dict], lengths: list[int], max_seq_length: int, path: str) -> None:
@@ -276,8 +240,8 @@ def check_lengths(rows: list[dict], lengths: list[int], max_seq_length: int, pat
             raise UserError(
                 f"{path}: row id {row.get('id')!r} is {length} tokens, longer than --max_seq_length {max_seq_length} "
                 f"({over} row(s) over) and truncation would cut its summary; re-run `python prep.py --max_seq_length "
-                f"{max_seq_length} --tokenizer <model>` (its length policy cuts middle utterances of long dialogues and "
-                f"drops long augmentation rows) or raise --max_seq_length"
+                f"{max_seq_length} --tokenizer <model>` (its length policy cuts middle utterances of long dialogues "
+                f"and drops long augmentation rows) or raise --max_seq_length"
             )
 
 
@@ -291,10 +255,6 @@ def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int, world_size: i
 def total_steps(cfg: TrainSettings, per_epoch: int) -> int:
     return cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
 
-
-# ---------------------------------------------------------------------------------------------
-# Output directory: finished runs, checkpoints, final/
-# ---------------------------------------------------------------------------------------------
 
 def is_finished_run(output_dir: Path) -> bool:
     return (output_dir / "final" / "run_config.json").is_file()
@@ -310,7 +270,8 @@ def resolve_resume(cfg: TrainSettings) -> Path | None:
     if cfg.resume_from_checkpoint:
         path = Path(cfg.resume_from_checkpoint)
         if not is_complete_checkpoint(path):
-            raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no readable trainer_state.json)")
+            raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint "
+                            "(no readable trainer_state.json)")
         return path
     if cfg.overwrite_output_dir:
         return None
@@ -390,7 +351,8 @@ def library_versions() -> dict[str, str]:
     from importlib import metadata
 
     versions = {"python": sys.version.split()[0]}
-    for name in ("unsloth", "unsloth_zoo", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes"):
+    for name in ("unsloth", "unsloth_zoo", "torch", "transformers", "trl", "peft", "datasets", "accelerate",
+                 "bitsandbytes"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -441,6 +403,57 @@ def settings_table(cfg: TrainSettings, facts: dict[str, Any]):
     for key, value in dataclasses.asdict(cfg).items():
         table.add_row(key, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
     return table
+
+
+def first_line(err: Exception) -> str:
+    """An exception as one line: its message's first line, or its type's name when it has none."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def losses_line(run_config: dict, log_history: list[dict]) -> str:
+    """The last train and eval loss, and for dpo/kto how the reward margin moved."""
+    named = (("train loss", "train_loss"), ("eval loss", "eval_loss"))
+    losses = ", ".join(f"{name} {run_config[key]:.4f}" for name, key in named if run_config[key] is not None)
+    return losses + align.margin_note(log_history)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the stages put together: processes, Ctrl-C and SIGTERM, the model and its trainer
+# ---------------------------------------------------------------------------------------------
+
+def is_main_process() -> bool:
+    """torchrun and accelerate launch start one copy of this script per GPU, numbered by RANK."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def use_plain_cpu_device(environ: typing.MutableMapping[str, str]) -> None:
+    """For CPU runs. With several processes accelerate names each one's device cpu:<local rank modulo the CPU
+    device count>, and Trainer resuming with several processes loads optimizer.pt with map_location=args.device,
+    which torch.load refuses for any CPU location but "cpu". ACCELERATE_TORCH_DEVICE is the device accelerate
+    takes as given instead (a GPU run keeps cuda:<local rank>, which torch.load accepts)."""
+    environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a spot instance's preemption, a scheduler, torchrun passing on a stop) handled like Ctrl-C."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def shutdown_timeout_warning(environ: typing.Mapping[str, str]) -> str | None:
+    """Under torchrun, a Ctrl-C or SIGTERM reaches the agent, which passes it on to the processes (each in a
+    session of its own) and SIGKILLs them TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later, 30 by default: less
+    than one 16-micro-batch step at 8192 tokens plus a checkpoint may take. `torchrun --shutdown-timeout N`
+    does the same but is invisible to the processes; its variable form, PET_SHUTDOWN_TIMEOUT, is not."""
+    if int(environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in environ or "PET_SHUTDOWN_TIMEOUT" in environ:
+        return None
+    return ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT is not set: on Ctrl-C or SIGTERM torchrun kills the processes after 30 s, "
+            "maybe before the step ends and its checkpoint is written; start it as "
+            "`TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300 torchrun ...` (ignore this if you passed --shutdown-timeout)")
 
 
 def load_lora_model(cfg: TrainSettings):
@@ -555,45 +568,6 @@ def build_trainer(cfg: TrainSettings, model, tokenizer, train_rows: list[dict], 
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Training: several processes, Ctrl-C, the last evaluation, the merged copy and the upload
-# ---------------------------------------------------------------------------------------------
-
-def is_main_process() -> bool:
-    """torchrun and accelerate launch start one copy of this script per GPU, numbered by RANK."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def use_plain_cpu_device(environ: typing.MutableMapping[str, str]) -> None:
-    """For CPU runs. With several processes accelerate names each one's device cpu:<local rank modulo the CPU
-    device count>, and Trainer resuming with several processes loads optimizer.pt with map_location=args.device,
-    which torch.load refuses for any CPU location but "cpu". ACCELERATE_TORCH_DEVICE is the device accelerate
-    takes as given instead (a GPU run keeps cuda:<local rank>, which torch.load accepts)."""
-    environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a spot instance's preemption, a scheduler, torchrun passing on a stop) handled like Ctrl-C."""
-
-
-def raise_terminated(signum, frame):
-    raise Terminated()
-
-
-def shutdown_timeout_warning(environ: typing.Mapping[str, str]) -> str | None:
-    """Under torchrun, a Ctrl-C or SIGTERM reaches the agent, which passes it on to the processes (each in a
-    session of its own) and SIGKILLs them TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later, 30 by default: less
-    than one 16-micro-batch step at 8192 tokens plus a checkpoint may take. `torchrun --shutdown-timeout N`
-    does the same but is invisible to the processes; its variable form, PET_SHUTDOWN_TIMEOUT, is not."""
-    if int(environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in environ or "PET_SHUTDOWN_TIMEOUT" in environ:
-        return None
-    return ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT is not set: on Ctrl-C or SIGTERM torchrun kills the processes after 30 s, "
-            "maybe before the step ends and its checkpoint is written; start it as "
-            "`TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300 torchrun ...` (ignore this if you passed --shutdown-timeout)")
-
-
 def save_and_stop_on_request():
     """A callback: once `requested` is set (by Ctrl-C or SIGTERM), the Trainer checkpoints at the end of the current
     optimizer step and stops. Under torchrun every process must stop at the same step, or the others wait
@@ -673,7 +647,8 @@ def save_merged(model, tokenizer, output_dir: Path, run_config: dict) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         raise after_final_failed("--save_merged", err, output_dir) from None
     # The merged weights are 16-bit: re-quantizing them at inference would not be the model that was merged.
-    write_json(staging / "run_config.json", {**run_config, "load_in_4bit": False, "merged_from": str(output_dir / "final")})
+    write_json(staging / "run_config.json",
+               {**run_config, "load_in_4bit": False, "merged_from": str(output_dir / "final")})
     replace_dir(staging, output_dir / "merged")
 
 
@@ -688,165 +663,304 @@ def push_adapter(model, tokenizer, repo_id: str, private: bool, output_dir: Path
 
 def after_final_failed(flag: str, err: Exception, output_dir: Path) -> UserError:
     """A step after final/ was written failed: one line that says so and that the adapter is kept."""
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UserError(f"{flag} failed ({type(err).__name__}: {first_line}); the adapter in {output_dir / 'final'} is saved")
+    return UserError(f"{flag} failed ({type(err).__name__}: {first_line(err)}); "
+                     f"the adapter in {output_dir / 'final'} is saved")
 
 
 # ---------------------------------------------------------------------------------------------
-# Main
+# The stages, in the order main runs them, then main
 # ---------------------------------------------------------------------------------------------
 
-def main(cfg: TrainSettings) -> None:
-    check_environment()
-    filter_known_noise()
-    from rich.console import Console
-    from rich.markup import escape
-
-    console = Console()
-    started = time.time()
-    check_settings(cfg)
-    output_dir = Path(cfg.output_dir)
-    main_process, world_size = is_main_process(), int(os.environ.get("WORLD_SIZE", "1"))
-
+def load_data(cfg: TrainSettings, console) -> RunData:
+    """prep.py's train and dev rows (sft), or the preference pairs and the init run's settings (dpo/kto)."""
     console.rule("[bold]Data")
     if cfg.stage == "sft":
-        (train_rows, dev_rows, stats), extra = load_prepared(cfg.data), None
+        train_rows, dev_rows, stats = load_prepared(cfg.data)
         console.print(f"{cfg.data}: {len(train_rows)} train rows, {len(dev_rows)} dev rows")
-    else:  # stats: the init run's prompt settings; extra: what the run_config records beyond SFT's
-        (train_rows, stats, extra), dev_rows = align.load_stage_data(cfg), []
-        console.print(f"{cfg.preference_data}: {len(train_rows)} preference pairs")
-    resume = resolve_resume(cfg)
+        return RunData(train_rows, dev_rows, stats, None)
+    pairs, prompt_settings, extra = align.load_stage_data(cfg)
+    console.print(f"{cfg.preference_data}: {len(pairs)} preference pairs")
+    return RunData(pairs, [], prompt_settings, extra)
 
-    import unsloth  # noqa: F401  (must come first: it patches transformers, TRL and PEFT)
+
+def choose_device(cfg: TrainSettings, console) -> Device:
+    """The GPU, or Unsloth's CPU backend with a warning; torchrun's processes; then the seed."""
     import torch
-    from transformers import AutoTokenizer, set_seed
+    from transformers import set_seed
     from unsloth import is_bfloat16_supported
 
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     on_gpu = torch.cuda.is_available()
     if on_gpu:
-        device = torch.cuda.get_device_name(0)
+        name = torch.cuda.get_device_name(0)
     else:
-        device = f"CPU ({torch.get_num_threads()} threads)"
+        name = f"CPU ({torch.get_num_threads()} threads)"
         console.print("[yellow]CPU run: no GPU found, so this goes through Unsloth's CPU backend "
                       "(meant for tests and smoke runs on tiny models, not for the 9B model).[/yellow]")
         if cfg.save_merged and cfg.load_in_4bit:
-            raise UserError("--save_merged on the CPU backend needs --no-load_in_4bit (it cannot merge into 4-bit weights)")
+            raise UserError("--save_merged on the CPU backend needs --no-load_in_4bit "
+                            "(it cannot merge into 4-bit weights)")
         use_plain_cpu_device(os.environ)
     if world_size > 1:
-        device = f"{world_size} processes x {device}"
+        name = f"{world_size} processes x {name}"
     warning = shutdown_timeout_warning(os.environ)
     if warning:
         console.print(f"[yellow]{warning}[/yellow]")
     set_seed(cfg.seed)
+    return Device(name, on_gpu, world_size, is_main_process(), bool(is_bfloat16_supported()))
+
+
+def load_tokenizer(model: str):
+    """The base model's tokenizer, to measure the rows before the model loads."""
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        return AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"--model {cfg.model}: cannot load its tokenizer ({first_line})") from None
+        raise UserError(f"--model {model}: cannot load its tokenizer ({first_line(err)})") from None
+
+
+def measure_rows(cfg: TrainSettings, data: RunData, console) -> RunData:
+    """Every row's length in tokens: SFT refuses a row over --max_seq_length, dpo/kto leaves such a pair out."""
+    tokenizer = load_tokenizer(cfg.model)
+    train_rows = data.train_rows
     if cfg.stage == "sft":
         train_lengths = [count_tokens(tokenizer, row) for row in train_rows]
         check_lengths(train_rows, train_lengths, cfg.max_seq_length, f"{cfg.data}/train.jsonl")
     else:
-        train_lengths = [max(count_tokens(tokenizer, {"prompt": pair["prompt"], "completion": pair[answer]})
-                             for answer in ("chosen", "rejected")) for pair in train_rows]
-        train_rows, train_lengths, too_long = align.fitting_pairs(train_rows, train_lengths, cfg.max_seq_length,
-                                                                  cfg.preference_data)
-        if too_long:
-            console.print(f"[yellow]{len(too_long)} pairs longer than --max_seq_length {cfg.max_seq_length} left out "
-                          f"(first id {too_long[0]!r}): TRL's truncation would cut their answers", highlight=False)
-    dev_lengths = [count_tokens(tokenizer, row) for row in dev_rows]
-    check_lengths(dev_rows, dev_lengths, cfg.max_seq_length, f"{cfg.data}/dev.jsonl")
-    trainer_rows = len(train_rows) * (2 if cfg.stage == "kto" else 1)  # KTO: a row per answer
+        count = functools.partial(count_tokens, tokenizer)
+        train_rows, train_lengths = align.fit_pairs(cfg, train_rows, count, console)
+    dev_lengths = [count_tokens(tokenizer, row) for row in data.dev_rows]
+    check_lengths(data.dev_rows, dev_lengths, cfg.max_seq_length, f"{cfg.data}/dev.jsonl")
+    return dataclasses.replace(data, train_rows=train_rows, longest=max(train_lengths + dev_lengths))
+
+
+def show_settings(cfg: TrainSettings, data: RunData, device: Device, resume: Path | None, console) -> None:
+    """The facts of this run (device, rows, steps, resume), then every resolved setting, as one table."""
+    trainer_rows = len(data.train_rows) * (2 if cfg.stage == "kto" else 1)  # KTO: a row per answer
     per_epoch = steps_per_epoch(trainer_rows, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                                world_size)
-    bf16 = bool(is_bfloat16_supported())
+                                device.world_size)
+    if cfg.stage == "sft":
+        rows = {"train rows": len(data.train_rows), "dev rows": len(data.dev_rows) or "none (no eval loss)"}
+    else:
+        rows = {"preference pairs": len(data.train_rows),
+                "reference policy": f"{cfg.init_adapter} (TRL's frozen copy)"}
     console.print(settings_table(cfg, {
-        "device": device,
-        **({"train rows": len(train_rows), "dev rows": len(dev_rows) or "none (no eval loss)"}
-           if cfg.stage == "sft" else
-           {"preference pairs": len(train_rows), "reference policy": f"{cfg.init_adapter} (TRL's frozen copy)"}),
-        "longest row (tokens)": max(train_lengths + dev_lengths),
-        "effective batch": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size,
+        "device": device.name,
+        **rows,
+        "longest row (tokens)": data.longest,
+        "effective batch": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * device.world_size,
         "steps per epoch": per_epoch,
         "total steps": total_steps(cfg, per_epoch),
         f"system prompt (from {'prep' if cfg.stage == 'sft' else 'the init adapter'})":
-            bool(stats.get("system_prompt", False)),
+            bool(data.stats.get("system_prompt", False)),
         "resume from": str(resume) if resume else "start",
     }))
 
+
+def run_config_at(cfg: TrainSettings, data: RunData, device: Device, state) -> dict:
+    """build_run_config at a trainer state: a checkpoint's on save, final/'s after training."""
+    return build_run_config(cfg, data.stats, device.name, state.log_history, state.global_step, state.epoch,
+                            len(data.train_rows), len(data.dev_rows), data.extra)
+
+
+def build_run_trainer(cfg: TrainSettings, data: RunData, device: Device, console) -> Training:
+    """The model with LoRA (dpo/kto: holding the init adapter's weights) and the stage's trainer, which writes
+    run_config.json into every checkpoint and stops at a step's end on Ctrl-C or SIGTERM."""
     console.rule("[bold]Model")
-    model, model_tokenizer = load_lora_model(cfg)
+    model, tokenizer = load_lora_model(cfg)
     if cfg.stage != "sft":
         align.load_init_weights(model, cfg.init_adapter)
     if cfg.save_merged:
-        check_merge_space(model, output_dir)  # now, not after hours of training
+        check_merge_space(model, Path(cfg.output_dir))  # now, not after hours of training
     if cfg.stage == "sft":
-        trainer = build_trainer(cfg, model, model_tokenizer, train_rows, dev_rows, bf16)
+        trainer = build_trainer(cfg, model, tokenizer, data.train_rows, data.dev_rows, device.bf16)
     else:
-        trainer = align.build_preference_trainer(cfg, model, model_tokenizer, train_rows, training_args(cfg, bf16),
-                                                 [every_epoch_too(has_dev=False)])
-    add_run_config_to_checkpoints(trainer, lambda state: build_run_config(
-        cfg, stats, device, state.log_history, state.global_step, state.epoch, len(train_rows), len(dev_rows), extra))
+        trainer = align.build_preference_trainer(cfg, model, tokenizer, data.train_rows,
+                                                 training_args(cfg, device.bf16), [every_epoch_too(has_dev=False)])
+    add_run_config_to_checkpoints(trainer, functools.partial(run_config_at, cfg, data, device))
     stop = save_and_stop_on_request()
     trainer.add_callback(stop)
     # Read back from the trainer: Unsloth's CPU backend may turn fp16 / bf16 off where the CPU lacks them.
     precision = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"
     optimizer = getattr(trainer.args.optim, "value", trainer.args.optim)
-    console.print(f"LoRA r {cfg.lora_r} on {', '.join(cfg.target_modules)}; precision {precision}; optimizer {optimizer}")
+    console.print(f"LoRA r {cfg.lora_r} on {', '.join(cfg.target_modules)}; precision {precision}; "
+                  f"optimizer {optimizer}")
+    return Training(model, tokenizer, trainer, stop)
 
+
+def fit(cfg: TrainSettings, run: Training, resume: Path | None, has_dev: bool, console) -> None:
+    """Train from the start or from `resume`; a stop asked for by Ctrl-C or SIGTERM ends here, its checkpoint
+    written; then the last dev evaluation if the run did not end with one."""
     console.rule("[bold]Train")
-    if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint and main_process:
-        clear_previous_run(output_dir)
-    trainer.accelerator.wait_for_everyone()  # no process starts writing checkpoints into a folder being cleared
+    if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint and is_main_process():
+        clear_previous_run(Path(cfg.output_dir))
+    run.trainer.accelerator.wait_for_everyone()  # no process starts writing checkpoints into a folder being cleared
     if resume:
         console.print(f"Resuming from {resume}")
-    with checkpoint_on_stop_signal(stop, console):
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if stop.stopped:
-        raise Terminated if stop.signal_name == "SIGTERM" else KeyboardInterrupt
+    with checkpoint_on_stop_signal(run.stop, console):
+        run.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if run.stop.stopped:
+        raise Terminated if run.stop.signal_name == "SIGTERM" else KeyboardInterrupt
     if cfg.stage != "sft":
-        align.drop_reference_adapter(model)
-    if dev_rows and not loss_curves(trainer.state.log_history)[1]:
-        evaluate_without_half_precision_cast(trainer)  # every process: evaluation is collective
-    if not main_process:
-        return  # the processes hold the same weights: rank 0 writes them
+        align.drop_reference_adapter(run.model)
+    if has_dev and not loss_curves(run.trainer.state.log_history)[1]:
+        evaluate_without_half_precision_cast(run.trainer)  # every process: evaluation is collective
 
+
+def save_final(cfg: TrainSettings, data: RunData, device: Device, run: Training, console) -> dict:
+    """final/: adapter, tokenizer, loss plot and run_config.json, swapped in whole; returns the run_config."""
     console.rule("[bold]Save")
-    run_config = build_run_config(cfg, stats, device, trainer.state.log_history, trainer.state.global_step,
-                                  trainer.state.epoch, len(train_rows), len(dev_rows), extra)
+    output_dir = Path(cfg.output_dir)
+    run_config = run_config_at(cfg, data, device, run.trainer.state)
     staging = output_dir / ".final.partial"
     if staging.exists():
         shutil.rmtree(staging)
-    model.save_pretrained(str(staging))
-    model_tokenizer.save_pretrained(str(staging))
-    (plot_loss if cfg.stage == "sft" else align.plot_preference)(trainer.state.log_history, staging / "loss.png")
+    run.model.save_pretrained(str(staging))
+    run.tokenizer.save_pretrained(str(staging))
+    (plot_loss if cfg.stage == "sft" else align.plot_preference)(run.trainer.state.log_history, staging / "loss.png")
     write_json(staging / "run_config.json", run_config)
     replace_dir(staging, output_dir / "final")
     console.print(f"adapter, tokenizer, run_config.json and loss.png -> {output_dir / 'final'}")
+    return run_config
+
+
+def publish(cfg: TrainSettings, run: Training, run_config: dict, console) -> None:
+    """--save_merged and --push_to_hub, once final/ is safe: a failure here is one line and keeps the adapter."""
+    output_dir = Path(cfg.output_dir)
     if cfg.save_merged:
-        save_merged(model, model_tokenizer, output_dir, run_config)
+        save_merged(run.model, run.tokenizer, output_dir, run_config)
         console.print(f"merged 16-bit model -> {output_dir / 'merged'}")
     if cfg.push_to_hub:
-        push_adapter(model, model_tokenizer, cfg.push_to_hub, not cfg.hub_public, output_dir)
+        push_adapter(run.model, run.tokenizer, cfg.push_to_hub, not cfg.hub_public, output_dir)
+        visibility = "private" if not cfg.hub_public else "public"
         console.print(f"adapter and tokenizer uploaded to https://huggingface.co/{cfg.push_to_hub} "
-                      f"({'private' if not cfg.hub_public else 'public'} if this run created it; an existing repo keeps its visibility)")
+                      f"({visibility} if this run created it; an existing repo keeps its visibility)")
+
+
+def report_done(cfg: TrainSettings, device: Device, trainer, run_config: dict, started: float, console) -> None:
+    """Step, losses, wall time and peak GPU memory, then the commands to run next."""
+    import torch
+    from rich.markup import escape
 
     console.rule("[bold]Done")
+    output_dir = Path(cfg.output_dir)
     minutes = (time.time() - started) / 60
-    losses = ", ".join(f"{name} {run_config[key]:.4f}" for name, key in (("train loss", "train_loss"), ("eval loss", "eval_loss"))
-                       if run_config[key] is not None)
-    margins = align.curves(trainer.state.log_history).get("rewards/margins")
-    if margins:
-        losses += f", reward margin {margins[0][1]:.4f} -> {margins[-1][1]:.4f}"
+    losses = losses_line(run_config, trainer.state.log_history)
     console.print(f"step {trainer.state.global_step}, {losses}, wall time {minutes:.1f} min")
-    if on_gpu:
-        console.print(f"peak GPU memory {torch.cuda.max_memory_reserved() / 2**30:.1f} GiB on {device}"
-                      + (" (rank 0's card; each process has its own)" if world_size > 1 else ""))
+    if device.on_gpu:
+        console.print(f"peak GPU memory {torch.cuda.max_memory_reserved() / 2**30:.1f} GiB on {device.name}"
+                      + (" (rank 0's card; each process has its own)" if device.world_size > 1 else ""))
     compare = escape(infer_command(output_dir, "data/일상대화요약_dev.json"))
     console.print(f"compare the checkpoints on dev: [bold]{compare}[/bold]", soft_wrap=True)
     console.print(f"next: [bold]{escape(infer_command(output_dir / 'final', 'data/일상대화요약_test.json'))}[/bold]",
                   soft_wrap=True)
+
+
+def main(cfg: TrainSettings) -> None:
+    """The run, one stage a line: checks, data, device, row lengths, settings, trainer, train, final/, publish."""
+    check_environment()
+    filter_known_noise()
+    from rich.console import Console
+
+    console = Console()
+    started = time.time()
+    check_settings(cfg)
+    data = load_data(cfg, console)
+    resume = resolve_resume(cfg)
+
+    import unsloth  # noqa: F401  (must come first: it patches transformers, TRL and PEFT)
+
+    device = choose_device(cfg, console)
+    data = measure_rows(cfg, data, console)
+    show_settings(cfg, data, device, resume, console)
+    run = build_run_trainer(cfg, data, device, console)
+    fit(cfg, run, resume, bool(data.dev_rows), console)
+    if not device.main_process:
+        return  # the processes hold the same weights: rank 0 writes them
+    run_config = save_final(cfg, data, device, run, console)
+    publish(cfg, run, run_config, console)
+    report_done(cfg, device, run.trainer, run_config, started, console)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: flags over YAML over the defaults
+# ---------------------------------------------------------------------------------------------
+
+DESCRIPTION = ("Unsloth 4-bit LoRA SFT of Gemma 2 on prep.py's rows, or DPO / KTO after it (--stage; see the docstring "
+               "for commands). `python train.py merge --help`: merge adapters.")
+
+
+def _yaml_value(key: str, value: Any, annotation: Any, path: str) -> Any:
+    """Check one YAML value against the field's type; strings are left for argparse to convert like a flag."""
+    annotation, optional = _unwrap_optional(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{path}: key '{key}' must not be empty")
+    if typing.get_origin(annotation) is list:
+        items = value if isinstance(value, list) else [value]
+        if typing.get_args(annotation)[0] is float:
+            if not all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in items):
+                raise UserError(f"{path}: key '{key}' must be a list of numbers")
+            return [float(item) for item in items]
+        if not all(isinstance(item, str) for item in items):
+            raise UserError(f"{path}: key '{key}' must be a list of strings")
+        return items
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{path}: key '{key}' must be true or false, got {value!r}")
+        return value
+    if annotation in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if annotation is int and value != int(value):
+            raise UserError(f"{path}: key '{key}' must be an integer, got {value!r}")
+        return annotation(value)
+    if isinstance(value, str):
+        return value
+    raise UserError(f"{path}: key '{key}' must be {annotation.__name__}, got {value!r}")
+
+
+def load_yaml_config(path: str, settings_cls: type = TrainSettings) -> dict[str, Any]:
+    """The same names as the flags, from a YAML mapping (Axolotl-style run file)."""
+    import yaml
+
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(config_path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
+    hints = typing.get_type_hints(settings_cls)
+    known = {f.name for f in dataclasses.fields(settings_cls)} - {"config"}
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            raise UserError(f"{path}: unknown setting '{key}' (run python train.py --help for the names)")
+        values[key] = _yaml_value(key, value, hints[key], path)
+    return values
+
+
+def parse_train_settings(argv: list[str] | None) -> TrainSettings:
+    """Flags over YAML over the dataclass defaults: the YAML values become the parser's defaults."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    parser = build_parser(TrainSettings, DESCRIPTION)
+    from_yaml = load_yaml_config(known.config) if known.config else {}
+    parser.set_defaults(**from_yaml)
+    values = vars(parser.parse_args(argv))
+    if values["stage"] != "sft":  # what the user left out comes from the init adapter, then the stage's defaults
+        values = align.stage_settings(values, align.given_flags(argv) | set(from_yaml))
+    return TrainSettings(**values)
 
 
 def cli(argv: list[str] | None = None) -> None:
