@@ -1,7 +1,7 @@
-"""What every script of the kit shares, below prep.py: settings dataclass -> argparse, one-line errors, the Python
-and torch check, known-harmless library noise, files (JSON, JSONL, atomic writes, file modes) and train.py's
-checkpoint folders. Standard library only: `python infer.py --help` must answer before anything heavy loads, and
-`import unsloth` must come before transformers in every script.
+"""What every script of the kit shares, below prep.py: settings dataclass -> argparse (and a YAML file of them, for
+train.py --config), one-line errors, the Python and torch check, known-harmless library noise, files (JSON, JSONL,
+atomic writes, file modes) and train.py's checkpoint folders. Standard library only at import time: `python infer.py
+--help` must answer before anything heavy loads, and `import unsloth` must come before transformers in every script.
 """
 from __future__ import annotations
 
@@ -61,6 +61,64 @@ def build_parser(settings_cls: type, description: str) -> argparse.ArgumentParse
 def parse_settings(settings_cls: type, argv: list[str] | None, description: str) -> Any:
     args = build_parser(settings_cls, description).parse_args(argv)
     return settings_cls(**vars(args))
+
+
+def _yaml_value(key: str, value: Any, annotation: Any, path: str) -> Any:
+    """Check one YAML value against the field's type; strings are left for argparse to convert like a flag."""
+    annotation, optional = _unwrap_optional(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{path}: key '{key}' must not be empty")
+    if typing.get_origin(annotation) is list:
+        items = value if isinstance(value, list) else [value]
+        if typing.get_args(annotation)[0] is float:
+            if not all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in items):
+                raise UserError(f"{path}: key '{key}' must be a list of numbers")
+            return [float(item) for item in items]
+        if not all(isinstance(item, str) for item in items):
+            raise UserError(f"{path}: key '{key}' must be a list of strings")
+        return items
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{path}: key '{key}' must be true or false, got {value!r}")
+        return value
+    if annotation in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if annotation is int and value != int(value):
+            raise UserError(f"{path}: key '{key}' must be an integer, got {value!r}")
+        return annotation(value)
+    if isinstance(value, str):
+        return value
+    raise UserError(f"{path}: key '{key}' must be {annotation.__name__}, got {value!r}")
+
+
+def load_yaml_config(path: str, settings_cls: type, script: str) -> dict[str, Any]:
+    """The same names as `script`'s flags, from a YAML mapping (Axolotl-style run file: train.py --config)."""
+    import yaml
+
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(config_path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
+    hints = typing.get_type_hints(settings_cls)
+    known = {f.name for f in dataclasses.fields(settings_cls)} - {"config"}
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            raise UserError(f"{path}: unknown setting '{key}' (run python {script} --help for the names)")
+        values[key] = _yaml_value(key, value, hints[key], path)
+    return values
 
 
 def shell_command(*words: Any) -> str:

@@ -54,9 +54,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import align
-from common import (UserError, _unwrap_optional, build_parser, check_environment, checkpoint_dirs, filter_known_noise,
-                    give_usual_file_modes, is_complete_checkpoint, parse_jsonl, read_json, read_utf8_text,
-                    shell_command)
+from common import (UserError, build_parser, check_environment, checkpoint_dirs, filter_known_noise,
+                    give_usual_file_modes, is_complete_checkpoint, load_yaml_config, parse_jsonl, read_json,
+                    read_utf8_text, shell_command)
 from merge import MERGE_DESCRIPTION, MergeSettings, merge_main, replace_dir, write_json
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -891,71 +891,13 @@ DESCRIPTION = ("Unsloth 4-bit LoRA SFT of Gemma 2 on prep.py's rows, or DPO / KT
                "for commands). `python train.py merge --help`: merge adapters.")
 
 
-def _yaml_value(key: str, value: Any, annotation: Any, path: str) -> Any:
-    """Check one YAML value against the field's type; strings are left for argparse to convert like a flag."""
-    annotation, optional = _unwrap_optional(annotation)
-    if value is None:
-        if optional:
-            return None
-        raise UserError(f"{path}: key '{key}' must not be empty")
-    if typing.get_origin(annotation) is list:
-        items = value if isinstance(value, list) else [value]
-        if typing.get_args(annotation)[0] is float:
-            if not all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in items):
-                raise UserError(f"{path}: key '{key}' must be a list of numbers")
-            return [float(item) for item in items]
-        if not all(isinstance(item, str) for item in items):
-            raise UserError(f"{path}: key '{key}' must be a list of strings")
-        return items
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{path}: key '{key}' must be true or false, got {value!r}")
-        return value
-    if annotation in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if annotation is int and value != int(value):
-            raise UserError(f"{path}: key '{key}' must be an integer, got {value!r}")
-        return annotation(value)
-    if isinstance(value, str):
-        return value
-    raise UserError(f"{path}: key '{key}' must be {annotation.__name__}, got {value!r}")
-
-
-def load_yaml_config(path: str, settings_cls: type = TrainSettings) -> dict[str, Any]:
-    """The same names as the flags, from a YAML mapping (Axolotl-style run file)."""
-    import yaml
-
-    config_path = Path(path)
-    if not config_path.is_file():
-        raise UserError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(config_path.read_text(encoding="utf-8-sig"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise UserError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
-    hints = typing.get_type_hints(settings_cls)
-    known = {f.name for f in dataclasses.fields(settings_cls)} - {"config"}
-    values = {}
-    for key, value in data.items():
-        if key not in known:
-            raise UserError(f"{path}: unknown setting '{key}' (run python train.py --help for the names)")
-        values[key] = _yaml_value(key, value, hints[key], path)
-    return values
-
-
 def parse_train_settings(argv: list[str] | None) -> TrainSettings:
     """Flags over YAML over the dataclass defaults: the YAML values become the parser's defaults."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     parser = build_parser(TrainSettings, DESCRIPTION)
-    from_yaml = load_yaml_config(known.config) if known.config else {}
+    from_yaml = load_yaml_config(known.config, TrainSettings, "train.py") if known.config else {}
     parser.set_defaults(**from_yaml)
     values = vars(parser.parse_args(argv))
     if values["stage"] != "sft":  # what the user left out comes from the init adapter, then the stage's defaults

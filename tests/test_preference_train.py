@@ -17,7 +17,7 @@ import pytest
 import align
 import train
 from conftest import END_OF_TURN_ID, OFFLINE_ENV, REPO_ROOT, assert_one_line_error, run_script
-from common import UserError
+from common import UserError, load_yaml_config
 from test_train import interrupt_when, python
 
 # The memorized run learns the 4 summaries in 60 steps; the early checkpoint is the first of these at which greedy
@@ -354,8 +354,8 @@ def test_kto_rows_are_each_pair_twice_and_shuffled_by_the_seed():
 def test_yaml_config_takes_the_loss_mix(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("loss_type: [sigmoid, sft]\nloss_weights: [1, 0.5]\nbeta: 0.2\n", encoding="utf-8")
-    assert train.load_yaml_config(str(config)) == \
+    assert load_yaml_config(str(config), train.TrainSettings, "train.py") == \
         {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.2}
     config.write_text("loss_weights: [1, heavy]\n", encoding="utf-8")
     with pytest.raises(UserError, match="key 'loss_weights' must be a list of numbers"):
-        train.load_yaml_config(str(config))
+        load_yaml_config(str(config), train.TrainSettings, "train.py")
