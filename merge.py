@@ -1,5 +1,5 @@
 """`python train.py merge`: several LoRA adapters of one base model (runs, seeds, checkpoints) -> one adapter,
-with PEFT's add_weighted_adapter. train.py dispatches here; see its docstring and README for the commands.
+with PEFT's add_weighted_adapter. train.py dispatches here; see its docstring and docs/train.md for the commands.
 
 --weights are each adapter's share in every method: n copies of one adapter, with the default 1/n each, merge back
 into that adapter. PEFT 0.21.2 weighs the methods differently (peft/tuners/lora/model.py add_weighted_adapter,

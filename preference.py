@@ -8,7 +8,7 @@ infer.py generates each record's candidates (the greedy summary and --num_sample
 candidate is scored against its record's reference with the competition metrics (--preference_metric; the
 metrics' models run once over all candidates of all records), and per record the best candidate (or the
 reference itself, --chosen reference) and the worst make a DPO pair, kept when their scores differ by at least
---min_margin. One JSON line per pair, as PREF_FORMAT / README "Preference data for DPO/KTO" describe: the prompt
+--min_margin. One JSON line per pair, as PREF_FORMAT / docs/infer.md "Preference data for DPO/KTO" describe: the prompt
 is prep.build_messages' for the record, the same as the SFT rows'; train.py --stage kto reads each pair as a
 desirable and an undesirable row.
 """
