@@ -1,7 +1,7 @@
 """Model loading and generation: Unsloth's batched generate() or vLLM, behind one engine interface.
 
 infer.py (submissions, scores, checkpoint tables) and distill.py (a local teacher, Magpie) generate through
-this file; it imports prep.py only. Nothing heavy is imported at module level.
+this file; it imports common.py and prep.py only. Nothing heavy is imported at module level.
 
     model, tokenizer, run_config = load_model("outputs/run1/final")
     texts = generate_texts(model, tokenizer, chat_prompts, batch_size=8, max_new_tokens=1024)

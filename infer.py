@@ -41,7 +41,7 @@ from common import (UserError, check_environment, checkpoint_dirs, filter_known_
 from prep import load_competition_file, validate_competition_data
 from generate import (EngineSettings, Sampling, chat_prompt, check_engine_settings, default_load_in_4bit,
                       free_accelerator_memory, open_engine, read_run_config, resolve_model, run_config_source,
-                      shorten_to_fit, trained_clean_inputs, trained_system_prompt, trained_target_format)
+                      shorten_to_fit, trained_prompt_settings)
 from score import (BERTSCORE_LAYERS, BERTSCORE_MODEL, BLEURT_MODEL, KNOWN_METRICS, MetricModels, guard_report,
                    length_band, load_scorers, pair_by_id, print_scores, read_candidate_files, score_predictions,
                    score_with, select_candidates, write_scores)
@@ -131,7 +131,6 @@ class InferSettings(EngineSettings):
     chosen: str = field(default="best", metadata={"help": (
         "--preference_out: the chosen side is the best-scoring candidate (best), or the record's reference summary "
         "(reference)"), "choices": CHOSEN})
-
 
 
 # What a checkpoint's predictions file depends on: a rerun with the same values keeps the file. The metrics'
@@ -634,16 +633,13 @@ def open_job(cfg: InferSettings) -> Job:
     if evaluate and kind != "references":
         raise UserError(f"{cfg.input}: --eval needs every record's 'output' filled (the references)")
     model_name, run_config = resolve_model(cfg.model)
-    system_prompt, clean_inputs = trained_system_prompt(run_config), trained_clean_inputs(run_config)
-    target_format = trained_target_format(run_config)
-    check_preference_paths(cfg, output, kind, target_format)
+    prompt = trained_prompt_settings(run_config)
+    check_preference_paths(cfg, output, kind, prompt["target_format"])
     fingerprint = {"input_sha256": file_sha256(cfg.input),
                    "model": str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
-                   "system_prompt": system_prompt, "clean_inputs": clean_inputs,
-                   "max_seq_length": cfg.max_seq_length, "target_format": target_format}
+                   **prompt, "max_seq_length": cfg.max_seq_length}
     return Job(records=records, raw_records=raw_records, dropped=dropped, total=total, limit=limit, kind=kind,
-               evaluate=evaluate, output=output, model_name=model_name, run_config=run_config,
-               system_prompt=system_prompt, clean_inputs=clean_inputs, target_format=target_format,
+               evaluate=evaluate, output=output, model_name=model_name, run_config=run_config, **prompt,
                fingerprint=fingerprint, partial=partial_path(output), band=length_band(run_config))
 
 
