@@ -24,7 +24,7 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Settings dataclass -> argparse (shared by prep.py, train.py and infer.py; must stay import-light)
+# Settings dataclass -> argparse (shared by every script; must stay import-light)
 # ---------------------------------------------------------------------------------------------
 
 def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
@@ -99,14 +99,13 @@ def load_yaml_config(path: str, settings_cls: type, script: str) -> dict[str, An
     config_path = Path(path)
     if not config_path.is_file():
         raise UserError(f"{path}: config file not found")
+    text = read_utf8_text(config_path)
     try:
-        data = yaml.safe_load(config_path.read_text(encoding="utf-8-sig"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise UserError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -273,9 +272,10 @@ def give_usual_file_modes(folder: str | Path) -> None:
     """Every file under `folder` gets new_file_mode(). safetensors 0.8 writes through a temp file that
     stays 0600 (safetensors issue #782), so an adapter saved by one user could not be read by another
     (a vLLM server, a teammate), although its config.json next to it could."""
+    mode = new_file_mode()
     for path in Path(folder).rglob("*"):
         if path.is_file() and not path.is_symlink():
-            path.chmod(new_file_mode())
+            path.chmod(mode)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from common import UserError, check_environment, parse_jsonl, parse_settings, read_json, run_cli, shell_command
+from common import (UserError, check_environment, parse_jsonl, parse_settings, read_json, read_utf8_text, run_cli,
+                    shell_command)
 from dedup import leaks_then_near_duplicates, near_copies, row_outcomes
 from report import (PSEUDO_LABEL_STAGES, STAGE_HELP, STAGES, Row, dialogue_kinds, length_percentiles, plot_lengths,
                     rich_table, summary_tables, write_outputs)
@@ -241,7 +242,7 @@ def read_local_rows(path: Path) -> list[dict]:
         except Exception as err:  # pyarrow raises several types for a damaged file
             raise UserError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
     if suffix == ".jsonl":
-        return [row for _, row in parse_jsonl(path.read_text(encoding="utf-8-sig"), path)]
+        return [row for _, row in parse_jsonl(read_utf8_text(path), path)]
     if suffix == ".json":
         data = read_json(path)
         if not isinstance(data, list):
@@ -586,7 +587,6 @@ class PrepRun:
     cfg: PrepSettings
     console: Any
     started: float
-    stages: tuple[str, ...]
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> stage -> rows
     train: list[tuple[str, dict]] = field(default_factory=list)  # the competition files as read: (source, record)
     dev: list[tuple[str, dict]] = field(default_factory=list)
@@ -606,6 +606,11 @@ class PrepRun:
     cut_ids: list[str] = field(default_factory=list)  # train and dev rows that lost middle utterances
     too_long_ids: list[str] = field(default_factory=list)  # competition train rows dropped whole
     pseudo_kept: dict[str, int] = field(default_factory=dict)  # pseudo-labels kept, by the file of their dialogue
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stage table's columns: pseudo-labels get one of their own."""
+        return PSEUDO_LABEL_STAGES if self.cfg.pseudo_labels else STAGES
 
     def new_counts(self, source: str) -> dict[str, int]:
         """A zero for every stage of `source`'s rows, to fill as they pass."""
@@ -871,7 +876,7 @@ def main(cfg: PrepSettings) -> None:
     from rich.console import Console
 
     check_settings(cfg)
-    run = PrepRun(cfg, Console(highlight=False), time.time(), PSEUDO_LABEL_STAGES if cfg.pseudo_labels else STAGES)
+    run = PrepRun(cfg, Console(highlight=False), time.time())
     show_settings(run)
     load_competition_sets(run)
     if cfg.pseudo_labels:

@@ -520,6 +520,15 @@ def test_unknown_extra_shape_and_unknown_source(tmp_path, user_out):
     assert_untouched(user_out)
 
 
+def test_extra_jsonl_that_is_not_utf8_is_one_line(tmp_path, user_out):
+    cp949 = tmp_path / "cp949.jsonl"
+    cp949.write_bytes('{"instruction": "요약해 줘", "input": "", "output": "요약"}\n'.encode("cp949"))
+    result = run_prep("--train", str(SAMPLE / "train.json"), "--dev", str(SAMPLE / "dev.json"),
+                      "--test", str(SAMPLE / "test.json"), "--out", str(user_out), "--extra", str(cp949))
+    assert_one_line_error(result, "cp949.jsonl", "not UTF-8 text", "at byte")
+    assert_untouched(user_out)
+
+
 def competition_files_in(folder: Path) -> Path:
     """The sample files under the official names in folder/data, where prep.py looks by default."""
     (folder / "data").mkdir(parents=True)
