@@ -21,14 +21,13 @@ stopped, and nothing finished is lost or generated twice. Both outputs are valid
 `rewrite` keeps a teacher's answer only where it passes a guard against the original (agreement, length,
 speaker ids) and writes the input's competition JSON with those outputs replaced.
 
-Imports go one way: this script builds on prep.py (records, prompt, IO, settings), generate.py (model loading,
-batched generation), score.py (the rewrite guard's metrics) and targets.py (speaker ids); nothing imports it.
+Imports go one way: this script builds on common.py (IO, settings), prep.py (records, prompt), generate.py (model
+loading, batched generation), score.py (the rewrite guard's metrics) and targets.py (speaker ids); nothing imports
+it.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import email.utils
 import json
 import os
 import random
@@ -237,6 +236,7 @@ def parse_retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         pass
+    import email.utils  # only a server that sends a date needs it
     try:
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
@@ -540,6 +540,7 @@ class TeacherRun:
 
 async def ask_teacher(client: Any, url: str, payload: dict, cfg: DistillSettings, rng: Any) -> str:
     """One row's chat completion, retried on 429 / 408 / 5xx / timeouts / connection errors."""
+    import asyncio
     import httpx
 
     last_problem = ""
@@ -594,6 +595,7 @@ class HttpTeacher:
 
     async def answer_all(self, items: list[DistillItem]) -> None:
         """Send every item with `concurrency` requests in flight."""
+        import asyncio
         import httpx
 
         headers = {"Content-Type": "application/json"}
@@ -706,6 +708,7 @@ def ask_for_answers(todo: list[DistillItem], cfg: DistillSettings, console: Any)
         if cfg.teacher_url == "local" and todo:
             distill_locally(todo, cfg, run, console)
         elif todo:
+            import asyncio  # the HTTP teacher's alone: kept off every subcommand's start
             with generate.ItemProgress(console, "teacher answers", len(todo)) as progress:
                 asyncio.run(HttpTeacher(cfg, run, progress).answer_all(todo))
     finally:
